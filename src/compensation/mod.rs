@@ -1,0 +1,353 @@
+//! The compensation engine: each losing allocation is compensated by the
+//! node that made it, and by no other, exactly once in effect.
+//!
+//! Every transition of the state machine ([`machine`]) is appended to the
+//! durable compensation log and waited for before the engine acts on it, so
+//! a crash at any point resumes from the log: an attempt that was running is
+//! retried with the same idempotency key, which the receiver deduplicates.
+//! After each transition the owner writes the state into the replicated
+//! ledger, so every region's conflict report shows it.
+
+pub mod action;
+pub mod machine;
+
+use crate::node::Node;
+use crate::record::{AllocationRecord, CompensationRecord, RECORD_VERSION};
+use action::{Executor, Subject};
+use axum::http::StatusCode;
+use machine::{Compensation, CompensationState, LogEntry, RetryPolicy};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// This node's compensations, keyed by losing transaction id.
+#[derive(Default)]
+pub struct Registry {
+    entries: Mutex<HashMap<String, Tracked>>,
+}
+
+#[derive(Clone)]
+struct Tracked {
+    machine: Compensation,
+    key: String,
+    winner_txn: String,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Tracked>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Why an operator retry was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError {
+    /// No compensation with that transaction id on this node.
+    #[error("no compensation for transaction '{0}' is owned by this node")]
+    NotFound(String),
+    /// The compensation is not dead-lettered.
+    #[error("compensation of '{txn}' is {state}; only dead-lettered compensations can be retried")]
+    NotDeadLettered {
+        /// Transaction.
+        txn: String,
+        /// Its state.
+        state: CompensationState,
+    },
+    /// The log entry could not be made durable.
+    #[error("could not log the retry: {0}")]
+    Storage(String),
+}
+
+impl RetryError {
+    /// HTTP status for the API.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RetryError::NotFound(_) => StatusCode::NOT_FOUND,
+            RetryError::NotDeadLettered { .. } => StatusCode::CONFLICT,
+            RetryError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// (in flight, dead-lettered) counts of this node's compensations.
+pub fn own_counts(node: &Node) -> (usize, usize) {
+    let entries = node.compensations.lock();
+    let dead = entries
+        .values()
+        .filter(|t| t.machine.state == CompensationState::DeadLettered)
+        .count();
+    let in_flight = entries
+        .values()
+        .filter(|t| !t.machine.state.is_terminal())
+        .count();
+    (in_flight, dead)
+}
+
+/// Operator retry of a dead-lettered compensation.
+pub async fn operator_retry(node: &Node, txn: &str) -> Result<CompensationRecord, RetryError> {
+    let now = node.ledger.wall_ms();
+    let (entry, tracked) = {
+        let mut entries = node.compensations.lock();
+        let tracked = entries
+            .get_mut(txn)
+            .ok_or_else(|| RetryError::NotFound(txn.to_owned()))?;
+        let mut machine = tracked.machine.clone();
+        let entry = machine
+            .operator_retry(now)
+            .map_err(|_| RetryError::NotDeadLettered {
+                txn: txn.to_owned(),
+                state: tracked.machine.state,
+            })?;
+        tracked.machine = machine;
+        (entry, tracked.clone())
+    };
+    append(node, txn, &entry)
+        .await
+        .map_err(RetryError::Storage)?;
+    let record = publish(node, &tracked);
+    tracing::info!(txn, "operator re-queued a dead-lettered compensation");
+    node.compensation_wakeup.notify_one();
+    Ok(record)
+}
+
+/// Appends a log entry and waits until it is durable.
+async fn append(node: &Node, txn: &str, entry: &LogEntry) -> Result<(), String> {
+    let bytes = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
+    let seq = node.storage.append_log_entry(txn, bytes);
+    node.storage
+        .wait_durable(seq)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Writes the compensation's state into the replicated ledger.
+fn publish(node: &Node, tracked: &Tracked) -> CompensationRecord {
+    let c = &tracked.machine;
+    let record = CompensationRecord {
+        v: RECORD_VERSION,
+        key: tracked.key.clone(),
+        txn_id: c.loser_txn.clone(),
+        winner_txn_id: tracked.winner_txn.clone(),
+        owner: node.peer_id.to_string(),
+        idempotency_key: c.idempotency_key.clone(),
+        state: c.state.to_string(),
+        attempts: c.attempts,
+        last_error: c.last_error.clone(),
+        next_attempt_at_ms: c.next_attempt_at_ms,
+        detected_at_ms: c.detected_at_ms,
+        succeeded_at_ms: c.succeeded_at_ms,
+    };
+    if let Err(e) = node.ledger.put_compensation(&record) {
+        tracing::error!(txn = %record.txn_id, error = %e, "could not publish compensation state");
+    }
+    record
+}
+
+/// Starts the engine task.
+pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) {
+    tasks.spawn(async move {
+        let policy = RetryPolicy {
+            max_attempts: node.config.compensation_max_attempts,
+            ..RetryPolicy::default()
+        };
+        let executor = Executor::new(node.config.compensation.clone(), node.config.webhook_timeout);
+        recover(&node, &policy).await;
+        loop {
+            schedule_new_losers(&node).await;
+            let next_due = run_due(&node, &policy, &executor, &shutdown).await;
+            let wait = next_due
+                .map(|at| Duration::from_millis(at.saturating_sub(node.ledger.wall_ms())))
+                .unwrap_or(Duration::from_secs(5))
+                .min(Duration::from_secs(5));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = node.compensation_wakeup.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    });
+}
+
+/// Replays the log; attempts cut short by a crash are resumed.
+async fn recover(node: &Node, policy: &RetryPolicy) {
+    let log = match node.storage.compensation_log() {
+        Ok(log) => log,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the compensation log");
+            return;
+        }
+    };
+    for (txn, raw) in log {
+        let entries: Result<Vec<LogEntry>, _> =
+            raw.iter().map(|b| serde_json::from_slice(b)).collect();
+        let replayed = entries
+            .map_err(|e| e.to_string())
+            .and_then(|e| Compensation::replay(&e).map_err(|e| e.to_string()));
+        let mut machine = match replayed {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(txn, error = %e, "compensation log unreadable; skipping");
+                continue;
+            }
+        };
+        if machine.state == CompensationState::Running {
+            if let Ok(entry) = machine.resume_after_crash(policy, node.ledger.wall_ms(), rand::random()) {
+                if let Err(e) = append(node, &txn, &entry).await {
+                    tracing::error!(txn, error = %e, "cannot log crash recovery");
+                    continue;
+                }
+                tracing::warn!(txn, "compensation attempt was interrupted by a restart; it will be retried with the same idempotency key");
+            }
+        }
+        let Some((key, winner_txn)) = locate(node, &txn) else {
+            tracing::error!(txn, "compensation log names a transaction the ledger lacks");
+            continue;
+        };
+        let tracked = Tracked {
+            machine,
+            key,
+            winner_txn,
+        };
+        publish(node, &tracked);
+        node.compensations.lock().insert(txn, tracked);
+    }
+}
+
+/// Finds the key and current winner of a losing transaction.
+fn locate(node: &Node, txn: &str) -> Option<(String, String)> {
+    node.ledger.conflicts().into_iter().find_map(|c| {
+        c.key
+            .allocations
+            .iter()
+            .any(|a| a.record.txn_id == txn)
+            .then(|| (c.key.key.clone(), c.key.allocations[0].record.txn_id.clone()))
+    })
+}
+
+/// Creates a compensation for every loser this node made that has none.
+async fn schedule_new_losers(node: &Node) {
+    let me = node.peer_id.to_string();
+    for conflict in node.ledger.conflicts() {
+        let winner = &conflict.key.allocations[0].record;
+        for loser in conflict.key.allocations.iter().skip(1) {
+            let txn = &loser.record.txn_id;
+            if loser.record.node != me || node.compensations.lock().contains_key(txn) {
+                continue;
+            }
+            let (machine, entry) = Compensation::new(txn, node.ledger.wall_ms());
+            if let Err(e) = append(node, txn, &entry).await {
+                tracing::error!(txn, error = %e, "cannot log a new compensation; will retry");
+                continue;
+            }
+            tracing::warn!(key = %loser.record.key, loser = %txn, winner = %winner.txn_id, "our allocation lost a conflict; compensating it");
+            let tracked = Tracked {
+                machine,
+                key: loser.record.key.clone(),
+                winner_txn: winner.txn_id.clone(),
+            };
+            publish(node, &tracked);
+            node.compensations.lock().insert(txn.clone(), tracked);
+        }
+    }
+}
+
+/// Runs every due compensation once; returns when the next one is due.
+async fn run_due(
+    node: &Node,
+    policy: &RetryPolicy,
+    executor: &Executor,
+    shutdown: &CancellationToken,
+) -> Option<u64> {
+    let now = node.ledger.wall_ms();
+    let due: Vec<String> = node
+        .compensations
+        .lock()
+        .iter()
+        .filter(|(_, t)| t.machine.due(now))
+        .map(|(txn, _)| txn.clone())
+        .collect();
+    for txn in due {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        attempt(node, policy, executor, &txn).await;
+    }
+    node.compensations
+        .lock()
+        .values()
+        .filter_map(|t| t.machine.next_attempt_at_ms)
+        .min()
+}
+
+/// One attempt: log Started, act, log Finished, publish each state.
+async fn attempt(node: &Node, policy: &RetryPolicy, executor: &Executor, txn: &str) {
+    let Some(mut tracked) = node.compensations.lock().get(txn).cloned() else {
+        return;
+    };
+    let Ok(started) = tracked.machine.start(node.ledger.wall_ms()) else {
+        return;
+    };
+    if let Err(e) = append(node, txn, &started).await {
+        tracing::error!(txn, error = %e, "cannot log attempt start; not acting");
+        return;
+    }
+    node.compensations.lock().insert(txn.to_owned(), tracked.clone());
+    publish(node, &tracked);
+    let Some((loser, winner)) = records(node, &tracked) else {
+        tracing::error!(txn, "losing allocation vanished from the ledger");
+        return;
+    };
+    let outcome = executor
+        .run(&Subject {
+            loser: &loser,
+            winner: &winner,
+            idempotency_key: &tracked.machine.idempotency_key,
+            attempt: tracked.machine.attempts,
+        })
+        .await;
+    let now = node.ledger.wall_ms();
+    let Ok(finished) = tracked.machine.finish(outcome, policy, now, rand::random()) else {
+        return;
+    };
+    if let Err(e) = append(node, txn, &finished).await {
+        // The effect may have happened; on restart the attempt resumes with
+        // the same idempotency key, which the receiver deduplicates.
+        tracing::error!(txn, error = %e, "cannot log attempt end");
+        return;
+    }
+    let kind = match tracked.machine.state {
+        CompensationState::Succeeded => {
+            let secs = now.saturating_sub(tracked.machine.detected_at_ms) as f64 / 1000.0;
+            node.metrics.compensation_seconds.observe(secs);
+            tracing::info!(txn, "compensation succeeded");
+            "succeeded"
+        }
+        CompensationState::DeadLettered => {
+            tracing::error!(txn, error = ?tracked.machine.last_error, "compensation dead-lettered");
+            "dead-lettered"
+        }
+        _ => {
+            tracing::warn!(txn, error = ?tracked.machine.last_error, next = ?tracked.machine.next_attempt_at_ms, "compensation attempt failed; will retry");
+            "failed"
+        }
+    };
+    node.metrics
+        .compensations
+        .get_or_create(&crate::metrics::Kind::of(kind))
+        .inc();
+    node.compensations.lock().insert(txn.to_owned(), tracked.clone());
+    publish(node, &tracked);
+}
+
+fn records(node: &Node, tracked: &Tracked) -> Option<(AllocationRecord, AllocationRecord)> {
+    let view = node.ledger.key(&tracked.key)?;
+    let loser = view
+        .allocations
+        .iter()
+        .find(|a| a.record.txn_id == tracked.machine.loser_txn)?;
+    let winner = view.winner()?;
+    Some(((*loser.record).clone(), (*winner.record).clone()))
+}

@@ -1,0 +1,324 @@
+//! Node configuration: flags, an optional TOML file (`--config`), defaults,
+//! and validation, so a bad value is refused at start with a message that
+//! names it rather than discovered under load.
+
+use clap::Args;
+use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Configuration errors; each names the setting and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read or parsed.
+    #[error("config file {path}: {reason}")]
+    File {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        reason: String,
+    },
+    /// A setting has an invalid value.
+    #[error("invalid {setting} '{value}': {reason}")]
+    Invalid {
+        /// Setting name, as the flag is spelled.
+        setting: &'static str,
+        /// Value given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(setting: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Flags of `oncemesh run`. Every flag may also be set in the `--config`
+/// TOML file under the same name with `_` for `-`; a flag on the command
+/// line wins over the file.
+#[derive(Args, Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RunArgs {
+    /// TOML file with any of these settings.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Region name shown in every allocation this node makes [default: local].
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Directory for the ledger, the compensation log and the node identity [default: ./oncemesh-data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// libp2p listen address [default: /ip4/127.0.0.1/tcp/0].
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Option<String>,
+    /// A peer to dial and allow in, as MULTIADDR/p2p/PEERID (repeatable). Only these peers may connect.
+    #[arg(long = "peer", value_name = "MULTIADDR/p2p/PEERID")]
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<String>,
+    /// HTTP API address [default: 127.0.0.1:7700].
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// Bearer token required on every API request except /v1/health and /metrics.
+    #[arg(long, env = "ONCEMESH_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Compensation action for this node's losing allocations: `log` or `webhook:URL` [default: log].
+    #[arg(long, value_name = "log|webhook:URL")]
+    pub compensation: Option<String>,
+    /// Remote clocks further ahead than this count as skew violations, e.g. 500ms [default: 500ms].
+    #[arg(long, value_name = "DURATION")]
+    pub max_clock_offset: Option<String>,
+    /// How long tokens are kept, e.g. 24h [default: 24h].
+    #[arg(long, value_name = "DURATION")]
+    pub retention: Option<String>,
+    /// Anti-entropy period: how often in-sync checks run with each peer [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub sync_interval: Option<String>,
+    /// Timeout of one webhook call [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub webhook_timeout: Option<String>,
+    /// Attempts before a compensation is dead-lettered [default: 8].
+    #[arg(long, value_name = "N")]
+    pub compensation_max_attempts: Option<u32>,
+}
+
+/// How this node compensates its own losing allocations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CompensationAction {
+    /// Record the compensation only.
+    Log,
+    /// POST to this URL with an `Idempotency-Key` header.
+    Webhook(String),
+}
+
+/// A peer from the allowlist.
+#[derive(Clone, Debug)]
+pub struct PeerAddress {
+    /// Address to dial.
+    pub addr: Multiaddr,
+    /// Its identity; connections from any other identity are refused.
+    pub peer_id: PeerId,
+}
+
+/// The validated configuration of a node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Region name.
+    pub region: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// libp2p listen address.
+    pub listen: Multiaddr,
+    /// Allowlisted peers.
+    pub peers: Vec<PeerAddress>,
+    /// HTTP API address.
+    pub http: SocketAddr,
+    /// Optional bearer token.
+    pub api_token: Option<String>,
+    /// Compensation action.
+    pub compensation: CompensationAction,
+    /// Clock skew bound.
+    pub max_clock_offset: Duration,
+    /// Token retention.
+    pub retention: Duration,
+    /// Anti-entropy period.
+    pub sync_interval: Duration,
+    /// Webhook call timeout.
+    pub webhook_timeout: Duration,
+    /// Attempts before dead-lettering.
+    pub compensation_max_attempts: u32,
+}
+
+impl RunArgs {
+    /// Merges the `--config` file under the flags and validates the result.
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let merged = match self.config.clone() {
+            Some(path) => self.over(read_file(&path)?),
+            None => self,
+        };
+        merged.validate()
+    }
+
+    fn over(self, file: RunArgs) -> RunArgs {
+        RunArgs {
+            config: self.config,
+            region: self.region.or(file.region),
+            data_dir: self.data_dir.or(file.data_dir),
+            listen: self.listen.or(file.listen),
+            peers: if self.peers.is_empty() {
+                file.peers
+            } else {
+                self.peers
+            },
+            http: self.http.or(file.http),
+            api_token: self.api_token.or(file.api_token),
+            compensation: self.compensation.or(file.compensation),
+            max_clock_offset: self.max_clock_offset.or(file.max_clock_offset),
+            retention: self.retention.or(file.retention),
+            sync_interval: self.sync_interval.or(file.sync_interval),
+            webhook_timeout: self.webhook_timeout.or(file.webhook_timeout),
+            compensation_max_attempts: self
+                .compensation_max_attempts
+                .or(file.compensation_max_attempts),
+        }
+    }
+
+    fn validate(self) -> Result<NodeConfig, ConfigError> {
+        let region = self.region.unwrap_or_else(|| "local".into());
+        if region.is_empty()
+            || region.len() > 64
+            || !region.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(invalid(
+                "--region",
+                &region,
+                "use 1 to 64 characters of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        let listen_text = self.listen.unwrap_or_else(|| "/ip4/127.0.0.1/tcp/0".into());
+        let listen: Multiaddr = listen_text
+            .parse()
+            .map_err(|e| invalid("--listen", &listen_text, e))?;
+        let peers = self
+            .peers
+            .iter()
+            .map(|p| parse_peer(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let http_text = self.http.unwrap_or_else(|| "127.0.0.1:7700".into());
+        let http = http_text
+            .parse()
+            .map_err(|e| invalid("--http", &http_text, e))?;
+        let compensation = match self.compensation.as_deref().unwrap_or("log") {
+            "log" => CompensationAction::Log,
+            other => match other.strip_prefix("webhook:") {
+                Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                    CompensationAction::Webhook(url.to_owned())
+                }
+                _ => {
+                    return Err(invalid(
+                        "--compensation",
+                        other,
+                        "expected 'log' or 'webhook:http://...'",
+                    ))
+                }
+            },
+        };
+        if self.api_token.as_deref() == Some("") {
+            return Err(invalid("--api-token", "", "must not be empty"));
+        }
+        let attempts = self.compensation_max_attempts.unwrap_or(8);
+        if attempts == 0 {
+            return Err(invalid("--compensation-max-attempts", 0, "must be at least 1"));
+        }
+        Ok(NodeConfig {
+            region,
+            data_dir: self.data_dir.unwrap_or_else(|| "oncemesh-data".into()),
+            listen,
+            peers,
+            http,
+            api_token: self.api_token,
+            compensation,
+            max_clock_offset: duration("--max-clock-offset", self.max_clock_offset, "500ms")?,
+            retention: duration("--retention", self.retention, "24h")?,
+            sync_interval: duration("--sync-interval", self.sync_interval, "1s")?,
+            webhook_timeout: duration("--webhook-timeout", self.webhook_timeout, "10s")?,
+            compensation_max_attempts: attempts,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<RunArgs, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn duration(
+    setting: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let text = value.unwrap_or_else(|| default.to_owned());
+    let parsed = humantime::parse_duration(&text).map_err(|e| invalid(setting, &text, e))?;
+    if parsed.is_zero() {
+        return Err(invalid(setting, &text, "must be greater than zero"));
+    }
+    Ok(parsed)
+}
+
+/// Parses `MULTIADDR/p2p/PEERID` into the address to dial and the identity.
+pub fn parse_peer(text: &str) -> Result<PeerAddress, ConfigError> {
+    let mut addr: Multiaddr = text.parse().map_err(|e| invalid("--peer", text, e))?;
+    match addr.pop() {
+        Some(Protocol::P2p(peer_id)) => Ok(PeerAddress { addr, peer_id }),
+        _ => Err(invalid(
+            "--peer",
+            text,
+            "must end with /p2p/PEERID (see `oncemesh id`)",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_make_a_working_single_node() {
+        let config = RunArgs::default().resolve().unwrap();
+        assert_eq!(config.region, "local");
+        assert_eq!(config.http.to_string(), "127.0.0.1:7700");
+        assert_eq!(config.max_clock_offset, Duration::from_millis(500));
+        assert_eq!(config.retention, Duration::from_secs(24 * 3600));
+        assert_eq!(config.compensation, CompensationAction::Log);
+        assert!(config.peers.is_empty());
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let bad = RunArgs {
+            retention: Some("forever".into()),
+            ..RunArgs::default()
+        };
+        let err = bad.resolve().unwrap_err().to_string();
+        assert!(err.contains("--retention") && err.contains("forever"), "{err}");
+        let bad = RunArgs {
+            peers: vec!["/ip4/127.0.0.1/tcp/1".into()],
+            ..RunArgs::default()
+        };
+        assert!(bad.resolve().unwrap_err().to_string().contains("/p2p/PEERID"));
+        let bad = RunArgs {
+            compensation: Some("email".into()),
+            ..RunArgs::default()
+        };
+        assert!(bad.resolve().is_err());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "region = \"lon\"\nhttp = \"127.0.0.1:9000\"\n").unwrap();
+        let config = RunArgs {
+            config: Some(path),
+            http: Some("127.0.0.1:9001".into()),
+            ..RunArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.region, "lon");
+        assert_eq!(config.http.port(), 9001);
+    }
+}

@@ -1,0 +1,130 @@
+//! The HTTP API (`/v1/...`, `/metrics`): JSON in and out, errors as
+//! `{"error": "..."}` with a fitting status, optional bearer token.
+//!
+//! Handlers stay thin: they parse, call the node, and render. Bodies are
+//! parsed by hand from bytes so every malformed request gets a message that
+//! says what is wrong, in the same JSON error shape as every other error.
+
+mod allocations;
+mod documents;
+mod render;
+mod reports;
+
+pub use render::is_resolved;
+
+use crate::node::Node;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::sync::Arc;
+
+/// Largest allocate request body: a 64 KiB payload plus key and framing.
+const ALLOCATE_BODY_LIMIT: usize = 80 * 1024;
+/// Largest automerge upload for `POST /v1/documents/{id}`.
+const DOCUMENT_BODY_LIMIT: usize = 512 * 1024 * 1024;
+
+/// An API error: a status and a message for the `error` field.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with `status` and `message`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400 Bad Request.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 404 Not Found.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+/// Builds the router over a running node.
+pub fn router(node: Arc<Node>) -> Router {
+    let api = Router::new()
+        .route(
+            "/v1/allocations",
+            post(allocations::create).layer(DefaultBodyLimit::max(ALLOCATE_BODY_LIMIT)),
+        )
+        .route("/v1/allocations/{key}", get(allocations::show))
+        .route("/v1/conflicts", get(reports::conflicts))
+        .route("/v1/compensations", get(reports::compensations))
+        .route(
+            "/v1/compensations/{txn}/retry",
+            post(reports::retry_compensation),
+        )
+        .route("/v1/peers", get(reports::peers))
+        .route("/v1/documents", get(documents::list))
+        .route(
+            "/v1/documents/{id}",
+            get(documents::download)
+                .post(documents::merge)
+                .layer(DefaultBodyLimit::max(DOCUMENT_BODY_LIMIT)),
+        )
+        .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
+    Router::new()
+        .route("/v1/health", get(reports::health))
+        .route("/metrics", get(reports::metrics))
+        .merge(api)
+        .fallback(|| async { ApiError::not_found("no such route; see docs/API.md") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
+        .with_state(node)
+}
+
+/// Refuses requests without the configured bearer token.
+async fn require_token(
+    State(node): State<Arc<Node>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = node.config.api_token.as_deref() else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), expected.as_bytes())) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (Authorization: Bearer ...)",
+        )
+        .into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

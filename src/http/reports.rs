@@ -1,0 +1,122 @@
+//! Reports for operators: conflicts, compensations, peers, health, metrics.
+
+use super::render::{compensation_json, conflict_json, is_resolved, rfc3339};
+use super::ApiError;
+use crate::node::Node;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Filter of the conflict report.
+#[derive(Deserialize)]
+pub struct ConflictFilter {
+    state: Option<String>,
+}
+
+/// `GET /v1/conflicts[?state=open|resolved]`.
+pub async fn conflicts(
+    State(node): State<Arc<Node>>,
+    Query(filter): Query<ConflictFilter>,
+) -> Result<Json<Value>, ApiError> {
+    let want_resolved = match filter.state.as_deref() {
+        None => None,
+        Some("open") => Some(false),
+        Some("resolved") => Some(true),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown state '{other}'; use open or resolved"
+            )))
+        }
+    };
+    let list: Vec<Value> = node
+        .ledger
+        .conflicts()
+        .iter()
+        .filter(|c| want_resolved.is_none_or(|r| is_resolved(&c.key) == r))
+        .map(conflict_json)
+        .collect();
+    Ok(Json(json!({ "conflicts": list })))
+}
+
+/// Filter of the compensation list.
+#[derive(Deserialize)]
+pub struct CompensationFilter {
+    state: Option<String>,
+}
+
+/// `GET /v1/compensations[?state=...]`: every compensation known here
+/// (this node's and, replicated, every other region's).
+pub async fn compensations(
+    State(node): State<Arc<Node>>,
+    Query(filter): Query<CompensationFilter>,
+) -> Json<Value> {
+    let list: Vec<Value> = node
+        .ledger
+        .conflicts()
+        .iter()
+        .flat_map(|c| c.key.compensations.clone())
+        .filter(|c| filter.state.as_deref().is_none_or(|s| c.state == s))
+        .map(|c| compensation_json(&c))
+        .collect();
+    Json(json!({ "compensations": list }))
+}
+
+/// `POST /v1/compensations/{txn}/retry`: an operator sends a dead-lettered
+/// compensation back for another round of attempts.
+pub async fn retry_compensation(
+    State(node): State<Arc<Node>>,
+    Path(txn): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match crate::compensation::operator_retry(&node, &txn).await {
+        Ok(record) => Ok(Json(compensation_json(&record))),
+        Err(e) => Err(ApiError::new(e.status(), e.to_string())),
+    }
+}
+
+/// `GET /v1/peers`.
+pub async fn peers(State(node): State<Arc<Node>>) -> Json<Value> {
+    let list: Vec<Value> = node
+        .peers
+        .snapshot()
+        .into_iter()
+        .map(|p| {
+            json!({
+                "peer_id": p.peer_id,
+                "address": p.address,
+                "connected": p.connected,
+                "connected_since": p.connected_since_ms.map(rfc3339),
+                "last_in_sync": p.last_in_sync_ms.map(rfc3339),
+                "last_in_sync_ms": p.last_in_sync_ms,
+                "store_delta": { "they_lack_changes": p.they_lack_changes, "we_lack_heads": p.we_lack_heads },
+                "clock_offset_ms": p.clock_offset_ms,
+                "dropped_messages": p.dropped_messages,
+                "redial_attempts": p.redial_attempts,
+            })
+        })
+        .collect();
+    Json(json!({ "peers": list }))
+}
+
+/// `GET /v1/health`: ok, degraded or critical, with the reasons and the
+/// leading indicators behind them.
+pub async fn health(State(node): State<Arc<Node>>) -> Json<Value> {
+    Json(crate::node::health::report(&node))
+}
+
+/// `GET /metrics` in the Prometheus text format.
+pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    crate::node::health::refresh_gauges(&node);
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        node.metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,362 @@
+//! One automerge document of the ledger (a shard of the key space).
+//!
+//! The document is a root map with two maps, created by a deterministic
+//! genesis change (fixed actor, time 0) so that every node starts from
+//! byte-identical documents and their root containers never conflict:
+//!
+//! ```text
+//! { "schema": "oncemesh/1", "shard": n,
+//!   "allocations":   { txn_id: "<AllocationRecord JSON>" },
+//!   "compensations": { loser_txn_id: "<CompensationRecord JSON>" } }
+//! ```
+//!
+//! This type owns the automerge document and nothing else: it turns records
+//! into ops, remote bytes into records, and tracks what has not been handed to
+//! durable storage yet.
+
+use crate::record::{AllocationRecord, CompensationRecord};
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{sync, ActorId, Automerge, ChangeHash, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{patches::PatchAction, ObjId};
+
+/// Actor of the genesis change; the same on every node, forever.
+const GENESIS_ACTOR: &[u8; 16] = b"oncemesh-genesis";
+/// Name of the map of allocation records.
+pub const ALLOCATIONS: &str = "allocations";
+/// Name of the map of compensation records.
+pub const COMPENSATIONS: &str = "compensations";
+/// Schema tag stored in the genesis change.
+pub const SCHEMA: &str = "oncemesh/1";
+
+/// Failures of the document layer; each names the shard involved.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    /// Bytes that automerge cannot read (corrupt disk chunk or bad upload).
+    #[error("shard {shard}: automerge could not read the bytes: {source}")]
+    Decode {
+        /// Shard involved.
+        shard: usize,
+        /// What automerge said.
+        source: automerge::AutomergeError,
+    },
+    /// The document lacks the genesis containers (foreign document).
+    #[error("shard {shard}: document has no '{name}' map from the oncemesh genesis change")]
+    MissingContainer {
+        /// Shard involved.
+        shard: usize,
+        /// Container missing.
+        name: &'static str,
+    },
+    /// An automerge operation failed.
+    #[error("shard {shard}: automerge operation failed: {source}")]
+    Automerge {
+        /// Shard involved.
+        shard: usize,
+        /// What automerge said.
+        source: automerge::AutomergeError,
+    },
+}
+
+/// A record found in the document, as read back from its JSON text.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// An allocation record.
+    Allocation(AllocationRecord),
+    /// A compensation record.
+    Compensation(CompensationRecord),
+    /// A value that is not a valid record (written by a foreign or buggy
+    /// writer): counted and logged by the caller, never fatal.
+    Malformed {
+        /// Map the value sits in.
+        map: &'static str,
+        /// Its key.
+        key: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+/// The automerge document of one shard.
+pub struct ShardDocument {
+    shard: usize,
+    doc: Automerge,
+    allocations: ObjId,
+    compensations: ObjId,
+    persisted_heads: Vec<ChangeHash>,
+}
+
+impl ShardDocument {
+    /// The genesis document of `shard`: identical bytes on every node.
+    pub fn genesis(shard: usize) -> Self {
+        let mut doc = Automerge::new().with_actor(ActorId::from(&GENESIS_ACTOR[..]));
+        // The genesis ops cannot fail on a fresh document; should they, the
+        // document stays empty and `from_automerge` reports the missing map.
+        let _ = doc.transact_with::<_, _, automerge::AutomergeError, _>(
+            |_| CommitOptions::default().with_time(0),
+            |tx| {
+                tx.put(ROOT, "schema", SCHEMA)?;
+                tx.put(ROOT, "shard", ScalarValue::Uint(shard as u64))?;
+                tx.put_object(ROOT, ALLOCATIONS, ObjType::Map)?;
+                tx.put_object(ROOT, COMPENSATIONS, ObjType::Map)?;
+                Ok(())
+            },
+        );
+        let allocations = map_id(&doc, ALLOCATIONS).unwrap_or(ROOT);
+        let compensations = map_id(&doc, COMPENSATIONS).unwrap_or(ROOT);
+        Self {
+            shard,
+            doc,
+            allocations,
+            compensations,
+            persisted_heads: Vec::new(),
+        }
+    }
+
+    /// Loads a shard from stored chunks (a saved document and/or changes).
+    /// The result counts as already persisted.
+    pub fn load(shard: usize, bytes: &[u8]) -> Result<Self, DocumentError> {
+        let mut me = Self::genesis(shard);
+        me.doc
+            .load_incremental(bytes)
+            .map_err(|source| DocumentError::Decode { shard, source })?;
+        me.persisted_heads = me.doc.get_heads();
+        Ok(me)
+    }
+
+    /// Sets the actor used for this process's changes. A fresh actor per
+    /// process start means a crash can never reuse a sequence number.
+    pub fn set_actor(&mut self, actor: ActorId) {
+        self.doc.set_actor(actor);
+    }
+
+    /// Which shard this is.
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    /// Writes allocation records in one automerge change.
+    pub fn put_allocations(&mut self, records: &[AllocationRecord]) -> Result<(), DocumentError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let obj = self.allocations.clone();
+        self.put_json(&obj, records.iter().map(|r| (r.txn_id.as_str(), json(r))))
+    }
+
+    /// Writes (or overwrites: only the owner ever writes it) a compensation record.
+    pub fn put_compensation(&mut self, record: &CompensationRecord) -> Result<(), DocumentError> {
+        let obj = self.compensations.clone();
+        self.put_json(&obj, [(record.txn_id.as_str(), json(record))].into_iter())
+    }
+
+    fn put_json<'a>(
+        &mut self,
+        obj: &ObjId,
+        items: impl Iterator<Item = (&'a str, String)>,
+    ) -> Result<(), DocumentError> {
+        let shard = self.shard;
+        self.doc
+            .transact::<_, _, automerge::AutomergeError>(|tx| {
+                for (key, text) in items {
+                    tx.put(obj, key, text)?;
+                }
+                Ok(())
+            })
+            .map(|_| ())
+            .map_err(|failure| DocumentError::Automerge {
+                shard,
+                source: failure.error,
+            })
+    }
+
+    /// Every record in the document (used once, at start-up).
+    pub fn entries(&self) -> Vec<Entry> {
+        let mut out = Vec::new();
+        for (map, obj) in [(ALLOCATIONS, &self.allocations), (COMPENSATIONS, &self.compensations)] {
+            for item in self.doc.map_range(obj, ..) {
+                let text = value_text(&Value::from(item.value));
+                out.push(parse_entry(map, item.key.as_ref(), text));
+                if item.conflict {
+                    // Two writers on one map key would break the single-writer
+                    // rule; keep every value rather than the one automerge shows.
+                    if let Ok(values) = self.doc.get_all(obj, item.key.as_ref()) {
+                        for (value, _) in values.into_iter().skip(1) {
+                            out.push(parse_entry(map, item.key.as_ref(), value_text(&value)));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies remote changes through `apply` (sync message, bytes merge) and
+    /// returns the records they added or changed, found by diffing the heads
+    /// before and after: the cost follows what changed, not the document size.
+    pub fn apply_remote<F>(&mut self, apply: F) -> Result<Vec<Entry>, DocumentError>
+    where
+        F: FnOnce(&mut Automerge) -> Result<(), automerge::AutomergeError>,
+    {
+        let shard = self.shard;
+        let before = self.doc.get_heads();
+        apply(&mut self.doc).map_err(|source| DocumentError::Decode { shard, source })?;
+        let after = self.doc.get_heads();
+        if before == after {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for patch in self.doc.diff(&before, &after) {
+            let map = if patch.obj == self.allocations {
+                ALLOCATIONS
+            } else if patch.obj == self.compensations {
+                COMPENSATIONS
+            } else {
+                continue;
+            };
+            if let PatchAction::PutMap { key, value, conflict } = patch.action {
+                out.push(parse_entry(map, &key, value_text(&value.0)));
+                if conflict {
+                    if let Ok(values) = self.doc.get_all(&patch.obj, key.as_str()) {
+                        for (v, _) in values.into_iter().filter(|(v, _)| *v != value.0) {
+                            out.push(parse_entry(map, &key, value_text(&v)));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Merges automerge bytes (a saved document or changes) into this shard.
+    /// Bytes from a document without the oncemesh genesis are refused before
+    /// anything is applied, so an unrelated document cannot pollute the ledger.
+    pub fn merge_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Entry>, DocumentError> {
+        let shard = self.shard;
+        let incoming =
+            Automerge::load(bytes).map_err(|source| DocumentError::Decode { shard, source })?;
+        let genesis = Self::genesis(shard);
+        if !genesis.doc.get_heads().iter().all(|h| incoming.get_change_by_hash(h).is_some()) {
+            return Err(DocumentError::MissingContainer {
+                shard,
+                name: ALLOCATIONS,
+            });
+        }
+        let mut incoming = incoming;
+        self.apply_remote(|doc| doc.merge(&mut incoming).map(|_| ()))
+    }
+
+    /// Handles one automerge sync message from a peer.
+    pub fn receive_sync(
+        &mut self,
+        state: &mut sync::State,
+        message: sync::Message,
+    ) -> Result<Vec<Entry>, DocumentError> {
+        use automerge::sync::SyncDoc;
+        self.apply_remote(|doc| doc.receive_sync_message(state, message))
+    }
+
+    /// The next sync message for a peer, if it needs one.
+    pub fn generate_sync(&self, state: &mut sync::State) -> Option<sync::Message> {
+        use automerge::sync::SyncDoc;
+        self.doc.generate_sync_message(state)
+    }
+
+    /// Changes not yet handed to durable storage, as automerge change chunks;
+    /// marks them handed over. `None` when there is nothing new.
+    pub fn take_unpersisted(&mut self) -> Option<Vec<u8>> {
+        let heads = self.doc.get_heads();
+        if heads == self.persisted_heads {
+            return None;
+        }
+        let bytes = self.doc.save_after(&self.persisted_heads);
+        self.persisted_heads = heads;
+        Some(bytes)
+    }
+
+    /// The whole document as `Automerge::save` writes it.
+    pub fn save(&self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// Current heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// blake3 over the sorted heads: equal digests mean equal documents, so
+    /// peers in sync can skip the sync protocol entirely.
+    pub fn digest(&self) -> [u8; 32] {
+        heads_digest(&self.doc.get_heads())
+    }
+
+    /// Number of changes a peer with `their_heads` lacks.
+    pub fn changes_missing_from(&self, their_heads: &[ChangeHash]) -> usize {
+        let known: Vec<ChangeHash> =
+            their_heads.iter().filter(|h| self.doc.get_change_by_hash(h).is_some()).copied().collect();
+        self.doc.get_changes_meta(&known).len()
+    }
+
+    /// Number of `their_heads` this document has never seen (a lower bound
+    /// on what we lack from that peer).
+    pub fn unknown_heads(&self, their_heads: &[ChangeHash]) -> usize {
+        their_heads.iter().filter(|h| self.doc.get_change_by_hash(h).is_none()).count()
+    }
+}
+
+/// blake3 digest of a set of heads (sorted, so order does not matter).
+pub fn heads_digest(heads: &[ChangeHash]) -> [u8; 32] {
+    let mut sorted = heads.to_vec();
+    sorted.sort();
+    let mut hasher = blake3::Hasher::new();
+    for head in &sorted {
+        hasher.update(&head.0);
+    }
+    *hasher.finalize().as_bytes()
+}
+
+fn map_id(doc: &Automerge, name: &str) -> Option<ObjId> {
+    match doc.get(ROOT, name) {
+        Ok(Some((Value::Object(ObjType::Map), id))) => Some(id),
+        _ => None,
+    }
+}
+
+fn json<T: serde::Serialize>(record: &T) -> String {
+    serde_json::to_string(record).unwrap_or_default()
+}
+
+fn value_text(value: &Value<'_>) -> Option<String> {
+    match value {
+        Value::Scalar(s) => match s.as_ref() {
+            ScalarValue::Str(text) => Some(text.to_string()),
+            _ => None,
+        },
+        Value::Object(_) => None,
+    }
+}
+
+fn parse_entry(map: &'static str, key: &str, text: Option<String>) -> Entry {
+    let malformed = |reason: String| Entry::Malformed {
+        map,
+        key: key.to_owned(),
+        reason,
+    };
+    let Some(text) = text else {
+        return malformed("value is not a JSON text string".into());
+    };
+    let parsed = if map == ALLOCATIONS {
+        serde_json::from_str::<AllocationRecord>(&text).map(Entry::Allocation)
+    } else {
+        serde_json::from_str::<CompensationRecord>(&text).map(Entry::Compensation)
+    };
+    match parsed {
+        Ok(Entry::Allocation(r)) if r.txn_id != key => {
+            malformed(format!("record txn_id {} differs from its map key", r.txn_id))
+        }
+        Ok(Entry::Compensation(r)) if r.txn_id != key => {
+            malformed(format!("record txn_id {} differs from its map key", r.txn_id))
+        }
+        Ok(entry) => entry,
+        Err(e) => malformed(format!("invalid record JSON: {e}")),
+    }
+}

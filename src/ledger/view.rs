@@ -1,0 +1,106 @@
+//! Read-only views of the ledger handed to the API and the engines.
+
+use crate::record::{AllocationRecord, CompensationRecord};
+use serde::Serialize;
+use std::sync::Arc;
+
+/// One allocation as the ledger holds it.
+#[derive(Clone, Debug)]
+pub struct Allocation {
+    /// The replicated record.
+    pub record: Arc<AllocationRecord>,
+    /// Order of arrival on this node within its shard; settlement compares
+    /// it with how far each peer is known to be in sync.
+    pub arrival: u64,
+    /// Storage sequence that makes it durable here; an answer that shows this
+    /// allocation waits until storage has reached it.
+    pub durable_seq: u64,
+}
+
+/// The lifecycle of a key, as `GET /v1/allocations/{key}` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyState {
+    /// One allocation, not yet known to every peer.
+    Provisional,
+    /// One allocation, known to every peer with no competitor: final.
+    Settled,
+    /// More than one allocation; compensation not yet under way.
+    Conflicted,
+    /// Losers are being compensated.
+    Compensating,
+    /// Every loser is compensated.
+    Compensated,
+}
+
+impl KeyState {
+    /// Text form, as in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Provisional => "provisional",
+            KeyState::Settled => "settled",
+            KeyState::Conflicted => "conflicted",
+            KeyState::Compensating => "compensating",
+            KeyState::Compensated => "compensated",
+        }
+    }
+}
+
+/// Everything known about one key.
+#[derive(Clone, Debug)]
+pub struct KeyView {
+    /// The key.
+    pub key: String,
+    /// Its allocations, winner first (precedence order).
+    pub allocations: Vec<Allocation>,
+    /// Compensation records of the losers that have one.
+    pub compensations: Vec<CompensationRecord>,
+    /// Every allocation of the key is on every peer and this node has each
+    /// peer's state as of then: the set of allocations can no longer grow.
+    pub settled: bool,
+    /// Peers not yet known to hold every allocation of the key; their
+    /// staleness is what the current confidence depends on.
+    pub unsynced_peers: Vec<String>,
+}
+
+impl KeyView {
+    /// The winner: the allocation with the smallest (HLC, node id).
+    pub fn winner(&self) -> Option<&Allocation> {
+        self.allocations.first()
+    }
+
+    /// The key's state.
+    pub fn state(&self) -> KeyState {
+        if self.allocations.len() <= 1 {
+            return if self.settled {
+                KeyState::Settled
+            } else {
+                KeyState::Provisional
+            };
+        }
+        let losers = self.allocations.len() - 1;
+        let succeeded = self
+            .compensations
+            .iter()
+            .filter(|c| c.state == "succeeded")
+            .count();
+        if succeeded == losers {
+            KeyState::Compensated
+        } else if self.compensations.is_empty()
+            || self.compensations.iter().any(|c| c.state == "dead-lettered")
+        {
+            KeyState::Conflicted
+        } else {
+            KeyState::Compensating
+        }
+    }
+}
+
+/// A conflicted key with the time this node first saw the conflict.
+#[derive(Clone, Debug)]
+pub struct ConflictView {
+    /// Wall-clock ms at which this node detected the conflict.
+    pub detected_at_ms: u64,
+    /// The key and its allocations.
+    pub key: KeyView,
+}

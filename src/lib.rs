@@ -1,0 +1,39 @@
+//! oncemesh keeps payment idempotency tokens exactly-once across regions
+//! without a central coordinator.
+//!
+//! One node runs per region. Clients allocate a transaction for an
+//! idempotency key at their local node; nodes replicate allocations to each
+//! other as automerge documents over libp2p; when a merge shows one key
+//! allocated in two regions, every node picks the same winner (smallest
+//! hybrid-logical-clock stamp, then node id) and the loser's own node
+//! compensates it, exactly once in effect.
+//!
+//! # Layout
+//! - [`key`]: validation of keys and payloads, payload fingerprints.
+//! - [`hlc`]: the hybrid logical clock.
+//! - [`record`]: the replicated records (JSON inside automerge).
+//! - [`ledger`]: sharded automerge documents plus the in-memory index of
+//!   every key's allocations; conflicts, winners, settlement. No I/O.
+//! - [`storage`]: redb with group commit; the durability watermark.
+//! - [`confidence`]: the calibrated model of how likely a provisional
+//!   allocation is not a duplicate.
+//! - [`compensation`]: the state machine, its durable log, and the actions.
+//! - [`p2p`]: the libp2p swarm and the sync protocol.
+//! - [`node`]: wires everything together and owns shutdown.
+//! - [`http`]: the JSON API; [`cli`]: the `oncemesh` command line.
+//! - [`metrics`]: Prometheus metrics; [`config`]: flags and TOML.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod compensation;
+pub mod confidence;
+pub mod config;
+pub mod hlc;
+pub mod http;
+pub mod key;
+pub mod ledger;
+pub mod metrics;
+pub mod node;
+pub mod p2p;
+pub mod record;
+pub mod storage;

@@ -1,0 +1,164 @@
+//! Prometheus metrics of a node: the leading indicators an operator watches
+//! (store delta, clock skew, cross-region retries, compensations), not only
+//! the duplicates themselves.
+//!
+//! Counters are bumped where events happen; gauges that mirror ledger state
+//! are refreshed right before each scrape, so they cost nothing in between.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// A label with one `kind` value.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    /// What the sample counts.
+    pub kind: String,
+}
+
+impl Kind {
+    /// Label set for `kind`.
+    pub fn of(kind: &str) -> Self {
+        Self {
+            kind: kind.to_owned(),
+        }
+    }
+}
+
+/// Every metric of the node, registered once at start.
+pub struct Metrics {
+    registry: Registry,
+    /// Allocate requests by outcome: created, replay, mismatch, invalid, error.
+    pub allocations: Family<Kind, Counter>,
+    /// Replays answered with another region's allocation: cross-region retries.
+    pub cross_region_replays: Counter,
+    /// Conflicts first detected on this node.
+    pub conflicts_detected: Counter,
+    /// Keys currently in conflict.
+    pub conflicts_open: Gauge,
+    /// Keys with a single allocation not yet settled.
+    pub provisional: Gauge,
+    /// Age in seconds of the oldest provisional allocation.
+    pub oldest_provisional_seconds: Gauge<f64, AtomicU64>,
+    /// Fraction of keys that are settled.
+    pub settled_ratio: Gauge<f64, AtomicU64>,
+    /// Distinct keys held.
+    pub keys: Gauge,
+    /// Confidence given to new allocations.
+    pub confidence_at_allocation: Histogram,
+    /// Duration of each group commit (write + fsync), seconds.
+    pub commit_seconds: Histogram,
+    /// Jobs per group commit.
+    pub commit_batch: Histogram,
+    /// Remote HLC stamps further ahead than `max_clock_offset`.
+    pub skew_violations: Gauge,
+    /// Largest offset of a remote clock ahead of ours, milliseconds.
+    pub max_clock_offset_ms: Gauge,
+    /// Inbound connections refused because the peer is not allowlisted.
+    pub refused_peers: Counter,
+    /// Peer messages dropped: malformed, oversized, undecodable, by kind.
+    pub dropped_messages: Family<Kind, Counter>,
+    /// Sync messages sent to peers.
+    pub sync_messages_sent: Counter,
+    /// Sync payload bytes sent to peers.
+    pub sync_bytes_sent: Counter,
+    /// Sync payload bytes received from peers.
+    pub sync_bytes_received: Counter,
+    /// Peers currently connected.
+    pub peers_connected: Gauge,
+    /// Changes peers lack, summed over peers and shards.
+    pub store_delta_changes: Gauge,
+    /// Malformed records found in documents (skipped).
+    pub malformed_records: Gauge,
+    /// Compensation attempts by outcome: succeeded, failed, dead-lettered.
+    pub compensations: Family<Kind, Counter>,
+    /// Compensations of this node not yet finished.
+    pub compensations_in_flight: Gauge,
+    /// Compensations of this node waiting in the dead-letter state.
+    pub compensations_dead_lettered: Gauge,
+    /// Time from detection of a conflict to a succeeded compensation, seconds.
+    pub compensation_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `oncemesh_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("oncemesh");
+        let m = Self {
+            allocations: Family::default(),
+            cross_region_replays: Counter::default(),
+            conflicts_detected: Counter::default(),
+            conflicts_open: Gauge::default(),
+            provisional: Gauge::default(),
+            oldest_provisional_seconds: Gauge::default(),
+            settled_ratio: Gauge::default(),
+            keys: Gauge::default(),
+            confidence_at_allocation: Histogram::new(
+                [0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1.0].into_iter(),
+            ),
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            skew_violations: Gauge::default(),
+            max_clock_offset_ms: Gauge::default(),
+            refused_peers: Counter::default(),
+            dropped_messages: Family::default(),
+            sync_messages_sent: Counter::default(),
+            sync_bytes_sent: Counter::default(),
+            sync_bytes_received: Counter::default(),
+            peers_connected: Gauge::default(),
+            store_delta_changes: Gauge::default(),
+            malformed_records: Gauge::default(),
+            compensations: Family::default(),
+            compensations_in_flight: Gauge::default(),
+            compensations_dead_lettered: Gauge::default(),
+            compensation_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("allocations", "Allocate requests by outcome", m.allocations.clone());
+        r.register("cross_region_replays", "Replays answered with another region's allocation", m.cross_region_replays.clone());
+        r.register("conflicts_detected", "Conflicts first detected on this node", m.conflicts_detected.clone());
+        r.register("conflicts_open", "Keys currently in conflict", m.conflicts_open.clone());
+        r.register("provisional_allocations", "Keys with one allocation not yet settled", m.provisional.clone());
+        r.register("oldest_provisional_age_seconds", "Age of the oldest provisional allocation", m.oldest_provisional_seconds.clone());
+        r.register("settled_ratio", "Fraction of keys that are settled", m.settled_ratio.clone());
+        r.register("keys", "Distinct idempotency keys held", m.keys.clone());
+        r.register("confidence_at_allocation", "Confidence given to new allocations", m.confidence_at_allocation.clone());
+        r.register("commit_seconds", "Group commit duration (write and fsync)", m.commit_seconds.clone());
+        r.register("commit_batch_jobs", "Jobs per group commit", m.commit_batch.clone());
+        r.register("clock_skew_violations", "Remote stamps further ahead than max_clock_offset", m.skew_violations.clone());
+        r.register("max_clock_offset_observed_ms", "Largest remote clock offset ahead of ours", m.max_clock_offset_ms.clone());
+        r.register("refused_peers", "Connections refused: peer not in the allowlist", m.refused_peers.clone());
+        r.register("dropped_peer_messages", "Peer messages dropped, by kind", m.dropped_messages.clone());
+        r.register("sync_messages_sent", "Sync messages sent to peers", m.sync_messages_sent.clone());
+        r.register("sync_bytes_sent", "Sync payload bytes sent", m.sync_bytes_sent.clone());
+        r.register("sync_bytes_received", "Sync payload bytes received", m.sync_bytes_received.clone());
+        r.register("peers_connected", "Peers currently connected", m.peers_connected.clone());
+        r.register("store_delta_changes", "Changes connected peers lack, summed", m.store_delta_changes.clone());
+        r.register("malformed_records", "Malformed records skipped", m.malformed_records.clone());
+        r.register("compensations", "Compensation attempts by outcome", m.compensations.clone());
+        r.register("compensations_in_flight", "Own compensations not yet finished", m.compensations_in_flight.clone());
+        r.register("compensations_dead_lettered", "Own compensations dead-lettered", m.compensations_dead_lettered.clone());
+        r.register("compensation_seconds", "Detection to succeeded compensation", m.compensation_seconds.clone());
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}

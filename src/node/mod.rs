@@ -1,0 +1,395 @@
+//! A running node: wires the ledger to disk, the HTTP API, the peer network
+//! and the compensation engine, and owns their shutdown.
+
+pub mod allocator;
+pub mod health;
+pub mod identity;
+
+use crate::config::NodeConfig;
+use crate::confidence::{ConfidenceModel, ConfidenceParams, PeerView};
+use crate::key::{fingerprint, IdempotencyKey, InputError};
+use crate::ledger::{
+    AllocateError, AllocateRequest, Allocated, ChunkSink, Ledger, MergeOutcome, NodeIdentity,
+    SHARD_COUNT,
+};
+use crate::metrics::{Kind, Metrics};
+use crate::p2p::status::PeerTable;
+use crate::storage::{Storage, StorageError};
+use libp2p::{Multiaddr, PeerId};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Failures that stop a node from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The identity key could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// The data dir could not be opened.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Stored documents could not be read.
+    #[error("stored ledger is unreadable: {0}")]
+    Ledger(#[from] crate::ledger::document::DocumentError),
+    /// The HTTP address could not be bound.
+    #[error("cannot listen for HTTP on {addr}: {reason}")]
+    Http {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        reason: String,
+    },
+    /// The peer network could not start.
+    #[error("peer network: {0}")]
+    Network(String),
+}
+
+/// Why an allocate call failed, in API terms.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocationFailure {
+    /// The key or payload was invalid.
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// Same key, different payload.
+    #[error(transparent)]
+    Refused(#[from] AllocateError),
+    /// Could not be made durable: the node must not acknowledge.
+    #[error("not durable: {0}")]
+    Storage(#[from] StorageError),
+    /// The node is shutting down.
+    #[error("node is shutting down")]
+    ShuttingDown,
+}
+
+/// Shards that changed since the peer network last looked, plus a wake-up.
+#[derive(Default)]
+pub struct ChangeFeed {
+    dirty: std::sync::atomic::AtomicU32,
+    notify: Notify,
+}
+
+impl ChangeFeed {
+    /// Marks `shard` changed and wakes the network loop.
+    pub fn mark(&self, shard: usize) {
+        self.dirty
+            .fetch_or(1 << (shard % 32), std::sync::atomic::Ordering::AcqRel);
+        self.notify.notify_one();
+    }
+
+    /// Takes the set of changed shards (bit mask).
+    pub fn take(&self) -> u32 {
+        self.dirty.swap(0, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Resolves when something changed.
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// Makes ledger chunks durable through storage and tells the network.
+struct StorageSink {
+    storage: Arc<Storage>,
+    feed: Arc<ChangeFeed>,
+}
+
+impl ChunkSink for StorageSink {
+    fn persist(&self, shard: usize, bytes: Vec<u8>) -> u64 {
+        let seq = self.storage.append_chunk(shard, bytes);
+        self.feed.mark(shard);
+        seq
+    }
+
+    fn snapshot(&self, shard: usize, bytes: Vec<u8>) -> u64 {
+        self.storage.replace_with_snapshot(shard, bytes)
+    }
+}
+
+/// The shared state of a running node, handed to the API and the engines.
+pub struct Node {
+    /// Validated configuration.
+    pub config: NodeConfig,
+    /// This node's libp2p identity.
+    pub peer_id: PeerId,
+    /// The ledger.
+    pub ledger: Arc<Ledger>,
+    /// Durable storage.
+    pub storage: Arc<Storage>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Allowlisted peers and what we know of them.
+    pub peers: Arc<PeerTable>,
+    /// Changed shards for the network to push.
+    pub changes: Arc<ChangeFeed>,
+    /// Confidence estimator fed by what this node observes.
+    pub confidence: Mutex<ConfidenceModel>,
+    /// Wakes the compensation engine when a conflict appears or an operator retries.
+    pub compensation_wakeup: Notify,
+    /// This node's own compensations.
+    pub compensations: crate::compensation::Registry,
+    allocators: Vec<allocator::Queue>,
+    started_ms: u64,
+}
+
+/// A started node: its addresses, and the handle to wait for its shutdown.
+pub struct Started {
+    /// Shared state (for in-process tests and tools).
+    pub node: Arc<Node>,
+    /// Bound HTTP address.
+    pub http_addr: SocketAddr,
+    /// libp2p listen addresses.
+    pub listen_addrs: Vec<Multiaddr>,
+    tasks: TaskTracker,
+}
+
+impl Started {
+    /// The one line `oncemesh run` prints, which scripts parse.
+    pub fn banner(&self) -> String {
+        let mut line = format!(
+            "oncemesh node started region={} peer_id={} http={}",
+            self.node.config.region, self.node.peer_id, self.http_addr
+        );
+        for addr in &self.listen_addrs {
+            line.push_str(&format!(" listen={addr}"));
+        }
+        line
+    }
+
+    /// Waits until every task has stopped after shutdown, then flushes storage.
+    pub async fn wait(self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.node.storage.close();
+    }
+}
+
+impl Node {
+    /// Opens the data dir, loads the ledger and starts every task. Tasks stop
+    /// when `shutdown` is cancelled; then call [`Started::wait`].
+    pub async fn start(
+        config: NodeConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Started, StartError> {
+        let keypair = identity::load_or_create(&config.data_dir)?;
+        let peer_id = keypair.public().to_peer_id();
+        let metrics = Arc::new(Metrics::new());
+        let commit_metrics = metrics.clone();
+        let (storage, loaded) = Storage::open(
+            &config.data_dir,
+            SHARD_COUNT,
+            Box::new(move |stats| {
+                commit_metrics
+                    .commit_seconds
+                    .observe(stats.duration.as_secs_f64());
+                commit_metrics.commit_batch.observe(stats.jobs as f64);
+            }),
+        )?;
+        let changes = Arc::new(ChangeFeed::default());
+        let sink = Arc::new(StorageSink {
+            storage: storage.clone(),
+            feed: changes.clone(),
+        });
+        let me = NodeIdentity {
+            region: config.region.clone(),
+            node: peer_id.to_string(),
+        };
+        let peer_ids: Vec<String> = config.peers.iter().map(|p| p.peer_id.to_string()).collect();
+        let ledger = Arc::new(Ledger::open(
+            me,
+            peer_ids,
+            config.max_clock_offset.as_millis() as u64,
+            loaded.shards,
+            sink,
+        )?);
+        let peers = Arc::new(PeerTable::new(
+            config
+                .peers
+                .iter()
+                .map(|p| (p.peer_id.to_string(), p.addr.to_string())),
+            SHARD_COUNT,
+        ));
+        let tasks = TaskTracker::new();
+        let allocators = (0..SHARD_COUNT)
+            .map(|shard| allocator::spawn(shard, ledger.clone(), &tasks, shutdown.clone()))
+            .collect();
+        let node = Arc::new(Node {
+            config: config.clone(),
+            peer_id,
+            ledger,
+            storage,
+            metrics,
+            peers,
+            changes,
+            confidence: Mutex::new(ConfidenceModel::new(ConfidenceParams::default())),
+            compensation_wakeup: Notify::new(),
+            compensations: Default::default(),
+            allocators,
+            started_ms: crate::hlc::PhysicalClock::now_ms(&crate::hlc::SystemClock),
+        });
+        let listen_addrs =
+            crate::p2p::spawn(node.clone(), keypair, &tasks, shutdown.clone()).await?;
+        crate::compensation::spawn(node.clone(), &tasks, shutdown.clone());
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .map_err(|e| StartError::Http {
+                addr: config.http,
+                reason: e.to_string(),
+            })?;
+        let http_addr = listener.local_addr().map_err(|e| StartError::Http {
+            addr: config.http,
+            reason: e.to_string(),
+        })?;
+        let app = crate::http::router(node.clone());
+        let http_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+        Ok(Started {
+            node,
+            http_addr,
+            listen_addrs,
+            tasks,
+        })
+    }
+
+    /// Allocates `key` for `payload`: a new allocation, a replay, or a
+    /// refusal. Answers only once the allocation is durable here.
+    pub async fn allocate(
+        &self,
+        key: &str,
+        payload: &serde_json::Value,
+    ) -> Result<Allocated, AllocationFailure> {
+        let outcome = self.try_allocate(key, payload).await;
+        let kind = match &outcome {
+            Ok(a) if a.replay => "replay",
+            Ok(_) => "created",
+            Err(AllocationFailure::Input(_)) => "invalid",
+            Err(AllocationFailure::Refused(AllocateError::FingerprintMismatch { .. })) => {
+                "mismatch"
+            }
+            Err(_) => "error",
+        };
+        self.metrics.allocations.get_or_create(&Kind::of(kind)).inc();
+        outcome
+    }
+
+    async fn try_allocate(
+        &self,
+        key: &str,
+        payload: &serde_json::Value,
+    ) -> Result<Allocated, AllocationFailure> {
+        let key = IdempotencyKey::parse(key)?;
+        let fingerprint = fingerprint(payload)?;
+        let shard = key.shard(SHARD_COUNT);
+        let confidence = self.confidence_now(self.ledger.peers());
+        let request = AllocateRequest {
+            key,
+            fingerprint,
+            confidence,
+        };
+        let allocated = self.allocators[shard]
+            .submit(request)
+            .await
+            .ok_or(AllocationFailure::ShuttingDown)??;
+        self.storage
+            .wait_durable(allocated.allocation.durable_seq)
+            .await?;
+        let record = &allocated.allocation.record;
+        if allocated.replay {
+            if record.node != self.ledger.identity().node {
+                self.metrics.cross_region_replays.inc();
+                let delay = self.ledger.wall_ms().saturating_sub(record.hlc.physical_ms);
+                self.confidence_model()
+                    .observe_cross_region_replay(Duration::from_millis(delay));
+            }
+        } else {
+            self.confidence_model().observe_allocation();
+            self.metrics
+                .confidence_at_allocation
+                .observe(record.confidence);
+        }
+        Ok(allocated)
+    }
+
+    /// The confidence a new (or still provisional) allocation has: every
+    /// allowlisted peer counts, those in `unsynced` with the staleness of our
+    /// view of them, the others as in sync (they already hold the key).
+    pub fn confidence_now(&self, unsynced: &[String]) -> f64 {
+        if unsynced.is_empty() {
+            return 1.0;
+        }
+        let now = self.ledger.wall_ms();
+        let views: Vec<PeerView> = self
+            .peers
+            .snapshot()
+            .into_iter()
+            .map(|p| {
+                if !unsynced.contains(&p.peer_id) {
+                    return PeerView {
+                        staleness: Duration::ZERO,
+                        connected: true,
+                    };
+                }
+                PeerView {
+                    // Never in sync since this process started: treat as a
+                    // partition as old as the process.
+                    staleness: p
+                        .staleness(now)
+                        .unwrap_or_else(|| Duration::from_millis(now.saturating_sub(self.started_ms))),
+                    connected: p.connected,
+                }
+            })
+            .collect();
+        self.confidence_model().confidence(&views)
+    }
+
+    /// The confidence model, locked.
+    pub fn confidence_model(&self) -> std::sync::MutexGuard<'_, ConfidenceModel> {
+        self.confidence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Acts on what a merge brought in: clock observations, conflicts (for the
+    /// confidence model, metrics and the compensation engine).
+    pub fn after_merge(&self, outcome: &MergeOutcome) {
+        if !outcome.conflicts_changed.is_empty() {
+            self.metrics
+                .conflicts_detected
+                .inc_by(outcome.conflicts_changed.len() as u64);
+            let me = &self.ledger.identity().node;
+            for key in &outcome.conflicts_changed {
+                let Some(view) = self.ledger.key(key) else {
+                    continue;
+                };
+                tracing::warn!(key, allocations = view.allocations.len(), winner = %view.allocations[0].record.txn_id, "conflict detected");
+                // The model learns from conflicts involving our allocations,
+                // once per competing allocation that just arrived.
+                let Some(ours) = view.allocations.iter().find(|a| &a.record.node == me) else {
+                    continue;
+                };
+                for arrived in &outcome.new_allocations {
+                    if arrived.key == *key && &arrived.node != me {
+                        let delay = ours.record.hlc.physical_ms.abs_diff(arrived.hlc.physical_ms);
+                        self.confidence_model()
+                            .observe_conflict(Duration::from_millis(delay));
+                    }
+                }
+            }
+            self.compensation_wakeup.notify_one();
+        }
+        if !outcome.malformed.is_empty() {
+            self.metrics
+                .dropped_messages
+                .get_or_create(&Kind::of("malformed-record"))
+                .inc_by(outcome.malformed.len() as u64);
+        }
+    }
+}

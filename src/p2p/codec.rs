@@ -1,0 +1,273 @@
+//! Wire format of `/oncemesh/sync/1`, the only application protocol between
+//! nodes. A request carries the sender's clock, the heads digest of every
+//! shard, and automerge sync messages for the shards that need one; the
+//! response carries the responder's clock and digests after applying them.
+//!
+//! ```text
+//! frame    = len:u32be body                  (len <= MAX_FRAME)
+//! request  = version:u8=1 hlc shard_count:u8 { shard:u8 digest:[32] msg_len:u32be msg }*
+//! response = version:u8=1 hlc shard_count:u8 { shard:u8 digest:[32] }*
+//! hlc      = physical_ms:u64be logical:u32be
+//! ```
+//!
+//! Decoding never panics: a short, oversized or inconsistent frame is an
+//! `InvalidData` error, which the request-response layer reports as a failed
+//! request (counted and logged by the node); the node keeps serving.
+
+use crate::hlc::Timestamp;
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use std::io;
+
+/// Protocol name.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/oncemesh/sync/1");
+/// Largest frame accepted or sent. A peer further behind than one frame can
+/// carry catches up over several rounds only if automerge splits its
+/// message, which it does not: the limit is sized for ~1M allocations.
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+const VERSION: u8 = 1;
+
+/// One shard's part of a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardMessage {
+    /// Shard index.
+    pub shard: u8,
+    /// Sender's heads digest of the shard.
+    pub digest: [u8; 32],
+    /// Encoded automerge sync message; empty for digest only.
+    pub message: Vec<u8>,
+}
+
+/// A request: the sender's clock and its shards.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyncRequest {
+    /// Sender's HLC when it sent this.
+    pub hlc: Timestamp,
+    /// Every shard's digest, with a sync message where one is due.
+    pub shards: Vec<ShardMessage>,
+}
+
+/// A response: the responder's clock and digests after applying the request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyncResponse {
+    /// Responder's HLC.
+    pub hlc: Timestamp,
+    /// (shard, digest) for every shard.
+    pub digests: Vec<(u8, [u8; 32])>,
+}
+
+/// The request-response codec for [`PROTOCOL`].
+#[derive(Clone, Default)]
+pub struct SyncCodec;
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
+}
+
+/// A cursor over a frame body that fails instead of panicking.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(invalid("frame is shorter than its fields"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> io::Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(self.take(4)?);
+        Ok(u32::from_be_bytes(b))
+    }
+    fn u64(&mut self) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(b))
+    }
+    fn digest(&mut self) -> io::Result<[u8; 32]> {
+        let mut d = [0u8; 32];
+        d.copy_from_slice(self.take(32)?);
+        Ok(d)
+    }
+    fn header(&mut self) -> io::Result<(Timestamp, u8)> {
+        if self.u8()? != VERSION {
+            return Err(invalid("unknown sync protocol version"));
+        }
+        let hlc = Timestamp::new(self.u64()?, self.u32()?);
+        Ok((hlc, self.u8()?))
+    }
+    fn finish(&self) -> io::Result<()> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(invalid("trailing bytes after the last field"))
+        }
+    }
+}
+
+/// Decodes a request body.
+pub fn decode_request(body: &[u8]) -> io::Result<SyncRequest> {
+    let mut r = Reader(body);
+    let (hlc, count) = r.header()?;
+    let mut shards = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let shard = r.u8()?;
+        let digest = r.digest()?;
+        let len = r.u32()? as usize;
+        shards.push(ShardMessage {
+            shard,
+            digest,
+            message: r.take(len)?.to_vec(),
+        });
+    }
+    r.finish()?;
+    Ok(SyncRequest { hlc, shards })
+}
+
+/// Decodes a response body.
+pub fn decode_response(body: &[u8]) -> io::Result<SyncResponse> {
+    let mut r = Reader(body);
+    let (hlc, count) = r.header()?;
+    let mut digests = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        digests.push((r.u8()?, r.digest()?));
+    }
+    r.finish()?;
+    Ok(SyncResponse { hlc, digests })
+}
+
+fn header(hlc: Timestamp, count: usize) -> Vec<u8> {
+    let mut out = vec![VERSION];
+    out.extend_from_slice(&hlc.physical_ms.to_be_bytes());
+    out.extend_from_slice(&hlc.logical.to_be_bytes());
+    out.push(count.min(u8::MAX as usize) as u8);
+    out
+}
+
+/// Encodes a request body.
+pub fn encode_request(request: &SyncRequest) -> Vec<u8> {
+    let mut out = header(request.hlc, request.shards.len());
+    for s in request.shards.iter().take(u8::MAX as usize) {
+        out.push(s.shard);
+        out.extend_from_slice(&s.digest);
+        out.extend_from_slice(&(s.message.len() as u32).to_be_bytes());
+        out.extend_from_slice(&s.message);
+    }
+    out
+}
+
+/// Encodes a response body.
+pub fn encode_response(response: &SyncResponse) -> Vec<u8> {
+    let mut out = header(response.hlc, response.digests.len());
+    for (shard, digest) in response.digests.iter().take(u8::MAX as usize) {
+        out.push(*shard);
+        out.extend_from_slice(digest);
+    }
+    out
+}
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(invalid("frame larger than the 64 MiB limit"));
+    }
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, body: Vec<u8>) -> io::Result<()> {
+    if body.len() > MAX_FRAME {
+        return Err(invalid("refusing to send a frame over the 64 MiB limit"));
+    }
+    io.write_all(&(body.len() as u32).to_be_bytes()).await?;
+    io.write_all(&body).await?;
+    io.close().await
+}
+
+impl libp2p::request_response::Codec for SyncCodec {
+    type Protocol = StreamProtocol;
+    type Request = SyncRequest;
+    type Response = SyncResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        decode_request(&read_frame(io).await?)
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<SyncResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        decode_response(&read_frame(io).await?)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: SyncRequest,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, encode_request(&request)).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: SyncResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, encode_response(&response)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip() {
+        let request = SyncRequest {
+            hlc: Timestamp::new(7, 3),
+            shards: vec![ShardMessage {
+                shard: 2,
+                digest: [9; 32],
+                message: vec![1, 2, 3],
+            }],
+        };
+        assert_eq!(decode_request(&encode_request(&request)).unwrap(), request);
+        let response = SyncResponse {
+            hlc: Timestamp::new(8, 0),
+            digests: vec![(0, [1; 32]), (7, [2; 32])],
+        };
+        assert_eq!(decode_response(&encode_response(&response)).unwrap(), response);
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+        }
+    }
+}

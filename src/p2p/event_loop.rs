@@ -1,0 +1,651 @@
+//! The task that owns the swarm. See the module docs of [`crate::p2p`].
+
+use super::codec::{ShardMessage, SyncCodec, SyncRequest, SyncResponse, PROTOCOL};
+use crate::ledger::SHARD_COUNT;
+use crate::metrics::Kind;
+use crate::node::{Node, StartError};
+use futures::StreamExt;
+use libp2p::allow_block_list::{self, AllowedPeers};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ListenError, NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, identity::Keypair, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Bit in a dirty mask meaning "send even without sync messages" (heartbeat).
+const HEARTBEAT: u32 = 1 << 31;
+const ALL_SHARDS: u32 = (1 << SHARD_COUNT) - 1;
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A request not answered within this is failed and the session reset.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    allow: allow_block_list::Behaviour<AllowedPeers>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    sync: request_response::Behaviour<SyncCodec>,
+}
+
+/// Results of blocking work, handed back to the loop.
+enum Internal {
+    /// A request for `peer` is built (or there was nothing to send).
+    Built {
+        peer: PeerId,
+        request: Option<SyncRequest>,
+    },
+    /// A received request was applied and made durable; answer it.
+    Respond {
+        peer: PeerId,
+        channel: ResponseChannel<SyncResponse>,
+        response: SyncResponse,
+        applied: u32,
+    },
+}
+
+#[derive(PartialEq)]
+enum Outbound {
+    Idle,
+    Building,
+    InFlight(OutboundRequestId),
+}
+
+struct Peer {
+    key: String,
+    addr: Multiaddr,
+    connections: usize,
+    outbound: Outbound,
+    dirty: u32,
+    their_digests: Vec<Option<[u8; 32]>>,
+    backoff: Duration,
+    next_dial: Option<Instant>,
+    out_of_sync_since: Option<u64>,
+}
+
+/// Owns the swarm and the per-peer replication state.
+pub struct EventLoop {
+    node: Arc<Node>,
+    swarm: Swarm<Behaviour>,
+    peers: HashMap<PeerId, Peer>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal_rx: mpsc::UnboundedReceiver<Internal>,
+    last_heartbeat: Instant,
+}
+
+impl EventLoop {
+    /// Builds the swarm and listens; returns the loop and the listen addresses.
+    pub async fn start(
+        node: Arc<Node>,
+        keypair: Keypair,
+    ) -> Result<(Self, Vec<Multiaddr>), StartError> {
+        let net = |e: &dyn std::fmt::Display| StartError::Network(e.to_string());
+        let mut allow = allow_block_list::Behaviour::<AllowedPeers>::default();
+        for peer in &node.config.peers {
+            allow.allow_peer(peer.peer_id);
+        }
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| net(&e))?
+            .with_behaviour(|key| Behaviour {
+                allow,
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/oncemesh/id/1".into(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::default(),
+                sync: request_response::Behaviour::new(
+                    [(PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(REQUEST_TIMEOUT)
+                        .with_max_concurrent_streams(64),
+                ),
+            })
+            .map_err(|e| net(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+            .build();
+        swarm
+            .listen_on(node.config.listen.clone())
+            .map_err(|e| StartError::Network(format!("cannot listen on {}: {e}", node.config.listen)))?;
+        let mut listen_addrs = Vec::new();
+        let deadline = tokio::time::sleep(Duration::from_secs(10));
+        tokio::pin!(deadline);
+        while listen_addrs.is_empty() {
+            tokio::select! {
+                event = swarm.select_next_some() => match event {
+                    SwarmEvent::NewListenAddr { address, .. } => listen_addrs.push(address),
+                    SwarmEvent::ListenerError { error, .. } => return Err(net(&error)),
+                    SwarmEvent::ListenerClosed { reason: Err(error), .. } => return Err(net(&error)),
+                    _ => {}
+                },
+                _ = &mut deadline => return Err(StartError::Network(format!("no listen address on {} after 10 s", node.config.listen))),
+            }
+        }
+        let peers = node
+            .config
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.peer_id,
+                    Peer {
+                        key: p.peer_id.to_string(),
+                        addr: p.addr.clone(),
+                        connections: 0,
+                        outbound: Outbound::Idle,
+                        dirty: 0,
+                        their_digests: vec![None; SHARD_COUNT],
+                        backoff: FIRST_BACKOFF,
+                        next_dial: Some(Instant::now()),
+                        out_of_sync_since: None,
+                    },
+                )
+            })
+            .collect();
+        let (internal_tx, internal_rx) = mpsc::unbounded_channel();
+        Ok((
+            Self {
+                node,
+                swarm,
+                peers,
+                internal_tx,
+                internal_rx,
+                last_heartbeat: Instant::now(),
+            },
+            listen_addrs,
+        ))
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(100));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let changes = self.node.changes.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(internal) = self.internal_rx.recv() => self.on_internal(internal),
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = changes.changed() => {
+                    let mask = changes.take();
+                    let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+                    for id in ids {
+                        if let Some(p) = self.peers.get_mut(&id) { p.dirty |= mask; }
+                        self.kick(id);
+                    }
+                }
+                _ = housekeeping.tick() => self.housekeeping(),
+            }
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        let due: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connections == 0 && p.next_dial.is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.dial(id);
+        }
+        if now.duration_since(self.last_heartbeat) >= self.node.config.sync_interval {
+            self.last_heartbeat = now;
+            self.heartbeat();
+        }
+    }
+
+    fn dial(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        peer.next_dial = None;
+        let opts = DialOpts::peer_id(id)
+            .addresses(vec![peer.addr.clone()])
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(peer = %id, error = %e, "dial not started");
+            self.schedule_redial(id);
+        }
+    }
+
+    fn schedule_redial(&mut self, id: PeerId) {
+        if let Some(peer) = self.peers.get_mut(&id) {
+            if peer.connections > 0 || peer.next_dial.is_some() {
+                return;
+            }
+            peer.next_dial = Some(Instant::now() + peer.backoff);
+            peer.backoff = (peer.backoff * 2).min(MAX_BACKOFF);
+            self.node.peers.update(&peer.key, |s| s.redial_attempts += 1);
+        }
+    }
+
+    /// Anti-entropy: every connected peer gets every shard's digest, and a
+    /// sync message wherever its last known digest differs from ours.
+    fn heartbeat(&mut self) {
+        let ours = self.node.ledger.digests();
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            if let Some(p) = self.peers.get_mut(&id) {
+                if p.connections == 0 {
+                    continue;
+                }
+                p.dirty |= HEARTBEAT;
+                for (shard, digest) in ours.iter().enumerate() {
+                    if p.their_digests[shard].as_ref() != Some(digest) {
+                        p.dirty |= 1 << shard;
+                    }
+                }
+            }
+            self.kick(id);
+        }
+        self.refresh_deltas();
+    }
+
+    fn refresh_deltas(&self) {
+        let node = self.node.clone();
+        let keys: Vec<String> = self.peers.values().map(|p| p.key.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut total = 0i64;
+            for key in keys {
+                let (mut lack, mut we_lack) = (0u64, 0u64);
+                for shard in 0..SHARD_COUNT {
+                    let (a, b) = node.ledger.delta(shard, &key);
+                    lack += a as u64;
+                    we_lack += b as u64;
+                }
+                total += lack as i64;
+                node.peers.update(&key, |s| {
+                    s.they_lack_changes = lack;
+                    s.we_lack_heads = we_lack;
+                });
+            }
+            node.metrics.store_delta_changes.set(total);
+        });
+    }
+
+    /// Starts building a request for `id` if it is connected, idle and has
+    /// something to send.
+    fn kick(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if peer.connections == 0 || peer.outbound != Outbound::Idle || peer.dirty == 0 {
+            return;
+        }
+        let mask = std::mem::take(&mut peer.dirty);
+        peer.outbound = Outbound::Building;
+        let ours = self.node.ledger.digests();
+        let unstick: u32 = (0..SHARD_COUNT)
+            .filter(|&s| peer.their_digests[s].is_some_and(|d| d != ours[s]))
+            .fold(0, |m, s| m | 1 << s);
+        let key = peer.key.clone();
+        let node = self.node.clone();
+        let tx = self.internal_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut shards = Vec::with_capacity(SHARD_COUNT);
+            let mut any_message = false;
+            for shard in 0..SHARD_COUNT {
+                let message = if mask & (1 << shard) != 0 {
+                    node.ledger
+                        .generate_sync(shard, &key, unstick & (1 << shard) != 0 && mask & HEARTBEAT != 0)
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                any_message |= !message.is_empty();
+                shards.push(ShardMessage {
+                    shard: shard as u8,
+                    digest: node.ledger.digest(shard),
+                    message,
+                });
+            }
+            let request = (any_message || mask & HEARTBEAT != 0).then(|| SyncRequest {
+                hlc: node.ledger.stamp(),
+                shards,
+            });
+            let _ = tx.send(Internal::Built { peer: id, request });
+        });
+    }
+
+    fn on_internal(&mut self, internal: Internal) {
+        match internal {
+            Internal::Built { peer, request } => {
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                p.outbound = Outbound::Idle;
+                match request {
+                    Some(request) if p.connections > 0 => {
+                        let bytes: usize = request.shards.iter().map(|s| s.message.len()).sum();
+                        self.node.metrics.sync_messages_sent.inc();
+                        self.node.metrics.sync_bytes_sent.inc_by(bytes as u64);
+                        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+                        p.outbound = Outbound::InFlight(id);
+                    }
+                    _ => self.kick(peer),
+                }
+            }
+            Internal::Respond {
+                peer,
+                channel,
+                response,
+                applied,
+            } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "peer went away before our sync answer");
+                }
+                // The automerge protocol answers every message it receives.
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.dirty |= applied;
+                }
+                self.kick(peer);
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => self.on_connected(peer_id),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                if let Some(p) = self.peers.get_mut(&peer_id) {
+                    p.connections = num_established as usize;
+                    if num_established == 0 {
+                        tracing::warn!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected; will redial");
+                        p.outbound = Outbound::Idle;
+                        let key = p.key.clone();
+                        self.node.peers.update(&key, |s| s.connected = false);
+                        self.node.ledger.reset_sync(&key);
+                        self.node.metrics.peers_connected.dec();
+                        self.schedule_redial(peer_id);
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if let Some(id) = peer_id {
+                    tracing::debug!(peer = %id, %error, "dial failed");
+                    self.schedule_redial(id);
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                peer_id,
+                error,
+                send_back_addr,
+                ..
+            } => {
+                if matches!(error, ListenError::Denied { .. }) {
+                    self.node.metrics.refused_peers.inc();
+                    tracing::warn!(peer = ?peer_id.map(|p| p.to_string()), from = %send_back_addr, "refused a peer that is not in the allowlist");
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_connected(&mut self, peer_id: PeerId) {
+        let Some(p) = self.peers.get_mut(&peer_id) else {
+            // The allowlist behaviour denies these before they get here.
+            return;
+        };
+        p.connections += 1;
+        if p.connections > 1 {
+            return;
+        }
+        tracing::info!(peer = %peer_id, "peer connected");
+        p.backoff = FIRST_BACKOFF;
+        p.next_dial = None;
+        p.dirty = ALL_SHARDS | HEARTBEAT;
+        let key = p.key.clone();
+        let now = self.node.ledger.wall_ms();
+        self.node.peers.update(&key, |s| {
+            s.connected = true;
+            s.connected_since_ms = Some(now);
+            s.redial_attempts = 0;
+        });
+        self.node.metrics.peers_connected.inc();
+        self.node.ledger.reset_sync(&key);
+        self.kick(peer_id);
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
+        use request_response::{Event, InboundFailure, Message};
+        match event {
+            Event::Message {
+                peer,
+                message: Message::Request {
+                    request, channel, ..
+                },
+                ..
+            } => self.on_request(peer, request, channel),
+            Event::Message {
+                peer,
+                message: Message::Response {
+                    request_id,
+                    response,
+                },
+                ..
+            } => self.on_response(peer, request_id, response),
+            Event::OutboundFailure {
+                peer, error, request_id, ..
+            } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    if p.outbound == Outbound::InFlight(request_id) {
+                        p.outbound = Outbound::Idle;
+                    }
+                    p.dirty |= ALL_SHARDS;
+                    let key = p.key.clone();
+                    tracing::debug!(%peer, %error, "sync request failed; resetting the session");
+                    self.node.ledger.reset_sync(&key);
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                let kind = match &error {
+                    InboundFailure::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        "malformed"
+                    }
+                    InboundFailure::Io(_) => "io",
+                    InboundFailure::Timeout => "timeout",
+                    InboundFailure::UnsupportedProtocols => "unsupported",
+                    _ => return,
+                };
+                self.drop_message(peer, kind, &error.to_string());
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn drop_message(&self, peer: PeerId, kind: &str, why: &str) {
+        self.node
+            .metrics
+            .dropped_messages
+            .get_or_create(&Kind::of(kind))
+            .inc();
+        self.node
+            .peers
+            .update(&peer.to_string(), |s| s.dropped_messages += 1);
+        tracing::warn!(%peer, kind, why, "dropped a message from a peer");
+    }
+
+    fn observe_clock(&self, peer: &str, hlc: crate::hlc::Timestamp) {
+        let observation = self.node.ledger.observe_remote_clock(hlc);
+        self.node
+            .peers
+            .update(peer, |s| s.clock_offset_ms = Some(observation.offset_ms));
+        if observation.skew_violation {
+            tracing::warn!(peer, offset_ms = observation.offset_ms, "peer clock is ahead of ours by more than max_clock_offset");
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        peer: PeerId,
+        request: SyncRequest,
+        channel: ResponseChannel<SyncResponse>,
+    ) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            self.drop_message(peer, "not-allowlisted", "request from a peer outside the allowlist");
+            return;
+        };
+        let key = p.key.clone();
+        for s in &request.shards {
+            if let Some(slot) = p.their_digests.get_mut(s.shard as usize) {
+                *slot = Some(s.digest);
+            }
+        }
+        self.observe_clock(&key, request.hlc);
+        let node = self.node.clone();
+        let tx = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let received: usize = request.shards.iter().map(|s| s.message.len()).sum();
+            node.metrics.sync_bytes_received.inc_by(received as u64);
+            let apply_node = node.clone();
+            let apply_key = key.clone();
+            let applied = tokio::task::spawn_blocking(move || apply(&apply_node, &apply_key, request))
+                .await
+                .unwrap_or_default();
+            // Answer only once what we received is on disk: the sender takes
+            // equal digests as "this peer holds my allocations".
+            if node.storage.wait_durable(applied.durable_seq).await.is_err() {
+                return;
+            }
+            for (shard, digest) in &applied.their_digests {
+                node.ledger.mark_in_sync_if(*shard as usize, &key, digest);
+            }
+            let response = SyncResponse {
+                hlc: node.ledger.stamp(),
+                digests: node
+                    .ledger
+                    .digests()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(s, d)| (s as u8, d))
+                    .collect(),
+            };
+            let _ = tx.send(Internal::Respond {
+                peer,
+                channel,
+                response,
+                applied: applied.mask,
+            });
+        });
+    }
+
+    fn on_response(&mut self, peer: PeerId, request_id: OutboundRequestId, response: SyncResponse) {
+        let now = self.node.ledger.wall_ms();
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.outbound == Outbound::InFlight(request_id) {
+            p.outbound = Outbound::Idle;
+        }
+        let key = p.key.clone();
+        let mut all_in_sync = true;
+        let mut shard_times = Vec::new();
+        for (shard, digest) in &response.digests {
+            let shard = *shard as usize;
+            if shard >= SHARD_COUNT {
+                continue;
+            }
+            p.their_digests[shard] = Some(*digest);
+            if self.node.ledger.mark_in_sync_if(shard, &key, digest) {
+                shard_times.push(shard);
+            } else {
+                all_in_sync = false;
+            }
+        }
+        let resynced_after = if all_in_sync {
+            p.out_of_sync_since.take()
+        } else {
+            p.out_of_sync_since.get_or_insert(now);
+            None
+        };
+        self.node.peers.update(&key, |s| {
+            for shard in &shard_times {
+                s.shard_in_sync_ms[*shard] = Some(now);
+            }
+            if all_in_sync {
+                s.last_in_sync_ms = Some(now);
+            }
+        });
+        if let Some(since) = resynced_after {
+            self.node
+                .confidence_model()
+                .observe_peer_resync(Duration::from_millis(now.saturating_sub(since)));
+        }
+        self.observe_clock(&key, response.hlc);
+        self.kick(peer);
+    }
+}
+
+/// What applying one request did.
+#[derive(Default)]
+struct Applied {
+    durable_seq: u64,
+    mask: u32,
+    their_digests: Vec<(u8, [u8; 32])>,
+}
+
+/// Applies the sync messages of a request (blocking: automerge work).
+fn apply(node: &Node, peer: &str, request: SyncRequest) -> Applied {
+    let mut applied = Applied::default();
+    for s in request.shards {
+        let shard = s.shard as usize;
+        if shard >= SHARD_COUNT {
+            drop_record(node, peer, "bad-shard", &format!("shard {shard} does not exist"));
+            continue;
+        }
+        applied.their_digests.push((s.shard, s.digest));
+        if s.message.is_empty() {
+            continue;
+        }
+        let message = match automerge::sync::Message::decode(&s.message) {
+            Ok(m) => m,
+            Err(e) => {
+                drop_record(node, peer, "undecodable", &e.to_string());
+                continue;
+            }
+        };
+        match node.ledger.receive_sync(shard, peer, message) {
+            Ok(outcome) => {
+                applied.durable_seq = applied.durable_seq.max(outcome.durable_seq);
+                applied.mask |= 1 << shard;
+                node.after_merge(&outcome);
+            }
+            Err(e) => drop_record(node, peer, "rejected", &e.to_string()),
+        }
+    }
+    applied
+}
+
+fn drop_record(node: &Node, peer: &str, kind: &str, why: &str) {
+    node.metrics
+        .dropped_messages
+        .get_or_create(&Kind::of(kind))
+        .inc();
+    node.peers.update(peer, |s| s.dropped_messages += 1);
+    tracing::warn!(peer, kind, why, "dropped a sync message from a peer");
+}

@@ -1,0 +1,120 @@
+//! The records that travel between regions inside the automerge documents.
+//!
+//! Each record is stored as one JSON text value (one automerge op), which
+//! keeps the hot path at a single op per allocation and lets any automerge
+//! implementation read the ledger with a JSON parser (docs/DATA_MODEL.md).
+//! Every record has exactly one writer, the node that made it, so automerge
+//! never has to pick between concurrent values: nothing is last-writer-wins.
+
+use crate::hlc::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+
+/// Version tag written into every record, so a future schema can be told apart.
+pub const RECORD_VERSION: u32 = 1;
+
+/// One region's allocation of an idempotency key: what every region must see
+/// to detect a duplicate and agree on the winner.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocationRecord {
+    /// Schema version of this record.
+    pub v: u32,
+    /// The idempotency key.
+    pub key: String,
+    /// Transaction id, unique across the cluster.
+    pub txn_id: String,
+    /// Region name of the node that allocated.
+    pub region: String,
+    /// libp2p peer id of the node that allocated; the only node that may
+    /// compensate this allocation.
+    pub node: String,
+    /// HLC timestamp of the allocation; with `node` it orders competing allocations.
+    pub hlc: Timestamp,
+    /// blake3 of the payload's canonical JSON, to tell replays from misuse.
+    pub fingerprint: String,
+    /// Confidence that this was not a duplicate, when it was made.
+    pub confidence: f64,
+}
+
+impl AllocationRecord {
+    /// The order that decides a conflict: smallest (HLC, node id) wins; the
+    /// transaction id breaks the (impossible in practice) remaining tie so the
+    /// order is total and every node picks the same winner.
+    pub fn precedence(&self, other: &Self) -> Ordering {
+        (self.hlc, &self.node, &self.txn_id).cmp(&(other.hlc, &other.node, &other.txn_id))
+    }
+
+    /// Derives a transaction id that is unique because the (node, HLC) pair is:
+    /// an HLC never repeats on one node, even across restarts (the clock is
+    /// re-seeded from the stamps on disk).
+    pub fn derive_txn_id(node: &str, hlc: Timestamp, key: &str) -> String {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(node.as_bytes());
+        hasher.update(&hlc.physical_ms.to_le_bytes());
+        hasher.update(&hlc.logical.to_le_bytes());
+        hasher.update(key.as_bytes());
+        let hex = hasher.finalize().to_hex();
+        format!("tx_{}", &hex.as_str()[..32])
+    }
+}
+
+/// The replicated view of one loser's compensation, written only by the
+/// loser's own node, so every region's conflict report can show it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CompensationRecord {
+    /// Schema version of this record.
+    pub v: u32,
+    /// The idempotency key in conflict.
+    pub key: String,
+    /// The losing transaction being compensated.
+    pub txn_id: String,
+    /// The winning transaction when the compensation was scheduled.
+    pub winner_txn_id: String,
+    /// Peer id of the node that owns (and alone runs) the compensation.
+    pub owner: String,
+    /// Idempotency key sent with the action, stable across retries and crashes.
+    pub idempotency_key: String,
+    /// pending, running, succeeded, failed or dead-lettered.
+    pub state: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Last error of a failed attempt.
+    pub last_error: Option<String>,
+    /// Wall-clock ms of the next retry, when one is scheduled.
+    pub next_attempt_at_ms: Option<u64>,
+    /// Wall-clock ms at which the owner detected the conflict.
+    pub detected_at_ms: u64,
+    /// Wall-clock ms of success.
+    pub succeeded_at_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ms: u64, node: &str) -> AllocationRecord {
+        AllocationRecord {
+            v: RECORD_VERSION,
+            key: "k".into(),
+            txn_id: AllocationRecord::derive_txn_id(node, Timestamp::new(ms, 0), "k"),
+            region: "r".into(),
+            node: node.into(),
+            hlc: Timestamp::new(ms, 0),
+            fingerprint: "f".into(),
+            confidence: 1.0,
+        }
+    }
+
+    #[test]
+    fn earlier_hlc_wins_then_node_id() {
+        assert_eq!(rec(1, "b").precedence(&rec(2, "a")), Ordering::Less);
+        assert_eq!(rec(2, "a").precedence(&rec(2, "b")), Ordering::Less);
+    }
+
+    #[test]
+    fn record_round_trips_as_json() {
+        let r = rec(5, "n");
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<AllocationRecord>(&text).unwrap(), r);
+    }
+}

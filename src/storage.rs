@@ -1,0 +1,310 @@
+//! Durable local state: automerge chunks per shard and the compensation log,
+//! in one redb database with group commit.
+//!
+//! Why redb: a well-kept pure-Rust embedded store with checksummed,
+//! crash-safe commits (a torn write is never read back) and one fsync per
+//! commit. One writer thread drains every queued job into a single write
+//! transaction, so concurrent requests share an fsync (group commit), and
+//! publishes a watermark: every job with a sequence at or below it is on
+//! disk. Callers acknowledge only once the watermark has reached their job.
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+const CHUNKS: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("chunks");
+const COMPENSATION_LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("compensation_log");
+
+/// File name of the database inside the data dir.
+pub const DB_FILE: &str = "ledger.redb";
+
+/// Storage failures; each names the file or the step involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The database could not be opened or created.
+    #[error("cannot open {path}: {reason}")]
+    Open {
+        /// Database path.
+        path: PathBuf,
+        /// Cause.
+        reason: String,
+    },
+    /// A read or write failed.
+    #[error("storage {step} failed: {reason}")]
+    Io {
+        /// What was being done.
+        step: &'static str,
+        /// Cause.
+        reason: String,
+    },
+    /// The writer thread has stopped (after an I/O error): nothing more can be made durable.
+    #[error("the storage writer has stopped; no further writes can be made durable")]
+    WriterStopped,
+}
+
+fn io<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> StorageError {
+    move |e| StorageError::Io {
+        step,
+        reason: e.to_string(),
+    }
+}
+
+/// A unit of work for the writer thread.
+enum Job {
+    /// Automerge change chunks of a shard, appended.
+    Chunk { shard: u16, seq: u64, bytes: Vec<u8> },
+    /// A full save of a shard that replaces every earlier chunk of it.
+    Snapshot { shard: u16, seq: u64, bytes: Vec<u8> },
+    /// One compensation log entry.
+    LogEntry { txn: String, seq: u64, bytes: Vec<u8> },
+}
+
+/// What the writer thread reports after each group commit.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CommitStats {
+    /// Jobs in the commit.
+    pub jobs: usize,
+    /// Time of the commit (write + fsync).
+    pub duration: Duration,
+}
+
+/// Handle to the durable store. Cheap to share; writes go through one
+/// background thread, reads open their own read transactions.
+pub struct Storage {
+    db: Arc<Database>,
+    queue: Mutex<(u64, Option<mpsc::Sender<Job>>)>,
+    durable: watch::Receiver<u64>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What was on disk at open.
+pub struct Loaded {
+    /// Per shard, the concatenated chunks in order (empty: nothing stored).
+    pub shards: Vec<Vec<u8>>,
+    /// Per shard, number of chunks stored (drives compaction).
+    pub chunk_counts: Vec<usize>,
+}
+
+impl Storage {
+    /// Opens (or creates) the database in `dir` and reads back every shard.
+    /// `on_commit` is called by the writer thread after each group commit.
+    pub fn open(
+        dir: &Path,
+        shard_count: usize,
+        on_commit: Box<dyn Fn(CommitStats) + Send>,
+    ) -> Result<(Arc<Self>, Loaded), StorageError> {
+        let path = dir.join(DB_FILE);
+        let db = Database::builder()
+            .set_cache_size(64 * 1024 * 1024)
+            .create(&path)
+            .map_err(|e| StorageError::Open {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        let db = Arc::new(db);
+        let loaded = read_shards(&db, shard_count)?;
+        let next_seq = loaded.1 + 1;
+        let (tx, rx) = mpsc::channel();
+        let (durable_tx, durable_rx) = watch::channel(next_seq - 1);
+        let writer_db = db.clone();
+        let writer = std::thread::Builder::new()
+            .name("oncemesh-storage".into())
+            .spawn(move || write_loop(&writer_db, rx, durable_tx, on_commit))
+            .map_err(io("starting the writer thread"))?;
+        Ok((
+            Arc::new(Self {
+                db,
+                queue: Mutex::new((next_seq, Some(tx))),
+                durable: durable_rx,
+                writer: Mutex::new(Some(writer)),
+            }),
+            loaded.0,
+        ))
+    }
+
+    fn enqueue(&self, make: impl FnOnce(u64) -> Job) -> u64 {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = queue.0;
+        queue.0 += 1;
+        let sent = queue.1.as_ref().map(|tx| tx.send(make(seq)).is_ok());
+        if sent != Some(true) {
+            tracing::error!(seq, "storage writer is gone; write will never be durable");
+        }
+        seq
+    }
+
+    /// Queues change chunks of a shard; returns their durable sequence.
+    pub fn append_chunk(&self, shard: usize, bytes: Vec<u8>) -> u64 {
+        self.enqueue(|seq| Job::Chunk {
+            shard: shard as u16,
+            seq,
+            bytes,
+        })
+    }
+
+    /// Queues a full save of a shard that replaces all its earlier chunks.
+    pub fn replace_with_snapshot(&self, shard: usize, bytes: Vec<u8>) -> u64 {
+        self.enqueue(|seq| Job::Snapshot {
+            shard: shard as u16,
+            seq,
+            bytes,
+        })
+    }
+
+    /// Queues a compensation log entry; returns its durable sequence.
+    pub fn append_log_entry(&self, txn: &str, bytes: Vec<u8>) -> u64 {
+        self.enqueue(|seq| Job::LogEntry {
+            txn: txn.to_owned(),
+            seq,
+            bytes,
+        })
+    }
+
+    /// Waits until everything up to `seq` is on disk.
+    pub async fn wait_durable(&self, seq: u64) -> Result<(), StorageError> {
+        let mut rx = self.durable.clone();
+        rx.wait_for(|&d| d >= seq)
+            .await
+            .map(|_| ())
+            .map_err(|_| StorageError::WriterStopped)
+    }
+
+    /// Whether the writer has stopped (after an I/O error or at shutdown).
+    pub fn is_stopped(&self) -> bool {
+        self.durable.has_changed().is_err()
+    }
+
+    /// Highest durable sequence so far.
+    pub fn durable_seq(&self) -> u64 {
+        *self.durable.borrow()
+    }
+
+    /// Every compensation log entry, grouped by transaction, in order.
+    pub fn compensation_log(&self) -> Result<Vec<(String, Vec<Vec<u8>>)>, StorageError> {
+        let read = self.db.begin_read().map_err(io("reading the compensation log"))?;
+        let table = match read.open_table(COMPENSATION_LOG) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(io("opening the compensation log")(e)),
+        };
+        let mut out: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+        for row in table.iter().map_err(io("reading the compensation log"))? {
+            let (k, v) = row.map_err(io("reading the compensation log"))?;
+            let (txn, _) = k.value();
+            match out.last_mut() {
+                Some((last, entries)) if last == txn => entries.push(v.value().to_vec()),
+                _ => out.push((txn.to_owned(), vec![v.value().to_vec()])),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops the writer after it has written everything queued so far.
+    pub fn close(&self) {
+        let sender = self.queue.lock().unwrap_or_else(|p| p.into_inner()).1.take();
+        drop(sender);
+        if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn read_shards(db: &Database, shard_count: usize) -> Result<(Loaded, u64), StorageError> {
+    let mut loaded = Loaded {
+        shards: vec![Vec::new(); shard_count],
+        chunk_counts: vec![0; shard_count],
+    };
+    let mut max_seq = 0;
+    let read = db.begin_read().map_err(io("reading chunks"))?;
+    let table = match read.open_table(CHUNKS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((loaded, 0)),
+        Err(e) => return Err(io("opening chunks")(e)),
+    };
+    for row in table.iter().map_err(io("reading chunks"))? {
+        let (k, v) = row.map_err(io("reading chunks"))?;
+        let (shard, seq) = k.value();
+        max_seq = max_seq.max(seq);
+        if let Some(bytes) = loaded.shards.get_mut(shard as usize) {
+            bytes.extend_from_slice(v.value());
+            loaded.chunk_counts[shard as usize] += 1;
+        }
+    }
+    if let Ok(log) = read.open_table(COMPENSATION_LOG) {
+        for row in log.iter().map_err(io("reading the compensation log"))? {
+            let (k, _) = row.map_err(io("reading the compensation log"))?;
+            max_seq = max_seq.max(k.value().1);
+        }
+    }
+    Ok((loaded, max_seq))
+}
+
+fn write_loop(
+    db: &Database,
+    rx: mpsc::Receiver<Job>,
+    durable: watch::Sender<u64>,
+    on_commit: Box<dyn Fn(CommitStats) + Send>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        jobs.extend(rx.try_iter().take(4096));
+        let started = Instant::now();
+        let last_seq = jobs.iter().map(job_seq).max().unwrap_or(0);
+        match commit(db, &jobs) {
+            Ok(()) => {
+                on_commit(CommitStats {
+                    jobs: jobs.len(),
+                    duration: started.elapsed(),
+                });
+                durable.send_replace(last_seq);
+            }
+            Err(e) => {
+                // Never acknowledge what is not on disk: stop, so every waiter
+                // sees the writer gone and answers with an error.
+                tracing::error!(error = %e, "storage commit failed; refusing further writes");
+                return;
+            }
+        }
+    }
+}
+
+fn job_seq(job: &Job) -> u64 {
+    match job {
+        Job::Chunk { seq, .. } | Job::Snapshot { seq, .. } | Job::LogEntry { seq, .. } => *seq,
+    }
+}
+
+fn commit(db: &Database, jobs: &[Job]) -> Result<(), StorageError> {
+    let tx = db.begin_write().map_err(io("beginning a commit"))?;
+    {
+        let mut chunks = tx.open_table(CHUNKS).map_err(io("opening chunks"))?;
+        let mut log = tx
+            .open_table(COMPENSATION_LOG)
+            .map_err(io("opening the compensation log"))?;
+        for job in jobs {
+            match job {
+                Job::Chunk { shard, seq, bytes } => {
+                    chunks
+                        .insert((*shard, *seq), bytes.as_slice())
+                        .map_err(io("writing a chunk"))?;
+                }
+                Job::Snapshot { shard, seq, bytes } => {
+                    chunks
+                        .retain_in((*shard, 0)..(*shard, *seq), |_, _| false)
+                        .map_err(io("dropping compacted chunks"))?;
+                    chunks
+                        .insert((*shard, *seq), bytes.as_slice())
+                        .map_err(io("writing a snapshot"))?;
+                }
+                Job::LogEntry { txn, seq, bytes } => {
+                    log.insert((txn.as_str(), *seq), bytes.as_slice())
+                        .map_err(io("writing a log entry"))?;
+                }
+            }
+        }
+    }
+    tx.commit().map_err(io("committing"))
+}

@@ -1,0 +1,356 @@
+//! Calibration of `oncemesh::confidence` on a seeded virtual-time simulation.
+//!
+//! Regions get customer requests; some requests are retried, some retries land in another
+//! region; one region at a time is cut off for a while. Each region runs its own
+//! `ConfidenceModel`, fed exactly what a node would know and when: its allocations at once,
+//! replays when they arrive, conflicts when the competing allocation reaches it, outages
+//! when they end. Every allocation's confidence is then compared with what happened to it.
+
+use oncemesh::confidence::{ConfidenceModel, ConfidenceParams, PeerView};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::time::Duration;
+
+const REGIONS: usize = 4;
+const CUSTOMERS: usize = 20_000;
+/// Each request allocates at least once, so this bounds the allocations from below.
+const REQUESTS: usize = 100_000;
+/// Requests per second, whole cluster.
+const REQUEST_RATE: f64 = 2.0;
+/// Chance that a request is retried at all, and that a retry is followed by another.
+const P_RETRY: f64 = 0.5;
+const P_RETRY_AGAIN: f64 = 0.35;
+/// Chance that a retry goes to another region than the customer's home region.
+const P_FAILOVER: f64 = 0.6;
+/// Mean time between partitions (from the end of one to the start of the next), seconds.
+const PARTITION_GAP: f64 = 300.0;
+/// Replication lag between connected regions, seconds; the models are told its mean,
+/// as an operator sets `sync_lag` to the measured lag.
+const LAG: (f64, f64) = (0.05, 0.25);
+const BINS: usize = 10;
+
+/// One region cut off from all the others during `[start, end)`.
+struct Partition {
+    start: f64,
+    end: f64,
+    region: usize,
+}
+
+/// What happens at one moment, at one region.
+enum Kind {
+    /// A local allocation; `conflict` is the ground truth, used only for scoring.
+    Allocate {
+        conflict: bool,
+    },
+    Replay {
+        delay: f64,
+    },
+    Conflict {
+        delay: f64,
+    },
+    Resync {
+        outage: f64,
+    },
+}
+
+struct Event {
+    time: f64,
+    region: usize,
+    kind: Kind,
+}
+
+struct Allocation {
+    time: f64,
+    region: usize,
+    lag: f64,
+}
+
+/// A scored prediction.
+struct Outcome {
+    confidence: f64,
+    conflict: bool,
+    partitioned: bool,
+}
+
+fn exponential(rng: &mut StdRng, mean: f64) -> f64 {
+    -mean * (1.0 - rng.gen::<f64>()).ln()
+}
+
+fn log_normal(rng: &mut StdRng, median: f64, sigma: f64) -> f64 {
+    let (u, v): (f64, f64) = (1.0 - rng.gen::<f64>(), rng.gen());
+    let normal = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
+    median * (sigma * normal).exp()
+}
+
+/// Time from one attempt to the next: rare double submits, client retries, humans.
+fn retry_delay(rng: &mut StdRng) -> f64 {
+    match rng.gen::<f64>() {
+        x if x < 0.02 => log_normal(rng, 0.15, 0.5),
+        x if x < 0.6 => log_normal(rng, 2.0, 0.6),
+        _ => log_normal(rng, 40.0, 1.0),
+    }
+}
+
+/// Non-overlapping partitions: mostly short flaps, sometimes long outages.
+fn partitions(rng: &mut StdRng, horizon: f64) -> Vec<Partition> {
+    let mut out = Vec::new();
+    let mut t = exponential(rng, PARTITION_GAP);
+    while t < horizon {
+        let mean = if rng.gen_bool(0.7) { 15.0 } else { 180.0 };
+        let end = t + exponential(rng, mean);
+        out.push(Partition {
+            start: t,
+            end,
+            region: rng.gen_range(0..REGIONS),
+        });
+        t = end + exponential(rng, PARTITION_GAP);
+    }
+    out
+}
+
+fn partition_at(parts: &[Partition], t: f64) -> Option<&Partition> {
+    let i = parts.partition_point(|p| p.start <= t);
+    parts[..i].last().filter(|p| t < p.end)
+}
+
+/// When `to` learns of an allocation: once both ends are reachable, plus the lag.
+fn visible_at(parts: &[Partition], a: &Allocation, to: usize) -> f64 {
+    let up = match partition_at(parts, a.time) {
+        Some(p) if p.region == a.region || p.region == to => p.end,
+        _ => a.time,
+    };
+    up + a.lag
+}
+
+fn peer_views(parts: &[Partition], region: usize, t: f64) -> Vec<PeerView> {
+    let cut = partition_at(parts, t);
+    (0..REGIONS)
+        .filter(|&peer| peer != region)
+        .map(|peer| match cut {
+            Some(p) if p.region == region || p.region == peer => PeerView {
+                staleness: Duration::from_secs_f64(t - p.start),
+                connected: false,
+            },
+            _ => PeerView {
+                staleness: Duration::ZERO,
+                connected: true,
+            },
+        })
+        .collect()
+}
+
+/// Plays one request and its retries; pushes what each region sees.
+fn play_request(
+    rng: &mut StdRng,
+    parts: &[Partition],
+    home: usize,
+    start: f64,
+    events: &mut Vec<Event>,
+) {
+    let mut attempts = vec![(start, home)];
+    if rng.gen_bool(P_RETRY) {
+        let mut t = start;
+        loop {
+            t += retry_delay(rng);
+            let region = if rng.gen_bool(P_FAILOVER) {
+                (home + rng.gen_range(1..REGIONS)) % REGIONS
+            } else {
+                home
+            };
+            attempts.push((t, region));
+            if !rng.gen_bool(P_RETRY_AGAIN) {
+                break;
+            }
+        }
+    }
+    let mut allocations: Vec<Allocation> = Vec::new();
+    let mut replayed = [false; REGIONS];
+    for (time, region) in attempts {
+        if allocations.iter().any(|a| a.region == region) {
+            continue; // a local replay: no risk, not cross-region
+        }
+        let seen = allocations
+            .iter()
+            .find(|a| visible_at(parts, a, region) <= time);
+        match seen {
+            // A node reports the first replay of a key only (see docs/CONFIDENCE.md).
+            Some(a) if !replayed[region] => {
+                replayed[region] = true;
+                events.push(Event {
+                    time,
+                    region,
+                    kind: Kind::Replay {
+                        delay: time - a.time,
+                    },
+                });
+            }
+            Some(_) => {}
+            None => allocations.push(Allocation {
+                time,
+                region,
+                lag: rng.gen_range(LAG.0..LAG.1),
+            }),
+        }
+    }
+    let conflict = allocations.len() > 1;
+    for a in &allocations {
+        events.push(Event {
+            time: a.time,
+            region: a.region,
+            kind: Kind::Allocate { conflict },
+        });
+        for b in allocations.iter().filter(|b| b.region != a.region) {
+            let time = visible_at(parts, b, a.region);
+            let delay = (a.time - b.time).abs();
+            events.push(Event {
+                time,
+                region: a.region,
+                kind: Kind::Conflict { delay },
+            });
+        }
+    }
+}
+
+/// Builds the whole history, then replays it in time order through one model per region.
+fn simulate(seed: u64) -> Vec<Outcome> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let span = REQUESTS as f64 / REQUEST_RATE;
+    let parts = partitions(&mut rng, span + 86_400.0);
+    let homes: Vec<usize> = (0..CUSTOMERS).map(|_| rng.gen_range(0..REGIONS)).collect();
+    let mut events = Vec::new();
+    let mut t = 0.0;
+    for _ in 0..REQUESTS {
+        t += exponential(&mut rng, 1.0 / REQUEST_RATE);
+        let home = homes[rng.gen_range(0..CUSTOMERS)];
+        play_request(&mut rng, &parts, home, t, &mut events);
+    }
+    for p in &parts {
+        let outage = p.end - p.start;
+        for region in 0..REGIONS {
+            let peers = if region == p.region { REGIONS - 1 } else { 1 };
+            for _ in 0..peers {
+                events.push(Event {
+                    time: p.end,
+                    region,
+                    kind: Kind::Resync { outage },
+                });
+            }
+        }
+    }
+    events.sort_by(|a, b| a.time.total_cmp(&b.time));
+
+    let params = ConfidenceParams {
+        sync_lag: Duration::from_secs_f64((LAG.0 + LAG.1) / 2.0),
+        ..ConfidenceParams::default()
+    };
+    let mut models: Vec<ConfidenceModel> =
+        (0..REGIONS).map(|_| ConfidenceModel::new(params)).collect();
+    let mut outcomes = Vec::new();
+    for e in events {
+        let model = &mut models[e.region];
+        match e.kind {
+            Kind::Allocate { conflict } => {
+                let views = peer_views(&parts, e.region, e.time);
+                let confidence = model.confidence(&views);
+                model.observe_allocation();
+                let partitioned = views.iter().any(|v| !v.connected);
+                outcomes.push(Outcome {
+                    confidence,
+                    conflict,
+                    partitioned,
+                });
+            }
+            Kind::Replay { delay } => {
+                model.observe_cross_region_replay(Duration::from_secs_f64(delay))
+            }
+            Kind::Conflict { delay } => model.observe_conflict(Duration::from_secs_f64(delay)),
+            Kind::Resync { outage } => model.observe_peer_resync(Duration::from_secs_f64(outage)),
+        }
+    }
+    println!("region 0 after the run: {:?}", models[0].summary());
+    outcomes
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> f64 {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    sum / n.max(1) as f64
+}
+
+/// Mean predicted confidence and observed fraction without conflict.
+fn reliability<'a>(outcomes: impl Iterator<Item = &'a Outcome> + Clone) -> (f64, f64) {
+    let predicted = mean(outcomes.clone().map(|o| o.confidence));
+    let observed = mean(outcomes.map(|o| if o.conflict { 0.0 } else { 1.0 }));
+    (predicted, observed)
+}
+
+#[test]
+fn confidence_is_calibrated() {
+    let outcomes = simulate(7);
+    let n = outcomes.len();
+    assert!(n >= 100_000, "only {n} allocations");
+
+    let mut bins: Vec<Vec<&Outcome>> = (0..BINS).map(|_| Vec::new()).collect();
+    for o in &outcomes {
+        bins[((o.confidence * BINS as f64) as usize).min(BINS - 1)].push(o);
+    }
+    println!(
+        "{:>11} {:>8} {:>14} {:>16} {:>7}",
+        "confidence", "count", "mean predicted", "no conflict seen", "gap"
+    );
+    let mut ece = 0.0;
+    let mut filled = 0;
+    for (i, bin) in bins.iter().enumerate() {
+        if bin.is_empty() {
+            continue;
+        }
+        let (predicted, observed) = reliability(bin.iter().copied());
+        let gap = (predicted - observed).abs();
+        ece += gap * bin.len() as f64 / n as f64;
+        if bin.len() * 200 >= n {
+            filled += 1;
+        }
+        let (lo, hi) = (i as f64 / BINS as f64, (i + 1) as f64 / BINS as f64);
+        println!(
+            "{lo:.1} - {hi:.1} {:>8} {predicted:>14.4} {observed:>16.4} {gap:>7.4}",
+            bin.len()
+        );
+    }
+
+    let conflict_rate = mean(outcomes.iter().map(|o| f64::from(u8::from(o.conflict))));
+    let brier = mean(
+        outcomes
+            .iter()
+            .map(|o| (o.confidence - f64::from(u8::from(!o.conflict))).powi(2)),
+    );
+    let base = conflict_rate * (1.0 - conflict_rate);
+    let (cut, whole): (Vec<&Outcome>, Vec<&Outcome>) = outcomes.iter().partition(|o| o.partitioned);
+    let (cut_conf, cut_seen) = reliability(cut.iter().copied());
+    let (whole_conf, whole_seen) = reliability(whole.iter().copied());
+    println!(
+        "allocations {n}, conflicts {:.2}%, ECE {ece:.4}",
+        100.0 * conflict_rate
+    );
+    println!("Brier {brier:.4} (constant base rate: {base:.4})");
+    println!(
+        "a peer cut off: {} allocations, predicted {cut_conf:.4}, seen {cut_seen:.4}",
+        cut.len()
+    );
+    println!(
+        "all connected:  {} allocations, predicted {whole_conf:.4}, seen {whole_seen:.4}",
+        whole.len()
+    );
+
+    assert!(ece <= 0.05, "expected calibration error {ece:.4} > 0.05");
+    assert!(
+        filled >= 4,
+        "predictions fill only {filled} bins with >= 0.5% of allocations"
+    );
+    assert!(
+        cut_conf < whole_conf - 0.05,
+        "partitioned {cut_conf} vs connected {whole_conf}"
+    );
+    assert!(
+        brier < 0.8 * base,
+        "no better than a constant: Brier {brier} vs {base}"
+    );
+}
