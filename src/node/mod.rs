@@ -339,12 +339,14 @@ impl Node {
                         connected: true,
                     };
                 }
+                // Never in sync since this process started: treat as a
+                // partition as old as the process. The gap between two
+                // anti-entropy rounds is normal, not staleness.
+                let staleness = p
+                    .staleness(now)
+                    .unwrap_or_else(|| Duration::from_millis(now.saturating_sub(self.started_ms)));
                 PeerView {
-                    // Never in sync since this process started: treat as a
-                    // partition as old as the process.
-                    staleness: p
-                        .staleness(now)
-                        .unwrap_or_else(|| Duration::from_millis(now.saturating_sub(self.started_ms))),
+                    staleness: staleness.saturating_sub(self.config.sync_interval),
                     connected: p.connected,
                 }
             })

@@ -1,0 +1,185 @@
+//! Property: whatever the allocations and however the ledgers exchange state
+//! (whole documents or the sync protocol, in any order), every ledger ends
+//! with the same allocations, the same conflicts and the same winners, and
+//! no acknowledged allocation is lost.
+
+use oncemesh::key::{fingerprint, IdempotencyKey};
+use oncemesh::ledger::{AllocateRequest, Ledger, NodeIdentity, SHARD_COUNT};
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Clone, Debug)]
+enum Op {
+    Allocate { node: usize, key: u8, payload: u8 },
+    MergeBytes { from: usize, to: usize },
+    Sync { a: usize, b: usize },
+}
+
+fn op(nodes: usize) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..nodes, 0u8..24, 0u8..2).prop_map(|(node, key, payload)| Op::Allocate { node, key, payload }),
+        1 => (0..nodes, 0..nodes).prop_map(|(from, to)| Op::MergeBytes { from, to }),
+        1 => (0..nodes, 0..nodes).prop_map(|(a, b)| Op::Sync { a, b }),
+    ]
+}
+
+fn ledgers(n: usize) -> Vec<Ledger> {
+    let ids: Vec<String> = (0..n).map(|i| format!("node-{i}")).collect();
+    (0..n)
+        .map(|i| {
+            let peers = ids.iter().filter(|p| **p != ids[i]).cloned().collect();
+            Ledger::in_memory(
+                NodeIdentity {
+                    region: format!("region-{i}"),
+                    node: ids[i].clone(),
+                },
+                peers,
+            )
+        })
+        .collect()
+}
+
+fn merge_bytes(ledgers: &[Ledger], from: usize, to: usize) {
+    for shard in 0..SHARD_COUNT {
+        let bytes = ledgers[from].save_shard(shard);
+        ledgers[to].merge_bytes(shard, &bytes).unwrap();
+    }
+}
+
+/// Runs the automerge sync protocol between two ledgers until both are quiet.
+fn sync(ledgers: &[Ledger], a: usize, b: usize) {
+    if a == b {
+        return;
+    }
+    let (ida, idb) = (
+        ledgers[a].identity().node.clone(),
+        ledgers[b].identity().node.clone(),
+    );
+    for shard in 0..SHARD_COUNT {
+        for _ in 0..20 {
+            let ab = ledgers[a].generate_sync(shard, &idb, false);
+            if let Some(m) = &ab {
+                let msg = automerge::sync::Message::decode(m).unwrap();
+                ledgers[b].receive_sync(shard, &ida, msg).unwrap();
+            }
+            let ba = ledgers[b].generate_sync(shard, &ida, false);
+            if let Some(m) = &ba {
+                let msg = automerge::sync::Message::decode(m).unwrap();
+                ledgers[a].receive_sync(shard, &idb, msg).unwrap();
+            }
+            if ab.is_none() && ba.is_none() {
+                break;
+            }
+        }
+    }
+}
+
+/// key -> (winner txn, every txn), for comparison across ledgers.
+fn summary(ledger: &Ledger) -> BTreeMap<String, (String, BTreeSet<String>)> {
+    let mut out = BTreeMap::new();
+    for k in 0u8..24 {
+        let key = format!("key-{k}");
+        if let Some(view) = ledger.key(&key) {
+            let txns = view
+                .allocations
+                .iter()
+                .map(|a| a.record.txn_id.clone())
+                .collect();
+            out.insert(key, (view.winner().unwrap().record.txn_id.clone(), txns));
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn ledgers_converge_on_allocations_conflicts_and_winners(
+        ops in proptest::collection::vec(op(3), 1..80)
+    ) {
+        let nodes = ledgers(3);
+        let mut acknowledged: Vec<(String, String)> = Vec::new();
+        for op in &ops {
+            match *op {
+                Op::Allocate { node, key, payload } => {
+                    let key = IdempotencyKey::parse(&format!("key-{key}")).unwrap();
+                    let fp = fingerprint(&serde_json::json!({ "p": payload })).unwrap();
+                    let shard = key.shard(SHARD_COUNT);
+                    let out = nodes[node].allocate_batch(shard, &[AllocateRequest {
+                        key: key.clone(), fingerprint: fp.clone(), confidence: 0.9,
+                    }]);
+                    match &out[0] {
+                        Ok(a) => {
+                            // A replay returns an allocation with the same fingerprint.
+                            prop_assert_eq!(&a.allocation.record.fingerprint, &fp.0);
+                            acknowledged.push((key.to_string(), a.allocation.record.txn_id.clone()));
+                        }
+                        Err(_) => {
+                            // Refused only when the key exists with another payload.
+                            let view = nodes[node].key(key.as_str()).unwrap();
+                            prop_assert!(view.allocations.iter().all(|a| a.record.fingerprint != fp.0));
+                        }
+                    }
+                }
+                Op::MergeBytes { from, to } => merge_bytes(&nodes, from, to),
+                Op::Sync { a, b } => sync(&nodes, a, b),
+            }
+        }
+        // Heal: full mesh, twice, alternating both mechanisms.
+        for round in 0..2 {
+            for a in 0..3 {
+                for b in 0..3 {
+                    if round == 0 { sync(&nodes, a, b) } else { merge_bytes(&nodes, a, b) }
+                }
+            }
+        }
+        let first = summary(&nodes[0]);
+        for other in &nodes[1..] {
+            prop_assert_eq!(&first, &summary(other));
+            for shard in 0..SHARD_COUNT {
+                prop_assert_eq!(nodes[0].digest(shard), other.digest(shard));
+            }
+        }
+        let conflicts: BTreeSet<String> = nodes[0].conflicts().iter().map(|c| c.key.key.clone()).collect();
+        for other in &nodes[1..] {
+            let theirs: BTreeSet<String> = other.conflicts().iter().map(|c| c.key.key.clone()).collect();
+            prop_assert_eq!(&conflicts, &theirs);
+        }
+        // Every key with more than one transaction is reported as a conflict.
+        for (key, (_, txns)) in &first {
+            prop_assert_eq!(txns.len() > 1, conflicts.contains(key));
+        }
+        // Nothing acknowledged is ever lost.
+        for (key, txn) in &acknowledged {
+            prop_assert!(first.get(key).is_some_and(|(_, t)| t.contains(txn)), "lost {} {}", key, txn);
+        }
+    }
+}
+
+#[test]
+fn winner_is_smallest_hlc_then_node_even_when_a_third_allocation_arrives_late() {
+    let nodes = ledgers(3);
+    let key = IdempotencyKey::parse("late").unwrap();
+    let shard = key.shard(SHARD_COUNT);
+    let fp = fingerprint(&serde_json::json!({})).unwrap();
+    let mut made = Vec::new();
+    for node in [2, 1, 0] {
+        let out = nodes[node].allocate_batch(shard, &[AllocateRequest {
+            key: key.clone(),
+            fingerprint: fp.clone(),
+            confidence: 1.0,
+        }]);
+        made.push(out[0].as_ref().unwrap().allocation.record.clone());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // Node 2 allocated first (smallest HLC). Nodes 0 and 1 meet first.
+    merge_bytes(&nodes, 0, 1);
+    let before = nodes[1].key("late").unwrap();
+    assert_eq!(before.winner().unwrap().record.node, "node-1");
+    merge_bytes(&nodes, 2, 1);
+    let after = nodes[1].key("late").unwrap();
+    assert_eq!(after.allocations.len(), 3);
+    assert_eq!(after.winner().unwrap().record.node, "node-2");
+    assert_eq!(after.winner().unwrap().record.txn_id, made[0].txn_id);
+}
