@@ -174,7 +174,9 @@ impl RunArgs {
         let region = self.region.unwrap_or_else(|| "local".into());
         if region.is_empty()
             || region.len() > 64
-            || !region.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            || !region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         {
             return Err(invalid(
                 "--region",
@@ -215,7 +217,11 @@ impl RunArgs {
         }
         let attempts = self.compensation_max_attempts.unwrap_or(8);
         if attempts == 0 {
-            return Err(invalid("--compensation-max-attempts", 0, "must be at least 1"));
+            return Err(invalid(
+                "--compensation-max-attempts",
+                0,
+                "must be at least 1",
+            ));
         }
         Ok(NodeConfig {
             region,
@@ -293,12 +299,19 @@ mod tests {
             ..RunArgs::default()
         };
         let err = bad.resolve().unwrap_err().to_string();
-        assert!(err.contains("--retention") && err.contains("forever"), "{err}");
+        assert!(
+            err.contains("--retention") && err.contains("forever"),
+            "{err}"
+        );
         let bad = RunArgs {
             peers: vec!["/ip4/127.0.0.1/tcp/1".into()],
             ..RunArgs::default()
         };
-        assert!(bad.resolve().unwrap_err().to_string().contains("/p2p/PEERID"));
+        assert!(bad
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("/p2p/PEERID"));
         let bad = RunArgs {
             compensation: Some("email".into()),
             ..RunArgs::default()

@@ -103,9 +103,7 @@ impl Metrics {
             oldest_provisional_seconds: Gauge::default(),
             settled_ratio: Gauge::default(),
             keys: Gauge::default(),
-            confidence_at_allocation: Histogram::new(
-                [0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1.0].into_iter(),
-            ),
+            confidence_at_allocation: Histogram::new([0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1.0]),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             skew_violations: Gauge::default(),
@@ -125,31 +123,127 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("allocations", "Allocate requests by outcome", m.allocations.clone());
-        r.register("cross_region_replays", "Replays answered with another region's allocation", m.cross_region_replays.clone());
-        r.register("conflicts_detected", "Conflicts first detected on this node", m.conflicts_detected.clone());
-        r.register("conflicts_open", "Keys currently in conflict", m.conflicts_open.clone());
-        r.register("provisional_allocations", "Keys with one allocation not yet settled", m.provisional.clone());
-        r.register("oldest_provisional_age_seconds", "Age of the oldest provisional allocation", m.oldest_provisional_seconds.clone());
-        r.register("settled_ratio", "Fraction of keys that are settled", m.settled_ratio.clone());
+        r.register(
+            "allocations",
+            "Allocate requests by outcome",
+            m.allocations.clone(),
+        );
+        r.register(
+            "cross_region_replays",
+            "Replays answered with another region's allocation",
+            m.cross_region_replays.clone(),
+        );
+        r.register(
+            "conflicts_detected",
+            "Conflicts first detected on this node",
+            m.conflicts_detected.clone(),
+        );
+        r.register(
+            "conflicts_open",
+            "Keys currently in conflict",
+            m.conflicts_open.clone(),
+        );
+        r.register(
+            "provisional_allocations",
+            "Keys with one allocation not yet settled",
+            m.provisional.clone(),
+        );
+        r.register(
+            "oldest_provisional_age_seconds",
+            "Age of the oldest provisional allocation",
+            m.oldest_provisional_seconds.clone(),
+        );
+        r.register(
+            "settled_ratio",
+            "Fraction of keys that are settled",
+            m.settled_ratio.clone(),
+        );
         r.register("keys", "Distinct idempotency keys held", m.keys.clone());
-        r.register("confidence_at_allocation", "Confidence given to new allocations", m.confidence_at_allocation.clone());
-        r.register("commit_seconds", "Group commit duration (write and fsync)", m.commit_seconds.clone());
-        r.register("commit_batch_jobs", "Jobs per group commit", m.commit_batch.clone());
-        r.register("clock_skew_violations", "Remote stamps further ahead than max_clock_offset", m.skew_violations.clone());
-        r.register("max_clock_offset_observed_ms", "Largest remote clock offset ahead of ours", m.max_clock_offset_ms.clone());
-        r.register("refused_peers", "Connections refused: peer not in the allowlist", m.refused_peers.clone());
-        r.register("dropped_peer_messages", "Peer messages dropped, by kind", m.dropped_messages.clone());
-        r.register("sync_messages_sent", "Sync messages sent to peers", m.sync_messages_sent.clone());
-        r.register("sync_bytes_sent", "Sync payload bytes sent", m.sync_bytes_sent.clone());
-        r.register("sync_bytes_received", "Sync payload bytes received", m.sync_bytes_received.clone());
-        r.register("peers_connected", "Peers currently connected", m.peers_connected.clone());
-        r.register("store_delta_changes", "Changes connected peers lack, summed", m.store_delta_changes.clone());
-        r.register("malformed_records", "Malformed records skipped", m.malformed_records.clone());
-        r.register("compensations", "Compensation attempts by outcome", m.compensations.clone());
-        r.register("compensations_in_flight", "Own compensations not yet finished", m.compensations_in_flight.clone());
-        r.register("compensations_dead_lettered", "Own compensations dead-lettered", m.compensations_dead_lettered.clone());
-        r.register("compensation_seconds", "Detection to succeeded compensation", m.compensation_seconds.clone());
+        r.register(
+            "confidence_at_allocation",
+            "Confidence given to new allocations",
+            m.confidence_at_allocation.clone(),
+        );
+        r.register(
+            "commit_seconds",
+            "Group commit duration (write and fsync)",
+            m.commit_seconds.clone(),
+        );
+        r.register(
+            "commit_batch_jobs",
+            "Jobs per group commit",
+            m.commit_batch.clone(),
+        );
+        r.register(
+            "clock_skew_violations",
+            "Remote stamps further ahead than max_clock_offset",
+            m.skew_violations.clone(),
+        );
+        r.register(
+            "max_clock_offset_observed_ms",
+            "Largest remote clock offset ahead of ours",
+            m.max_clock_offset_ms.clone(),
+        );
+        r.register(
+            "refused_peers",
+            "Connections refused: peer not in the allowlist",
+            m.refused_peers.clone(),
+        );
+        r.register(
+            "dropped_peer_messages",
+            "Peer messages dropped, by kind",
+            m.dropped_messages.clone(),
+        );
+        r.register(
+            "sync_messages_sent",
+            "Sync messages sent to peers",
+            m.sync_messages_sent.clone(),
+        );
+        r.register(
+            "sync_bytes_sent",
+            "Sync payload bytes sent",
+            m.sync_bytes_sent.clone(),
+        );
+        r.register(
+            "sync_bytes_received",
+            "Sync payload bytes received",
+            m.sync_bytes_received.clone(),
+        );
+        r.register(
+            "peers_connected",
+            "Peers currently connected",
+            m.peers_connected.clone(),
+        );
+        r.register(
+            "store_delta_changes",
+            "Changes connected peers lack, summed",
+            m.store_delta_changes.clone(),
+        );
+        r.register(
+            "malformed_records",
+            "Malformed records skipped",
+            m.malformed_records.clone(),
+        );
+        r.register(
+            "compensations",
+            "Compensation attempts by outcome",
+            m.compensations.clone(),
+        );
+        r.register(
+            "compensations_in_flight",
+            "Own compensations not yet finished",
+            m.compensations_in_flight.clone(),
+        );
+        r.register(
+            "compensations_dead_lettered",
+            "Own compensations dead-lettered",
+            m.compensations_dead_lettered.clone(),
+        );
+        r.register(
+            "compensation_seconds",
+            "Detection to succeeded compensation",
+            m.compensation_seconds.clone(),
+        );
         Self { registry, ..m }
     }
 

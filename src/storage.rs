@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 const CHUNKS: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("chunks");
-const COMPENSATION_LOG: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("compensation_log");
+const COMPENSATION_LOG: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("compensation_log");
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "ledger.redb";
@@ -55,11 +56,23 @@ fn io<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> StorageErro
 /// A unit of work for the writer thread.
 enum Job {
     /// Automerge change chunks of a shard, appended.
-    Chunk { shard: u16, seq: u64, bytes: Vec<u8> },
+    Chunk {
+        shard: u16,
+        seq: u64,
+        bytes: Vec<u8>,
+    },
     /// A full save of a shard that replaces every earlier chunk of it.
-    Snapshot { shard: u16, seq: u64, bytes: Vec<u8> },
+    Snapshot {
+        shard: u16,
+        seq: u64,
+        bytes: Vec<u8>,
+    },
     /// One compensation log entry.
-    LogEntry { txn: String, seq: u64, bytes: Vec<u8> },
+    LogEntry {
+        txn: String,
+        seq: u64,
+        bytes: Vec<u8>,
+    },
 }
 
 /// What the writer thread reports after each group commit.
@@ -79,6 +92,9 @@ pub struct Storage {
     durable: watch::Receiver<u64>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
+
+/// The compensation log entries of one transaction, in order.
+pub type LogOfTransaction = (String, Vec<Vec<u8>>);
 
 /// What was on disk at open.
 pub struct Loaded {
@@ -183,14 +199,17 @@ impl Storage {
     }
 
     /// Every compensation log entry, grouped by transaction, in order.
-    pub fn compensation_log(&self) -> Result<Vec<(String, Vec<Vec<u8>>)>, StorageError> {
-        let read = self.db.begin_read().map_err(io("reading the compensation log"))?;
+    pub fn compensation_log(&self) -> Result<Vec<LogOfTransaction>, StorageError> {
+        let read = self
+            .db
+            .begin_read()
+            .map_err(io("reading the compensation log"))?;
         let table = match read.open_table(COMPENSATION_LOG) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
             Err(e) => return Err(io("opening the compensation log")(e)),
         };
-        let mut out: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+        let mut out: Vec<LogOfTransaction> = Vec::new();
         for row in table.iter().map_err(io("reading the compensation log"))? {
             let (k, v) = row.map_err(io("reading the compensation log"))?;
             let (txn, _) = k.value();
@@ -204,7 +223,12 @@ impl Storage {
 
     /// Stops the writer after it has written everything queued so far.
     pub fn close(&self) {
-        let sender = self.queue.lock().unwrap_or_else(|p| p.into_inner()).1.take();
+        let sender = self
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .take();
         drop(sender);
         if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = handle.join();

@@ -8,7 +8,7 @@
 
 use oncemesh::confidence::{ConfidenceModel, ConfidenceParams, PeerView};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use std::time::Duration;
 
 const REGIONS: usize = 4;
@@ -73,18 +73,18 @@ struct Outcome {
 }
 
 fn exponential(rng: &mut StdRng, mean: f64) -> f64 {
-    -mean * (1.0 - rng.gen::<f64>()).ln()
+    -mean * (1.0 - rng.random::<f64>()).ln()
 }
 
 fn log_normal(rng: &mut StdRng, median: f64, sigma: f64) -> f64 {
-    let (u, v): (f64, f64) = (1.0 - rng.gen::<f64>(), rng.gen());
+    let (u, v): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random());
     let normal = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
     median * (sigma * normal).exp()
 }
 
 /// Time from one attempt to the next: rare double submits, client retries, humans.
 fn retry_delay(rng: &mut StdRng) -> f64 {
-    match rng.gen::<f64>() {
+    match rng.random::<f64>() {
         x if x < 0.02 => log_normal(rng, 0.15, 0.5),
         x if x < 0.6 => log_normal(rng, 2.0, 0.6),
         _ => log_normal(rng, 40.0, 1.0),
@@ -96,12 +96,12 @@ fn partitions(rng: &mut StdRng, horizon: f64) -> Vec<Partition> {
     let mut out = Vec::new();
     let mut t = exponential(rng, PARTITION_GAP);
     while t < horizon {
-        let mean = if rng.gen_bool(0.7) { 15.0 } else { 180.0 };
+        let mean = if rng.random_bool(0.7) { 15.0 } else { 180.0 };
         let end = t + exponential(rng, mean);
         out.push(Partition {
             start: t,
             end,
-            region: rng.gen_range(0..REGIONS),
+            region: rng.random_range(0..REGIONS),
         });
         t = end + exponential(rng, PARTITION_GAP);
     }
@@ -148,17 +148,17 @@ fn play_request(
     events: &mut Vec<Event>,
 ) {
     let mut attempts = vec![(start, home)];
-    if rng.gen_bool(P_RETRY) {
+    if rng.random_bool(P_RETRY) {
         let mut t = start;
         loop {
             t += retry_delay(rng);
-            let region = if rng.gen_bool(P_FAILOVER) {
-                (home + rng.gen_range(1..REGIONS)) % REGIONS
+            let region = if rng.random_bool(P_FAILOVER) {
+                (home + rng.random_range(1..REGIONS)) % REGIONS
             } else {
                 home
             };
             attempts.push((t, region));
-            if !rng.gen_bool(P_RETRY_AGAIN) {
+            if !rng.random_bool(P_RETRY_AGAIN) {
                 break;
             }
         }
@@ -188,7 +188,7 @@ fn play_request(
             None => allocations.push(Allocation {
                 time,
                 region,
-                lag: rng.gen_range(LAG.0..LAG.1),
+                lag: rng.random_range(LAG.0..LAG.1),
             }),
         }
     }
@@ -216,12 +216,14 @@ fn simulate(seed: u64) -> Vec<Outcome> {
     let mut rng = StdRng::seed_from_u64(seed);
     let span = REQUESTS as f64 / REQUEST_RATE;
     let parts = partitions(&mut rng, span + 86_400.0);
-    let homes: Vec<usize> = (0..CUSTOMERS).map(|_| rng.gen_range(0..REGIONS)).collect();
+    let homes: Vec<usize> = (0..CUSTOMERS)
+        .map(|_| rng.random_range(0..REGIONS))
+        .collect();
     let mut events = Vec::new();
     let mut t = 0.0;
     for _ in 0..REQUESTS {
         t += exponential(&mut rng, 1.0 / REQUEST_RATE);
-        let home = homes[rng.gen_range(0..CUSTOMERS)];
+        let home = homes[rng.random_range(0..CUSTOMERS)];
         play_request(&mut rng, &parts, home, t, &mut events);
     }
     for p in &parts {

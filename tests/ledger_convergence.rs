@@ -165,11 +165,14 @@ fn winner_is_smallest_hlc_then_node_even_when_a_third_allocation_arrives_late() 
     let fp = fingerprint(&serde_json::json!({})).unwrap();
     let mut made = Vec::new();
     for node in [2, 1, 0] {
-        let out = nodes[node].allocate_batch(shard, &[AllocateRequest {
-            key: key.clone(),
-            fingerprint: fp.clone(),
-            confidence: 1.0,
-        }]);
+        let out = nodes[node].allocate_batch(
+            shard,
+            &[AllocateRequest {
+                key: key.clone(),
+                fingerprint: fp.clone(),
+                confidence: 1.0,
+            }],
+        );
         made.push(out[0].as_ref().unwrap().allocation.record.clone());
         std::thread::sleep(std::time::Duration::from_millis(2));
     }

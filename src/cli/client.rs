@@ -20,10 +20,12 @@ async fn call(
     if let Some(body) = body {
         request = request.json(&body);
     }
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the node at {} (is it running? see --node)", args.node))?;
+    let response = request.send().await.with_context(|| {
+        format!(
+            "cannot reach the node at {} (is it running? see --node)",
+            args.node
+        )
+    })?;
     let status = response.status().as_u16();
     let text = response.text().await.unwrap_or_default();
     let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -146,7 +148,17 @@ pub async fn conflicts(args: &ClientArgs, state: Option<&str>) -> anyhow::Result
     }
     println!(
         "{}",
-        render(&["KEY", "REGION", "TXN", "HLC", "CONF@ALLOC", "ROLE / COMPENSATION"], &rows)
+        render(
+            &[
+                "KEY",
+                "REGION",
+                "TXN",
+                "HLC",
+                "CONF@ALLOC",
+                "ROLE / COMPENSATION"
+            ],
+            &rows
+        )
     );
     println!("{} conflicting key(s)", list.len());
     Ok(0)
@@ -162,7 +174,12 @@ pub async fn status(args: &ClientArgs) -> anyhow::Result<i32> {
         print_json(&body);
         return Ok(0);
     }
-    println!("status: {} (region {}, peer {})", s(&body["status"]), s(&body["region"]), s(&body["peer_id"]));
+    println!(
+        "status: {} (region {}, peer {})",
+        s(&body["status"]),
+        s(&body["region"]),
+        s(&body["peer_id"])
+    );
     for reason in body["reasons"].as_array().into_iter().flatten() {
         println!("  - {}", s(reason));
     }
@@ -172,14 +189,42 @@ pub async fn status(args: &ClientArgs) -> anyhow::Result<i32> {
         vec!["allocations".into(), s(&l["allocations"])],
         vec!["provisional".into(), s(&l["provisional"])],
         vec!["conflicts open".into(), s(&body["conflicts_open"])],
-        vec!["cross-region replays".into(), s(&body["cross_region_replays"])],
-        vec!["peers connected".into(), format!("{} / {}", s(&body["peers"]["connected"]), s(&body["peers"]["allowlisted"]))],
-        vec!["max peer staleness ms".into(), s(&body["peers"]["max_staleness_ms"])],
-        vec!["store delta (changes peers lack)".into(), s(&body["store_delta"]["they_lack_changes"])],
-        vec!["clock skew violations".into(), s(&body["clock"]["skew_violations"])],
-        vec!["max remote clock offset ms".into(), s(&body["clock"]["max_observed_offset_ms"])],
-        vec!["compensations in flight".into(), s(&body["compensations"]["in_flight"])],
-        vec!["compensations dead-lettered".into(), s(&body["compensations"]["dead_lettered"])],
+        vec![
+            "cross-region replays".into(),
+            s(&body["cross_region_replays"]),
+        ],
+        vec![
+            "peers connected".into(),
+            format!(
+                "{} / {}",
+                s(&body["peers"]["connected"]),
+                s(&body["peers"]["allowlisted"])
+            ),
+        ],
+        vec![
+            "max peer staleness ms".into(),
+            s(&body["peers"]["max_staleness_ms"]),
+        ],
+        vec![
+            "store delta (changes peers lack)".into(),
+            s(&body["store_delta"]["they_lack_changes"]),
+        ],
+        vec![
+            "clock skew violations".into(),
+            s(&body["clock"]["skew_violations"]),
+        ],
+        vec![
+            "max remote clock offset ms".into(),
+            s(&body["clock"]["max_observed_offset_ms"]),
+        ],
+        vec![
+            "compensations in flight".into(),
+            s(&body["compensations"]["in_flight"]),
+        ],
+        vec![
+            "compensations dead-lettered".into(),
+            s(&body["compensations"]["dead_lettered"]),
+        ],
     ];
     println!("{}", render(&["INDICATOR", "VALUE"], &rows));
     Ok(0)
@@ -202,7 +247,11 @@ pub async fn peers(args: &ClientArgs) -> anyhow::Result<i32> {
         .map(|p| {
             vec![
                 s(&p["peer_id"]),
-                if p["connected"] == Value::Bool(true) { "yes".into() } else { "no".into() },
+                if p["connected"] == Value::Bool(true) {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
                 s(&p["last_in_sync"]),
                 s(&p["store_delta"]["they_lack_changes"]),
                 s(&p["store_delta"]["we_lack_heads"]),
@@ -212,7 +261,17 @@ pub async fn peers(args: &ClientArgs) -> anyhow::Result<i32> {
         .collect();
     println!(
         "{}",
-        render(&["PEER", "CONNECTED", "LAST IN SYNC", "THEY LACK", "WE LACK (HEADS)", "CLOCK OFFSET MS"], &rows)
+        render(
+            &[
+                "PEER",
+                "CONNECTED",
+                "LAST IN SYNC",
+                "THEY LACK",
+                "WE LACK (HEADS)",
+                "CLOCK OFFSET MS"
+            ],
+            &rows
+        )
     );
     Ok(0)
 }
@@ -249,7 +308,18 @@ pub async fn compensations(args: &ClientArgs, state: Option<&str>) -> anyhow::Re
         .collect();
     println!(
         "{}",
-        render(&["KEY", "LOSER TXN", "OWNER", "STATE", "ATTEMPTS", "NEXT RETRY", "LAST ERROR"], &rows)
+        render(
+            &[
+                "KEY",
+                "LOSER TXN",
+                "OWNER",
+                "STATE",
+                "ATTEMPTS",
+                "NEXT RETRY",
+                "LAST ERROR"
+            ],
+            &rows
+        )
     );
     Ok(0)
 }

@@ -97,7 +97,11 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// Node API base URL.
-    #[arg(long = "node", env = "ONCEMESH_NODE", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long = "node",
+        env = "ONCEMESH_NODE",
+        default_value = "http://127.0.0.1:7700"
+    )]
     pub node: String,
     /// Bearer token, if the node requires one.
     #[arg(long, env = "ONCEMESH_API_TOKEN", hide_env_values = true)]

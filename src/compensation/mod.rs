@@ -152,7 +152,10 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
             max_attempts: node.config.compensation_max_attempts,
             ..RetryPolicy::default()
         };
-        let executor = Executor::new(node.config.compensation.clone(), node.config.webhook_timeout);
+        let executor = Executor::new(
+            node.config.compensation.clone(),
+            node.config.webhook_timeout,
+        );
         recover(&node, &policy).await;
         loop {
             schedule_new_losers(&node).await;
@@ -194,7 +197,9 @@ async fn recover(node: &Node, policy: &RetryPolicy) {
             }
         };
         if machine.state == CompensationState::Running {
-            if let Ok(entry) = machine.resume_after_crash(policy, node.ledger.wall_ms(), rand::random()) {
+            if let Ok(entry) =
+                machine.resume_after_crash(policy, node.ledger.wall_ms(), rand::random())
+            {
                 if let Err(e) = append(node, &txn, &entry).await {
                     tracing::error!(txn, error = %e, "cannot log crash recovery");
                     continue;
@@ -223,7 +228,12 @@ fn locate(node: &Node, txn: &str) -> Option<(String, String)> {
             .allocations
             .iter()
             .any(|a| a.record.txn_id == txn)
-            .then(|| (c.key.key.clone(), c.key.allocations[0].record.txn_id.clone()))
+            .then(|| {
+                (
+                    c.key.key.clone(),
+                    c.key.allocations[0].record.txn_id.clone(),
+                )
+            })
     })
 }
 
@@ -294,7 +304,9 @@ async fn attempt(node: &Node, policy: &RetryPolicy, executor: &Executor, txn: &s
         tracing::error!(txn, error = %e, "cannot log attempt start; not acting");
         return;
     }
-    node.compensations.lock().insert(txn.to_owned(), tracked.clone());
+    node.compensations
+        .lock()
+        .insert(txn.to_owned(), tracked.clone());
     publish(node, &tracked);
     let Some((loser, winner)) = records(node, &tracked) else {
         tracing::error!(txn, "losing allocation vanished from the ledger");
@@ -338,7 +350,9 @@ async fn attempt(node: &Node, policy: &RetryPolicy, executor: &Executor, txn: &s
         .compensations
         .get_or_create(&crate::metrics::Kind::of(kind))
         .inc();
-    node.compensations.lock().insert(txn.to_owned(), tracked.clone());
+    node.compensations
+        .lock()
+        .insert(txn.to_owned(), tracked.clone());
     publish(node, &tracked);
 }
 

@@ -60,7 +60,10 @@ pub async fn create(State(node): State<Arc<Node>>, body: Bytes) -> Result<Respon
         )),
         Err(e) => {
             tracing::error!(error = %e, "allocation failed");
-            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+            ))
         }
     }
 }
@@ -77,7 +80,12 @@ pub async fn show(
         .key(&key)
         .ok_or_else(|| ApiError::not_found(format!("idempotency key '{key}' is unknown here")))?;
     // Never show what is not yet durable: a reader could act on it.
-    let seq = view.allocations.iter().map(|a| a.durable_seq).max().unwrap_or(0);
+    let seq = view
+        .allocations
+        .iter()
+        .map(|a| a.durable_seq)
+        .max()
+        .unwrap_or(0);
     node.storage
         .wait_durable(seq)
         .await

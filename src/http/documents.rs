@@ -60,11 +60,7 @@ pub async fn download(
     let bytes = tokio::task::spawn_blocking(move || ledger.save_shard(shard))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        bytes,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
 /// Merges automerge bytes into a document; answers once the merge is durable.
@@ -75,7 +71,9 @@ pub async fn merge(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let shard = parse_id(&id)?;
     if body.is_empty() {
-        return Err(ApiError::bad_request("body is empty; send automerge document bytes"));
+        return Err(ApiError::bad_request(
+            "body is empty; send automerge document bytes",
+        ));
     }
     let ledger = node.ledger.clone();
     let outcome = tokio::task::spawn_blocking(move || ledger.merge_bytes(shard, &body))

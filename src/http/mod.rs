@@ -101,11 +101,7 @@ pub fn router(node: Arc<Node>) -> Router {
 }
 
 /// Refuses requests without the configured bearer token.
-async fn require_token(
-    State(node): State<Arc<Node>>,
-    request: Request,
-    next: Next,
-) -> Response {
+async fn require_token(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
     let Some(expected) = node.config.api_token.as_deref() else {
         return next.run(request).await;
     };

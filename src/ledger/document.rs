@@ -16,8 +16,8 @@
 
 use crate::record::{AllocationRecord, CompensationRecord};
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{sync, ActorId, Automerge, ChangeHash, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 use automerge::{patches::PatchAction, ObjId};
+use automerge::{sync, ActorId, Automerge, ChangeHash, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 
 /// Actor of the genesis change; the same on every node, forever.
 const GENESIS_ACTOR: &[u8; 16] = b"oncemesh-genesis";
@@ -37,7 +37,7 @@ pub enum DocumentError {
         /// Shard involved.
         shard: usize,
         /// What automerge said.
-        source: automerge::AutomergeError,
+        source: Box<automerge::AutomergeError>,
     },
     /// The document lacks the genesis containers (foreign document).
     #[error("shard {shard}: document has no '{name}' map from the oncemesh genesis change")]
@@ -53,7 +53,7 @@ pub enum DocumentError {
         /// Shard involved.
         shard: usize,
         /// What automerge said.
-        source: automerge::AutomergeError,
+        source: Box<automerge::AutomergeError>,
     },
 }
 
@@ -118,7 +118,10 @@ impl ShardDocument {
         let mut me = Self::genesis(shard);
         me.doc
             .load_incremental(bytes)
-            .map_err(|source| DocumentError::Decode { shard, source })?;
+            .map_err(|source| DocumentError::Decode {
+                shard,
+                source: Box::new(source),
+            })?;
         me.persisted_heads = me.doc.get_heads();
         Ok(me)
     }
@@ -165,14 +168,17 @@ impl ShardDocument {
             .map(|_| ())
             .map_err(|failure| DocumentError::Automerge {
                 shard,
-                source: failure.error,
+                source: Box::new(failure.error),
             })
     }
 
     /// Every record in the document (used once, at start-up).
     pub fn entries(&self) -> Vec<Entry> {
         let mut out = Vec::new();
-        for (map, obj) in [(ALLOCATIONS, &self.allocations), (COMPENSATIONS, &self.compensations)] {
+        for (map, obj) in [
+            (ALLOCATIONS, &self.allocations),
+            (COMPENSATIONS, &self.compensations),
+        ] {
             for item in self.doc.map_range(obj, ..) {
                 let text = value_text(&Value::from(item.value));
                 out.push(parse_entry(map, item.key.as_ref(), text));
@@ -199,7 +205,10 @@ impl ShardDocument {
     {
         let shard = self.shard;
         let before = self.doc.get_heads();
-        apply(&mut self.doc).map_err(|source| DocumentError::Decode { shard, source })?;
+        apply(&mut self.doc).map_err(|source| DocumentError::Decode {
+            shard,
+            source: Box::new(source),
+        })?;
         let after = self.doc.get_heads();
         if before == after {
             return Ok(Vec::new());
@@ -213,7 +222,12 @@ impl ShardDocument {
             } else {
                 continue;
             };
-            if let PatchAction::PutMap { key, value, conflict } = patch.action {
+            if let PatchAction::PutMap {
+                key,
+                value,
+                conflict,
+            } = patch.action
+            {
                 out.push(parse_entry(map, &key, value_text(&value.0)));
                 if conflict {
                     if let Ok(values) = self.doc.get_all(&patch.obj, key.as_str()) {
@@ -232,10 +246,17 @@ impl ShardDocument {
     /// anything is applied, so an unrelated document cannot pollute the ledger.
     pub fn merge_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Entry>, DocumentError> {
         let shard = self.shard;
-        let incoming =
-            Automerge::load(bytes).map_err(|source| DocumentError::Decode { shard, source })?;
+        let incoming = Automerge::load(bytes).map_err(|source| DocumentError::Decode {
+            shard,
+            source: Box::new(source),
+        })?;
         let genesis = Self::genesis(shard);
-        if !genesis.doc.get_heads().iter().all(|h| incoming.get_change_by_hash(h).is_some()) {
+        if !genesis
+            .doc
+            .get_heads()
+            .iter()
+            .all(|h| incoming.get_change_by_hash(h).is_some())
+        {
             return Err(DocumentError::MissingContainer {
                 shard,
                 name: ALLOCATIONS,
@@ -291,15 +312,21 @@ impl ShardDocument {
 
     /// Number of changes a peer with `their_heads` lacks.
     pub fn changes_missing_from(&self, their_heads: &[ChangeHash]) -> usize {
-        let known: Vec<ChangeHash> =
-            their_heads.iter().filter(|h| self.doc.get_change_by_hash(h).is_some()).copied().collect();
+        let known: Vec<ChangeHash> = their_heads
+            .iter()
+            .filter(|h| self.doc.get_change_by_hash(h).is_some())
+            .copied()
+            .collect();
         self.doc.get_changes_meta(&known).len()
     }
 
     /// Number of `their_heads` this document has never seen (a lower bound
     /// on what we lack from that peer).
     pub fn unknown_heads(&self, their_heads: &[ChangeHash]) -> usize {
-        their_heads.iter().filter(|h| self.doc.get_change_by_hash(h).is_none()).count()
+        their_heads
+            .iter()
+            .filter(|h| self.doc.get_change_by_hash(h).is_none())
+            .count()
     }
 }
 
@@ -350,12 +377,14 @@ fn parse_entry(map: &'static str, key: &str, text: Option<String>) -> Entry {
         serde_json::from_str::<CompensationRecord>(&text).map(Entry::Compensation)
     };
     match parsed {
-        Ok(Entry::Allocation(r)) if r.txn_id != key => {
-            malformed(format!("record txn_id {} differs from its map key", r.txn_id))
-        }
-        Ok(Entry::Compensation(r)) if r.txn_id != key => {
-            malformed(format!("record txn_id {} differs from its map key", r.txn_id))
-        }
+        Ok(Entry::Allocation(r)) if r.txn_id != key => malformed(format!(
+            "record txn_id {} differs from its map key",
+            r.txn_id
+        )),
+        Ok(Entry::Compensation(r)) if r.txn_id != key => malformed(format!(
+            "record txn_id {} differs from its map key",
+            r.txn_id
+        )),
         Ok(entry) => entry,
         Err(e) => malformed(format!("invalid record JSON: {e}")),
     }

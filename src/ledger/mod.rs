@@ -88,7 +88,9 @@ pub struct Allocated {
 #[derive(Debug, thiserror::Error)]
 pub enum AllocateError {
     /// Same key, different payload: the key is being misused.
-    #[error("idempotency key '{key}' was already used with a different payload (transaction {txn_id})")]
+    #[error(
+        "idempotency key '{key}' was already used with a different payload (transaction {txn_id})"
+    )]
     FingerprintMismatch {
         /// The key.
         key: String,
@@ -180,7 +182,13 @@ impl Ledger {
                     }
                     Entry::Malformed { map, key, reason } => {
                         malformed += 1;
-                        tracing::warn!(shard, map, key, reason, "skipping malformed record on load");
+                        tracing::warn!(
+                            shard,
+                            map,
+                            key,
+                            reason,
+                            "skipping malformed record on load"
+                        );
                     }
                 }
             }
@@ -296,7 +304,14 @@ impl Ledger {
                 let reason = e.to_string();
                 return decided
                     .into_iter()
-                    .map(|d| d.unwrap_or_else(|| Err(AllocateError::Write { shard, reason: reason.clone() })))
+                    .map(|d| {
+                        d.unwrap_or_else(|| {
+                            Err(AllocateError::Write {
+                                shard,
+                                reason: reason.clone(),
+                            })
+                        })
+                    })
                     .collect();
             }
             let seq = state.persist(shard, &*self.sink);
@@ -369,14 +384,18 @@ impl Ledger {
                         continue;
                     }
                     let observation = self.hlc().update(record.hlc);
-                    outcome.clock_observations.push((record.node.clone(), observation));
+                    outcome
+                        .clock_observations
+                        .push((record.node.clone(), observation));
                     if state.insert(record.clone(), seq, now) {
                         outcome.conflicts_changed.push(record.key.clone());
                     }
                     outcome.new_allocations.push(record);
                 }
                 Entry::Compensation(record) => {
-                    state.compensations.insert(record.txn_id.clone(), record.clone());
+                    state
+                        .compensations
+                        .insert(record.txn_id.clone(), record.clone());
                     outcome.compensations.push(record);
                 }
                 Entry::Malformed { map, key, reason } => {
@@ -461,7 +480,10 @@ impl Ledger {
     /// the peer lacks, heads of the peer we have never seen).
     pub fn delta(&self, shard: usize, peer: &str) -> (usize, usize) {
         let guard = self.shard(shard);
-        let Some(their_heads) = guard.sync_states.get(peer).and_then(|s| s.their_heads.clone())
+        let Some(their_heads) = guard
+            .sync_states
+            .get(peer)
+            .and_then(|s| s.their_heads.clone())
         else {
             return (0, 0);
         };

@@ -87,7 +87,10 @@ impl KeyView {
         if succeeded == losers {
             KeyState::Compensated
         } else if self.compensations.is_empty()
-            || self.compensations.iter().any(|c| c.state == "dead-lettered")
+            || self
+                .compensations
+                .iter()
+                .any(|c| c.state == "dead-lettered")
         {
             KeyState::Conflicted
         } else {

@@ -53,17 +53,16 @@ pub fn spawn(
             let (requests, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
             let ledger = ledger.clone();
             // Automerge work is CPU-bound: keep it off the async workers.
-            let outcomes = match tokio::task::spawn_blocking(move || {
-                ledger.allocate_batch(shard, &requests)
-            })
-            .await
-            {
-                Ok(outcomes) => outcomes,
-                Err(e) => {
-                    tracing::error!(shard, error = %e, "allocation batch task failed");
-                    continue;
-                }
-            };
+            let outcomes =
+                match tokio::task::spawn_blocking(move || ledger.allocate_batch(shard, &requests))
+                    .await
+                {
+                    Ok(outcomes) => outcomes,
+                    Err(e) => {
+                        tracing::error!(shard, error = %e, "allocation batch task failed");
+                        continue;
+                    }
+                };
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome);
             }

@@ -20,7 +20,9 @@ pub fn report(node: &Node) -> Value {
 
     if node.storage.is_stopped() {
         critical = true;
-        reasons.push("storage writer stopped after an I/O error: allocations cannot be made durable".into());
+        reasons.push(
+            "storage writer stopped after an I/O error: allocations cannot be made durable".into(),
+        );
     }
     let mut max_staleness_ms = 0u64;
     for p in &peers {
@@ -29,7 +31,11 @@ pub fn report(node: &Node) -> Value {
         if !p.connected {
             reasons.push(format!("peer {} is not connected", p.peer_id));
         } else if stale.is_none_or(|s| s > STALE_PEER_MS) {
-            reasons.push(format!("peer {} has not been in sync for over {} s", p.peer_id, STALE_PEER_MS / 1000));
+            reasons.push(format!(
+                "peer {} has not been in sync for over {} s",
+                p.peer_id,
+                STALE_PEER_MS / 1000
+            ));
         }
         if let Some(offset) = p.clock_offset_ms {
             if offset.unsigned_abs() > clock.max_offset_ms {
@@ -57,7 +63,10 @@ pub fn report(node: &Node) -> Value {
         reasons.push(format!("{open_conflicts} conflict(s) not yet compensated"));
     }
     if stats.malformed_records > 0 {
-        reasons.push(format!("{} malformed record(s) skipped", stats.malformed_records));
+        reasons.push(format!(
+            "{} malformed record(s) skipped",
+            stats.malformed_records
+        ));
     }
     let status = if critical {
         "critical"

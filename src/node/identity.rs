@@ -38,12 +38,10 @@ pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
         reason: e.to_string(),
     };
     match std::fs::read(&path) {
-        Ok(bytes) => {
-            Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })
-        }
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(data_dir).map_err(io)?;
             let keypair = Keypair::generate_ed25519();

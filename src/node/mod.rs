@@ -5,8 +5,8 @@ pub mod allocator;
 pub mod health;
 pub mod identity;
 
-use crate::config::NodeConfig;
 use crate::confidence::{ConfidenceModel, ConfidenceParams, PeerView};
+use crate::config::NodeConfig;
 use crate::key::{fingerprint, IdempotencyKey, InputError};
 use crate::ledger::{
     AllocateError, AllocateRequest, Allocated, ChunkSink, Ledger, MergeOutcome, NodeIdentity,
@@ -278,7 +278,10 @@ impl Node {
             }
             Err(_) => "error",
         };
-        self.metrics.allocations.get_or_create(&Kind::of(kind)).inc();
+        self.metrics
+            .allocations
+            .get_or_create(&Kind::of(kind))
+            .inc();
         outcome
     }
 
@@ -379,7 +382,11 @@ impl Node {
                 };
                 for arrived in &outcome.new_allocations {
                     if arrived.key == *key && &arrived.node != me {
-                        let delay = ours.record.hlc.physical_ms.abs_diff(arrived.hlc.physical_ms);
+                        let delay = ours
+                            .record
+                            .hlc
+                            .physical_ms
+                            .abs_diff(arrived.hlc.physical_ms);
                         self.confidence_model()
                             .observe_conflict(Duration::from_millis(delay));
                     }

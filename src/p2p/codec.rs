@@ -10,9 +10,10 @@
 //! hlc      = physical_ms:u64be logical:u32be
 //! ```
 //!
-//! Decoding never panics: a short, oversized or inconsistent frame is an
-//! `InvalidData` error, which the request-response layer reports as a failed
-//! request (counted and logged by the node); the node keeps serving.
+//! Decoding never panics. A request frame that is oversized or does not
+//! decode is handed to the node as [`InboundRequest::Malformed`] (the
+//! request-response layer would drop a read error silently), so the node can
+//! count it and log it with the sender's peer id; the node keeps serving.
 
 use crate::hlc::Timestamp;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -54,6 +55,15 @@ pub struct SyncResponse {
     pub hlc: Timestamp,
     /// (shard, digest) for every shard.
     pub digests: Vec<(u8, [u8; 32])>,
+}
+
+/// A request as read off the wire: well formed, or why it is not.
+#[derive(Clone, Debug, PartialEq)]
+pub enum InboundRequest {
+    /// A request that decoded.
+    Sync(SyncRequest),
+    /// A request that did not; never sent, only received.
+    Malformed(String),
 }
 
 /// The request-response codec for [`PROTOCOL`].
@@ -194,21 +204,30 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, body: Vec<u8>) ->
 
 impl libp2p::request_response::Codec for SyncCodec {
     type Protocol = StreamProtocol;
-    type Request = SyncRequest;
+    type Request = InboundRequest;
     type Response = SyncResponse;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncRequest>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        decode_request(&read_frame(io).await?)
-    }
-
-    async fn read_response<T>(
+    async fn read_request<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-    ) -> io::Result<SyncResponse>
+    ) -> io::Result<InboundRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        match read_frame(io).await {
+            Ok(body) => Ok(match decode_request(&body) {
+                Ok(request) => InboundRequest::Sync(request),
+                Err(e) => InboundRequest::Malformed(e.to_string()),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                Ok(InboundRequest::Malformed(e.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<SyncResponse>
     where
         T: AsyncRead + Unpin + Send,
     {
@@ -219,12 +238,15 @@ impl libp2p::request_response::Codec for SyncCodec {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        request: SyncRequest,
+        request: InboundRequest,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, encode_request(&request)).await
+        match request {
+            InboundRequest::Sync(request) => write_frame(io, encode_request(&request)).await,
+            InboundRequest::Malformed(_) => Err(invalid("refusing to send a malformed request")),
+        }
     }
 
     async fn write_response<T>(
@@ -260,7 +282,10 @@ mod tests {
             hlc: Timestamp::new(8, 0),
             digests: vec![(0, [1; 32]), (7, [2; 32])],
         };
-        assert_eq!(decode_response(&encode_response(&response)).unwrap(), response);
+        assert_eq!(
+            decode_response(&encode_response(&response)).unwrap(),
+            response
+        );
     }
 
     proptest! {

@@ -1,6 +1,6 @@
 //! The task that owns the swarm. See the module docs of [`crate::p2p`].
 
-use super::codec::{ShardMessage, SyncCodec, SyncRequest, SyncResponse, PROTOCOL};
+use super::codec::{InboundRequest, ShardMessage, SyncCodec, SyncRequest, SyncResponse, PROTOCOL};
 use crate::ledger::SHARD_COUNT;
 use crate::metrics::Kind;
 use crate::node::{Node, StartError};
@@ -113,9 +113,9 @@ impl EventLoop {
             .map_err(|e| net(&e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
             .build();
-        swarm
-            .listen_on(node.config.listen.clone())
-            .map_err(|e| StartError::Network(format!("cannot listen on {}: {e}", node.config.listen)))?;
+        swarm.listen_on(node.config.listen.clone()).map_err(|e| {
+            StartError::Network(format!("cannot listen on {}: {e}", node.config.listen))
+        })?;
         let mut listen_addrs = Vec::new();
         let deadline = tokio::time::sleep(Duration::from_secs(10));
         tokio::pin!(deadline);
@@ -228,7 +228,9 @@ impl EventLoop {
             }
             peer.next_dial = Some(Instant::now() + peer.backoff);
             peer.backoff = (peer.backoff * 2).min(MAX_BACKOFF);
-            self.node.peers.update(&peer.key, |s| s.redial_attempts += 1);
+            self.node
+                .peers
+                .update(&peer.key, |s| s.redial_attempts += 1);
         }
     }
 
@@ -300,7 +302,11 @@ impl EventLoop {
             for shard in 0..SHARD_COUNT {
                 let message = if mask & (1 << shard) != 0 {
                     node.ledger
-                        .generate_sync(shard, &key, unstick & (1 << shard) != 0 && mask & HEARTBEAT != 0)
+                        .generate_sync(
+                            shard,
+                            &key,
+                            unstick & (1 << shard) != 0 && mask & HEARTBEAT != 0,
+                        )
                         .unwrap_or_default()
                 } else {
                     Vec::new()
@@ -332,7 +338,11 @@ impl EventLoop {
                         let bytes: usize = request.shards.iter().map(|s| s.message.len()).sum();
                         self.node.metrics.sync_messages_sent.inc();
                         self.node.metrics.sync_bytes_sent.inc_by(bytes as u64);
-                        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+                        let id = self
+                            .swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_request(&peer, InboundRequest::Sync(request));
                         p.outbound = Outbound::InFlight(id);
                     }
                     _ => self.kick(peer),
@@ -384,11 +394,13 @@ impl EventLoop {
                     }
                 }
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                if let Some(id) = peer_id {
-                    tracing::debug!(peer = %id, %error, "dial failed");
-                    self.schedule_redial(id);
-                }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(id),
+                error,
+                ..
+            } => {
+                tracing::debug!(peer = %id, %error, "dial failed");
+                self.schedule_redial(id);
             }
             SwarmEvent::IncomingConnectionError {
                 peer_id,
@@ -431,26 +443,34 @@ impl EventLoop {
         self.kick(peer_id);
     }
 
-    fn on_sync_event(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
+    fn on_sync_event(&mut self, event: request_response::Event<InboundRequest, SyncResponse>) {
         use request_response::{Event, InboundFailure, Message};
         match event {
             Event::Message {
                 peer,
-                message: Message::Request {
-                    request, channel, ..
-                },
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
                 ..
-            } => self.on_request(peer, request, channel),
+            } => match request {
+                InboundRequest::Sync(request) => self.on_request(peer, request, channel),
+                InboundRequest::Malformed(why) => self.drop_message(peer, "malformed", &why),
+            },
             Event::Message {
                 peer,
-                message: Message::Response {
-                    request_id,
-                    response,
-                },
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
                 ..
             } => self.on_response(peer, request_id, response),
             Event::OutboundFailure {
-                peer, error, request_id, ..
+                peer,
+                error,
+                request_id,
+                ..
             } => {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     if p.outbound == Outbound::InFlight(request_id) {
@@ -496,7 +516,11 @@ impl EventLoop {
             .peers
             .update(peer, |s| s.clock_offset_ms = Some(observation.offset_ms));
         if observation.skew_violation {
-            tracing::warn!(peer, offset_ms = observation.offset_ms, "peer clock is ahead of ours by more than max_clock_offset");
+            tracing::warn!(
+                peer,
+                offset_ms = observation.offset_ms,
+                "peer clock is ahead of ours by more than max_clock_offset"
+            );
         }
     }
 
@@ -507,7 +531,11 @@ impl EventLoop {
         channel: ResponseChannel<SyncResponse>,
     ) {
         let Some(p) = self.peers.get_mut(&peer) else {
-            self.drop_message(peer, "not-allowlisted", "request from a peer outside the allowlist");
+            self.drop_message(
+                peer,
+                "not-allowlisted",
+                "request from a peer outside the allowlist",
+            );
             return;
         };
         let key = p.key.clone();
@@ -524,12 +552,18 @@ impl EventLoop {
             node.metrics.sync_bytes_received.inc_by(received as u64);
             let apply_node = node.clone();
             let apply_key = key.clone();
-            let applied = tokio::task::spawn_blocking(move || apply(&apply_node, &apply_key, request))
-                .await
-                .unwrap_or_default();
+            let applied =
+                tokio::task::spawn_blocking(move || apply(&apply_node, &apply_key, request))
+                    .await
+                    .unwrap_or_default();
             // Answer only once what we received is on disk: the sender takes
             // equal digests as "this peer holds my allocations".
-            if node.storage.wait_durable(applied.durable_seq).await.is_err() {
+            if node
+                .storage
+                .wait_durable(applied.durable_seq)
+                .await
+                .is_err()
+            {
                 return;
             }
             for (shard, digest) in &applied.their_digests {
@@ -615,7 +649,12 @@ fn apply(node: &Node, peer: &str, request: SyncRequest) -> Applied {
     for s in request.shards {
         let shard = s.shard as usize;
         if shard >= SHARD_COUNT {
-            drop_record(node, peer, "bad-shard", &format!("shard {shard} does not exist"));
+            drop_record(
+                node,
+                peer,
+                "bad-shard",
+                &format!("shard {shard} does not exist"),
+            );
             continue;
         }
         applied.their_digests.push((s.shard, s.digest));

@@ -1,0 +1,186 @@
+//! An allowlisted peer that sends garbage on `/oncemesh/sync/1` cannot crash
+//! the node: every bad message is dropped, counted and logged, and the node
+//! keeps serving.
+
+mod support;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, StreamProtocol};
+use serde_json::json;
+use std::io;
+use std::time::Duration;
+use support::{Cluster, ClusterOptions};
+
+/// A codec that writes raw bytes as the request and reads whatever comes back.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl request_response::Codec for RawCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        io.read_to_end(&mut buf).await?;
+        Ok(buf)
+    }
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        io.take(1 << 20).read_to_end(&mut buf).await?;
+        Ok(buf)
+    }
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()> {
+        io.write_all(&req).await?;
+        io.close().await
+    }
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()> {
+        io.write_all(&res).await?;
+        io.close().await
+    }
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A request with a valid header whose one shard carries `message`.
+fn request_with_message(shard: u8, message: &[u8]) -> Vec<u8> {
+    let mut body = vec![1u8];
+    body.extend_from_slice(&1u64.to_be_bytes());
+    body.extend_from_slice(&0u32.to_be_bytes());
+    body.push(1);
+    body.push(shard);
+    body.extend_from_slice(&[0u8; 32]);
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(message);
+    frame(&body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
+    let keypair = Keypair::generate_ed25519();
+    let hostile_id = keypair.public().to_peer_id();
+    // Allowlist the hostile peer (at an address nobody listens on).
+    let allow = format!("/ip4/127.0.0.1/tcp/9/p2p/{hostile_id}");
+    let c = Cluster::start(1, ClusterOptions::default().args(["--peer", &allow])).await;
+    assert_eq!(
+        c.node(0)
+            .post_json("/v1/allocations", &json!({"key": "before", "payload": {}}))
+            .await
+            .0,
+        201
+    );
+
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::<RawCodec>::new(
+                [(
+                    StreamProtocol::new("/oncemesh/sync/1"),
+                    ProtocolSupport::Outbound,
+                )],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+            )
+        })
+        .unwrap()
+        .build();
+    let target: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", c.node(0).listen_port())
+        .parse()
+        .unwrap();
+    let node_id = c.node(0).peer_id().parse().unwrap();
+    swarm.add_peer_address(node_id, target);
+
+    let garbage: Vec<Vec<u8>> = vec![
+        b"hello there".to_vec(),         // short, nonsense length prefix
+        frame(&[0xff; 64]),              // wrong version
+        frame(&[1, 0, 0]),               // truncated header
+        u32::MAX.to_be_bytes().to_vec(), // absurd length
+        request_with_message(3, b"not an automerge sync message"), // undecodable
+        request_with_message(200, b"x"), // shard that does not exist
+        vec![],                          // nothing at all
+    ];
+    let sent = garbage.len();
+    for g in garbage {
+        swarm.behaviour_mut().send_request(&node_id, g);
+    }
+    let mut finished = 0;
+    let deadline = tokio::time::sleep(Duration::from_secs(20));
+    tokio::pin!(deadline);
+    while finished < sent {
+        tokio::select! {
+            event = swarm.select_next_some() => {
+                if let libp2p::swarm::SwarmEvent::Behaviour(
+                    request_response::Event::Message { .. }
+                    | request_response::Event::OutboundFailure { .. },
+                ) = event
+                {
+                    finished += 1;
+                }
+            }
+            _ = &mut deadline => break,
+        }
+    }
+    assert_eq!(
+        finished,
+        sent,
+        "not every garbage request completed\n{}",
+        c.logs(30)
+    );
+
+    // Still serving, nothing corrupted, and the drops are counted.
+    let (code, health) = c.node(0).get_json("/v1/health").await;
+    assert_eq!(code, 200);
+    assert_eq!(health["ledger"]["keys"], 1, "{health}");
+    assert_eq!(
+        c.node(0)
+            .post_json("/v1/allocations", &json!({"key": "after", "payload": {}}))
+            .await
+            .0,
+        201
+    );
+    let metrics = c
+        .node(0)
+        .client()
+        .get(c.node(0).url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("oncemesh_dropped_peer_messages_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(dropped >= 5.0, "only {dropped} drops counted\n{metrics}");
+    assert!(c.node(0).is_running());
+}
