@@ -84,9 +84,19 @@ pub struct RunArgs {
     /// Timeout of one webhook call [default: 10s].
     #[arg(long, value_name = "DURATION")]
     pub webhook_timeout: Option<String>,
+    /// Drill: run this node's clock ahead (e.g. 2s) or behind (e.g. -2s) of
+    /// the host clock, to rehearse clock skew between regions [default: 0s].
+    #[arg(long, value_name = "[-]DURATION", allow_hyphen_values = true)]
+    pub drill_clock_offset: Option<String>,
     /// Attempts before a compensation is dead-lettered [default: 8].
     #[arg(long, value_name = "N")]
     pub compensation_max_attempts: Option<u32>,
+    /// Wait after a compensation's first failed attempt; it doubles with each later one [default: 500ms].
+    #[arg(long, value_name = "DURATION")]
+    pub compensation_initial_backoff: Option<String>,
+    /// Cap on the wait between compensation attempts (before jitter) [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    pub compensation_max_backoff: Option<String>,
 }
 
 /// How this node compensates its own losing allocations.
@@ -134,6 +144,12 @@ pub struct NodeConfig {
     pub webhook_timeout: Duration,
     /// Attempts before dead-lettering.
     pub compensation_max_attempts: u32,
+    /// Wait after the first failed compensation attempt.
+    pub compensation_initial_backoff: Duration,
+    /// Cap on the wait between compensation attempts.
+    pub compensation_max_backoff: Duration,
+    /// Drill offset of this node's clock, ms.
+    pub drill_clock_offset_ms: i64,
 }
 
 impl RunArgs {
@@ -164,9 +180,16 @@ impl RunArgs {
             retention: self.retention.or(file.retention),
             sync_interval: self.sync_interval.or(file.sync_interval),
             webhook_timeout: self.webhook_timeout.or(file.webhook_timeout),
+            drill_clock_offset: self.drill_clock_offset.or(file.drill_clock_offset),
             compensation_max_attempts: self
                 .compensation_max_attempts
                 .or(file.compensation_max_attempts),
+            compensation_initial_backoff: self
+                .compensation_initial_backoff
+                .or(file.compensation_initial_backoff),
+            compensation_max_backoff: self
+                .compensation_max_backoff
+                .or(file.compensation_max_backoff),
         }
     }
 
@@ -223,6 +246,26 @@ impl RunArgs {
                 "must be at least 1",
             ));
         }
+        let initial_backoff = duration(
+            "--compensation-initial-backoff",
+            self.compensation_initial_backoff,
+            "500ms",
+        )?;
+        let max_backoff = duration(
+            "--compensation-max-backoff",
+            self.compensation_max_backoff,
+            "60s",
+        )?;
+        if initial_backoff > max_backoff {
+            return Err(invalid(
+                "--compensation-initial-backoff",
+                humantime::format_duration(initial_backoff),
+                format!(
+                    "must not exceed --compensation-max-backoff ({})",
+                    humantime::format_duration(max_backoff)
+                ),
+            ));
+        }
         Ok(NodeConfig {
             region,
             data_dir: self.data_dir.unwrap_or_else(|| "oncemesh-data".into()),
@@ -236,6 +279,9 @@ impl RunArgs {
             sync_interval: duration("--sync-interval", self.sync_interval, "1s")?,
             webhook_timeout: duration("--webhook-timeout", self.webhook_timeout, "10s")?,
             compensation_max_attempts: attempts,
+            compensation_initial_backoff: initial_backoff,
+            compensation_max_backoff: max_backoff,
+            drill_clock_offset_ms: signed_ms(self.drill_clock_offset)?,
         })
     }
 }
@@ -262,6 +308,19 @@ fn duration(
         return Err(invalid(setting, &text, "must be greater than zero"));
     }
     Ok(parsed)
+}
+
+fn signed_ms(value: Option<String>) -> Result<i64, ConfigError> {
+    let Some(text) = value else {
+        return Ok(0);
+    };
+    let (sign, magnitude) = match text.strip_prefix('-') {
+        Some(rest) => (-1, rest),
+        None => (1, text.strip_prefix('+').unwrap_or(&text)),
+    };
+    let parsed = humantime::parse_duration(magnitude)
+        .map_err(|e| invalid("--drill-clock-offset", &text, e))?;
+    Ok(sign * i64::try_from(parsed.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Parses `MULTIADDR/p2p/PEERID` into the address to dial and the identity.

@@ -42,6 +42,21 @@ impl PhysicalClock for SystemClock {
     }
 }
 
+/// The wall clock shifted by a fixed offset: the `--drill-clock-offset`
+/// option of `oncemesh run`, so operators (and the tests and the demo) can
+/// rehearse a region whose clock is skewed without touching the host clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OffsetClock {
+    /// Milliseconds added to the system clock (negative: behind).
+    pub offset_ms: i64,
+}
+
+impl PhysicalClock for OffsetClock {
+    fn now_ms(&self) -> u64 {
+        SystemClock.now_ms().saturating_add_signed(self.offset_ms)
+    }
+}
+
 /// An HLC timestamp: physical milliseconds + logical counter, ordered by (physical_ms, logical).
 ///
 /// Serialized (serde, `Display`) as `format!("{:016}.{:05}", physical_ms, logical)`,

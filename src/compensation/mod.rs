@@ -150,6 +150,8 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
     tasks.spawn(async move {
         let policy = RetryPolicy {
             max_attempts: node.config.compensation_max_attempts,
+            initial_backoff_ms: millis(node.config.compensation_initial_backoff),
+            max_backoff_ms: millis(node.config.compensation_max_backoff),
             ..RetryPolicy::default()
         };
         let executor = Executor::new(
@@ -172,6 +174,10 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
             }
         }
     });
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Replays the log; attempts cut short by a crash are resumed.

@@ -6,6 +6,7 @@ use crate::key::InputError;
 use crate::ledger::AllocateError;
 use crate::node::{AllocationFailure, Node};
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -26,7 +27,18 @@ fn empty_object() -> serde_json::Value {
 }
 
 /// Allocates a key: 201 new, 200 replay, 409 misuse, 4xx invalid input.
-pub async fn create(State(node): State<Arc<Node>>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn create(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(ApiError::from)?;
+    // serde's derived struct visitor also accepts a JSON array (`["k", {}]`
+    // as key, payload): only an object is a valid request body.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "body must be a JSON object {\"key\": \"...\", \"payload\": {...}}",
+        ));
+    }
     let body: AllocateBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "body must be JSON {{\"key\": \"...\", \"payload\": {{...}}}}: {e}"

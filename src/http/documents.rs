@@ -5,6 +5,7 @@ use super::ApiError;
 use crate::ledger::SHARD_COUNT;
 use crate::node::Node;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -67,9 +68,10 @@ pub async fn download(
 pub async fn merge(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let shard = parse_id(&id)?;
+    let body = body.map_err(ApiError::from)?;
     if body.is_empty() {
         return Err(ApiError::bad_request(
             "body is empty; send automerge document bytes",

@@ -53,6 +53,14 @@ impl ApiError {
     }
 }
 
+/// A body that could not be read (over the size limit: 413, or cut off)
+/// gets the same JSON error shape as every other error, not axum's text.
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::BytesRejection) -> Self {
+        Self::new(rejection.status(), rejection.body_text())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (

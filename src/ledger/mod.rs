@@ -14,7 +14,7 @@ mod view;
 
 pub use view::{Allocation, ConflictView, KeyState, KeyView};
 
-use crate::hlc::{Hlc, Observation, PhysicalClock, SystemClock, Timestamp};
+use crate::hlc::{Hlc, Observation, OffsetClock, PhysicalClock, Timestamp};
 use crate::key::{Fingerprint, IdempotencyKey};
 use crate::record::{AllocationRecord, CompensationRecord, RECORD_VERSION};
 use automerge::{sync, ActorId};
@@ -140,7 +140,8 @@ pub struct Ledger {
     me: NodeIdentity,
     peers: Vec<String>,
     shards: Vec<Mutex<Shard>>,
-    hlc: Mutex<Hlc<SystemClock>>,
+    hlc: Mutex<Hlc<OffsetClock>>,
+    clock: OffsetClock,
     sink: Arc<dyn ChunkSink>,
     malformed_total: AtomicU64,
 }
@@ -151,12 +152,13 @@ impl Ledger {
     pub fn open(
         me: NodeIdentity,
         peers: Vec<String>,
+        clock: OffsetClock,
         max_clock_offset_ms: u64,
         stored: Vec<Vec<u8>>,
         sink: Arc<dyn ChunkSink>,
     ) -> Result<Self, DocumentError> {
         let actor = ActorId::random();
-        let mut hlc = Hlc::new(SystemClock, max_clock_offset_ms);
+        let mut hlc = Hlc::new(clock, max_clock_offset_ms);
         let now = hlc.now().physical_ms;
         let mut shards = Vec::with_capacity(SHARD_COUNT);
         let mut malformed = 0;
@@ -199,6 +201,7 @@ impl Ledger {
             peers,
             shards,
             hlc: Mutex::new(hlc),
+            clock,
             sink,
             malformed_total: AtomicU64::new(malformed),
         })
@@ -207,7 +210,14 @@ impl Ledger {
     /// An empty in-memory ledger, for tests and tools.
     pub fn in_memory(me: NodeIdentity, peers: Vec<String>) -> Self {
         // Genesis documents cannot fail to build.
-        match Self::open(me, peers, 500, Vec::new(), Arc::new(DiscardSink)) {
+        match Self::open(
+            me,
+            peers,
+            OffsetClock::default(),
+            500,
+            Vec::new(),
+            Arc::new(DiscardSink),
+        ) {
             Ok(ledger) => ledger,
             Err(e) => unreachable!("genesis ledger failed: {e}"),
         }
@@ -231,13 +241,13 @@ impl Ledger {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn hlc(&self) -> MutexGuard<'_, Hlc<SystemClock>> {
+    fn hlc(&self) -> MutexGuard<'_, Hlc<OffsetClock>> {
         self.hlc.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Current wall-clock milliseconds as the HLC's physical clock reads them.
     pub fn wall_ms(&self) -> u64 {
-        SystemClock.now_ms()
+        self.clock.now_ms()
     }
 
     /// The node's HLC reading, for health and skew reports.

@@ -201,6 +201,9 @@ impl Node {
         let ledger = Arc::new(Ledger::open(
             me,
             peer_ids,
+            crate::hlc::OffsetClock {
+                offset_ms: config.drill_clock_offset_ms,
+            },
             config.max_clock_offset.as_millis() as u64,
             loaded.shards,
             sink,
@@ -228,7 +231,8 @@ impl Node {
             compensation_wakeup: Notify::new(),
             compensations: Default::default(),
             allocators,
-            started_ms: crate::hlc::PhysicalClock::now_ms(&crate::hlc::SystemClock),
+            started_ms: crate::hlc::PhysicalClock::now_ms(&crate::hlc::SystemClock)
+                .saturating_add_signed(config.drill_clock_offset_ms),
         });
         let listen_addrs =
             crate::p2p::spawn(node.clone(), keypair, &tasks, shutdown.clone()).await?;
