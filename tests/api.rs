@@ -77,6 +77,10 @@ async fn allocate(node: &Node, key: &str, payload: Value) -> (u16, Value) {
     .await
 }
 
+/// A refused allocate request: what it is, the raw body, the expected status
+/// (`None`: any 4xx), and a key that must stay unknown afterwards.
+type BadCase = (&'static str, Vec<u8>, Option<u16>, Option<&'static str>);
+
 /// The `error` message of an error response; panics if the shape is wrong.
 fn error_message(status: u16, body: &Value, what: &str) -> String {
     match body.get("error").and_then(Value::as_str) {
@@ -290,7 +294,7 @@ async fn bad_input_is_refused_with_a_json_error_and_writes_nothing() {
     let long_key = "k".repeat(256);
     let big = "y".repeat(64 * 1024);
     let huge = "z".repeat(200 * 1024);
-    let cases: Vec<(&str, Vec<u8>, Option<u16>, Option<&str>)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "empty key",
             br#"{"key":"","payload":{}}"#.to_vec(),
@@ -386,7 +390,7 @@ async fn bad_input_is_refused_with_a_json_error_and_writes_nothing() {
             Some("pay-null"),
         ),
         (
-            // canonical {"x":"yyy..."} is 64 KiB + 9 bytes
+            // canonical {"x":"yyy..."} is 64 KiB + 8 bytes
             "payload just over 64 KiB",
             json!({"key": "pay-big", "payload": {"x": big}})
                 .to_string()

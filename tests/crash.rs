@@ -19,7 +19,7 @@ use support::{Cluster, ClusterOptions, Node};
 /// Concurrent client tasks during the load.
 const TASKS: usize = 32;
 /// Minimum load time before the kill.
-const LOAD: Duration = Duration::from_millis(1500);
+const LOAD: Duration = Duration::from_secs(2);
 /// Acknowledged allocations required before each kill.
 const MIN_ACKED: usize = 300;
 const CYCLES: usize = 3;

@@ -250,8 +250,23 @@ async fn schedule_new_losers(node: &Node) {
         let winner = &conflict.key.allocations[0].record;
         for loser in conflict.key.allocations.iter().skip(1) {
             let txn = &loser.record.txn_id;
-            if loser.record.node != me || node.compensations.lock().contains_key(txn) {
+            if loser.record.node != me {
                 continue;
+            }
+            // A later arrival can beat the winner seen so far; keep the
+            // replicated record's winner the key's current one.
+            let known = node.compensations.lock().get_mut(txn).map(|t| {
+                let moved = t.winner_txn != winner.txn_id;
+                t.winner_txn.clone_from(&winner.txn_id);
+                moved.then(|| t.clone())
+            });
+            match known {
+                Some(Some(updated)) => {
+                    publish(node, &updated);
+                    continue;
+                }
+                Some(None) => continue,
+                None => {}
             }
             let (machine, entry) = Compensation::new(txn, node.ledger.wall_ms());
             if let Err(e) = append(node, txn, &entry).await {
