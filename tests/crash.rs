@@ -24,6 +24,27 @@ const LOAD: Duration = Duration::from_secs(2);
 const MIN_ACKED: usize = 300;
 const CYCLES: usize = 3;
 
+/// Requests that got no 2xx: a count and the first few, for failure messages.
+#[derive(Default)]
+struct Failures {
+    count: AtomicU64,
+    first: Mutex<Vec<String>>,
+}
+
+impl Failures {
+    fn record(&self, what: String) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first.lock().unwrap();
+        if first.len() < 5 {
+            first.push(what);
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Acked {
     txn_id: String,
@@ -52,7 +73,7 @@ async fn load_task(
     task: usize,
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<BTreeMap<String, Acked>>>,
-    errors: Arc<AtomicU64>,
+    errors: Arc<Failures>,
 ) {
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -66,16 +87,19 @@ async fn load_task(
             .await;
         let response = match sent {
             Ok(r) => r,
-            Err(_) => {
-                errors.fetch_add(1, Ordering::Relaxed);
+            Err(e) => {
+                errors.record(format!("{key}: {e:#}"));
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
         };
         let status = response.status().as_u16();
-        let Ok(body) = response.json::<Value>().await else {
-            errors.fetch_add(1, Ordering::Relaxed);
-            continue;
+        let body = match response.json::<Value>().await {
+            Ok(body) => body,
+            Err(e) => {
+                errors.record(format!("{key}: {status} with an unreadable body: {e:#}"));
+                continue;
+            }
         };
         if (200..300).contains(&status) {
             // An acknowledgement is a promise, whatever happens next.
@@ -95,7 +119,7 @@ async fn load_task(
             );
             assert!(prior.is_none(), "a key was acknowledged twice");
         } else {
-            errors.fetch_add(1, Ordering::Relaxed);
+            errors.record(format!("{key}: {status} {body}"));
         }
     }
 }
@@ -155,7 +179,7 @@ async fn acknowledged_allocations_survive_sigkill() {
     for cycle in 0..CYCLES {
         let before = all.lock().unwrap().len();
         let stop = Arc::new(AtomicBool::new(false));
-        let errors = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(Failures::default());
         let http = client();
         let url = node.url("/v1/allocations");
         let tasks: Vec<_> = (0..TASKS)
@@ -177,12 +201,14 @@ async fn acknowledged_allocations_survive_sigkill() {
             load_started.elapsed() >= LOAD && all.lock().unwrap().len() - before >= MIN_ACKED
         })
         .await;
-        let errors_before_kill = errors.load(Ordering::Relaxed);
+        let errors_before_kill = errors.count();
+        let failures_before_kill = errors.first.lock().unwrap().clone();
+        let exited_by_itself = node.exit_status();
         // SIGKILL while every task is still sending.
         cluster.kill(0);
         let acked_at_kill = all.lock().unwrap().len() - before;
         let saw_errors = support::wait_until(Duration::from_secs(10), || {
-            errors.load(Ordering::Relaxed) > errors_before_kill
+            errors.count() > errors_before_kill
         })
         .await;
         stop.store(true, Ordering::Relaxed);
@@ -198,7 +224,7 @@ async fn acknowledged_allocations_survive_sigkill() {
             "cycle {cycle}: {acked_cycle} allocations acknowledged in {:.1} s before SIGKILL \
              ({acked_at_kill} counted at the kill, {} requests failed, {} acknowledged in total)",
             load_started.elapsed().as_secs_f64(),
-            errors.load(Ordering::Relaxed),
+            errors.count(),
             all.lock().unwrap().len()
         );
         assert!(
@@ -208,8 +234,14 @@ async fn acknowledged_allocations_survive_sigkill() {
             node.describe()
         );
         assert!(
+            exited_by_itself.is_none(),
+            "cycle {cycle}: the node exited by itself under load ({exited_by_itself:?})\n{}",
+            node.describe()
+        );
+        assert!(
             errors_before_kill == 0,
-            "cycle {cycle}: {errors_before_kill} requests failed before the kill\n{}",
+            "cycle {cycle}: {errors_before_kill} requests failed before the kill, first: \
+             {failures_before_kill:#?}\n{}",
             node.describe()
         );
         assert!(
