@@ -75,7 +75,8 @@ pub struct RunArgs {
     /// Remote clocks further ahead than this count as skew violations, e.g. 500ms [default: 500ms].
     #[arg(long, value_name = "DURATION")]
     pub max_clock_offset: Option<String>,
-    /// How long tokens are kept, e.g. 24h [default: 24h].
+    /// How long tokens are kept, e.g. 24h [default: 24h]. Validated but not yet
+    /// enforced: tokens are kept until expiry is built (docs/ARCHITECTURE.md).
     #[arg(long, value_name = "DURATION")]
     pub retention: Option<String>,
     /// Anti-entropy period: how often in-sync checks run with each peer [default: 1s].
@@ -223,8 +224,13 @@ impl RunArgs {
         let compensation = match self.compensation.as_deref().unwrap_or("log") {
             "log" => CompensationAction::Log,
             other => match other.strip_prefix("webhook:") {
-                Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
-                    CompensationAction::Webhook(url.to_owned())
+                Some(url) if url.starts_with("http://") => CompensationAction::Webhook(url.to_owned()),
+                Some(url) if url.starts_with("https://") => {
+                    return Err(invalid(
+                        "--compensation",
+                        other,
+                        format!("this build has no TLS client; point the webhook at a local http:// relay in front of {url}"),
+                    ))
                 }
                 _ => {
                     return Err(invalid(
