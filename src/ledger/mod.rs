@@ -147,14 +147,16 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Opens a ledger from stored shard bytes (`None` or empty: genesis).
+    /// Opens a ledger from stored shards: per shard, the concatenated chunk
+    /// bytes (empty: genesis) and how many chunks they are (compaction
+    /// resumes counting from there).
     /// `peers` are the allowlisted peer ids: settlement waits for all of them.
     pub fn open(
         me: NodeIdentity,
         peers: Vec<String>,
         clock: OffsetClock,
         max_clock_offset_ms: u64,
-        stored: Vec<Vec<u8>>,
+        stored: Vec<(Vec<u8>, usize)>,
         sink: Arc<dyn ChunkSink>,
     ) -> Result<Self, DocumentError> {
         let actor = ActorId::random();
@@ -163,7 +165,10 @@ impl Ledger {
         let mut shards = Vec::with_capacity(SHARD_COUNT);
         let mut malformed = 0;
         for shard in 0..SHARD_COUNT {
-            let bytes = stored.get(shard).map(Vec::as_slice).unwrap_or(&[]);
+            let (bytes, chunks) = stored
+                .get(shard)
+                .map(|(b, n)| (b.as_slice(), *n))
+                .unwrap_or((&[], 0));
             let mut doc = if bytes.is_empty() {
                 ShardDocument::genesis(shard)
             } else {
@@ -172,6 +177,7 @@ impl Ledger {
             doc.set_actor(actor.clone());
             let entries = doc.entries();
             let mut state = Shard::new(doc);
+            state.chunks_on_disk = chunks;
             for entry in entries {
                 match entry {
                     Entry::Allocation(record) => {

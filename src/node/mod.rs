@@ -205,7 +205,7 @@ impl Node {
                 offset_ms: config.drill_clock_offset_ms,
             },
             config.max_clock_offset.as_millis() as u64,
-            loaded.shards,
+            loaded.shards.into_iter().zip(loaded.chunk_counts).collect(),
             sink,
         )?);
         let peers = Arc::new(PeerTable::new(
