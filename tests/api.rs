@@ -646,7 +646,18 @@ async fn documents_are_plain_automerge_readable_from_the_data_model() {
         assert_eq!(status, 200, "GET {id}");
         assert_eq!(size, bytes.len() as u64, "size_bytes of {id}");
         let doc = Automerge::load(&bytes).expect("automerge load");
-        assert!(doc.get(ROOT, "allocations").unwrap().is_some(), "{id}");
+        // The genesis fields of docs/DATA_MODEL.md.
+        let scalar = |name: &str| match doc.get(ROOT, name) {
+            Ok(Some((AmValue::Scalar(v), _))) => v.into_owned(),
+            other => panic!("{id}: root {name:?} is not a scalar: {other:?}"),
+        };
+        assert_eq!(
+            scalar("schema"),
+            ScalarValue::Str("oncemesh/1".into()),
+            "{id}"
+        );
+        let n: u64 = id.strip_prefix("tokens-").unwrap().parse().unwrap();
+        assert_eq!(scalar("shard"), ScalarValue::Uint(n), "{id}");
         for r in read_allocations(&bytes, id) {
             let key = r.record["key"].as_str().expect("record key").to_string();
             assert_eq!(
@@ -679,6 +690,10 @@ async fn documents_are_plain_automerge_readable_from_the_data_model() {
         assert_eq!(record["region"], "nyc", "{key}");
         assert_eq!(record["node"], node.peer_id(), "{key}");
         assert_eq!(record["hlc"], resp["hlc"], "{key}");
+        // The documented shard function: u64_le(blake3(key)[0..8]) mod 8.
+        let hash = blake3::hash(key.as_bytes());
+        let n = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap()) % 8;
+        assert_eq!(found[key].0, format!("tokens-{n}"), "shard of {key}");
     }
 
     // A new allocation moves exactly the digest of the document holding it.

@@ -447,9 +447,14 @@ async fn the_losers_own_node_compensates_it_exactly_once() {
     s.c.heal_all();
     let loser = s.loser().clone();
     for node in 0..3 {
-        let entry = wait_for_report(&s, &rx, node, &[loser.clone()], "succeeded", |c| {
-            c["state"] == "succeeded" && attempts(c) >= 1
-        })
+        let entry = wait_for_report(
+            &s,
+            &rx,
+            node,
+            std::slice::from_ref(&loser),
+            "succeeded",
+            |c| c["state"] == "succeeded" && attempts(c) >= 1,
+        )
         .await;
         let comp = compensation(&entry, &loser.txn).unwrap();
         assert_eq!(comp["owner"], loser.peer.as_str(), "node {node}: {entry}");
@@ -480,7 +485,7 @@ async fn retryable_failures_are_retried_with_backoff_and_the_same_key() {
             &s,
             &rx,
             node,
-            &[loser.clone()],
+            std::slice::from_ref(&loser),
             "succeeded",
             state_is("succeeded"),
         )
@@ -541,7 +546,7 @@ async fn a_compensating_node_killed_mid_call_retries_with_the_same_key() {
             &s,
             &rx,
             node,
-            &[loser.clone()],
+            std::slice::from_ref(&loser),
             "succeeded",
             state_is("succeeded"),
         )
@@ -642,7 +647,7 @@ async fn a_permanent_failure_dead_letters_and_an_operator_retry_finishes_it() {
             &s,
             &rx,
             node,
-            &[loser.clone()],
+            std::slice::from_ref(&loser),
             "dead-lettered",
             state_is("dead-lettered"),
         )
@@ -682,7 +687,7 @@ async fn a_permanent_failure_dead_letters_and_an_operator_retry_finishes_it() {
             &s,
             &rx,
             node,
-            &[loser.clone()],
+            std::slice::from_ref(&loser),
             "succeeded",
             state_is("succeeded"),
         )

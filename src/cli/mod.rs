@@ -27,7 +27,7 @@ pub enum Command {
     ///
     /// Example: oncemesh run --region sgp --data-dir ./sgp --listen /ip4/0.0.0.0/tcp/7800
     ///   --peer /ip4/10.0.0.2/tcp/7800/p2p/12D3KooW...
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print this data dir's peer id (creating the identity if needed), to
     /// put in other nodes' --peer flags.
     Id {
@@ -114,7 +114,7 @@ pub struct ClientArgs {
 /// Runs a parsed command line; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Run(args) => run_node(args).await,
+        Command::Run(args) => run_node(*args).await,
         Command::Id { data_dir } => {
             let keypair = crate::node::identity::load_or_create(&data_dir)?;
             println!("{}", keypair.public().to_peer_id());
