@@ -64,6 +64,31 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// GETs a report. `Ok(Some(body))` when a table is to be printed;
+/// `Ok(None)` when the answer was already printed (`--json`) or was an error,
+/// with the exit code in `code`.
+async fn report(
+    args: &ClientArgs,
+    path: &str,
+    state: Option<&str>,
+    code: &mut i32,
+) -> anyhow::Result<Option<Value>> {
+    let path = match state {
+        Some(state) => format!("{path}?state={state}"),
+        None => path.to_owned(),
+    };
+    let (status, body) = call(args, reqwest::Method::GET, &path, None).await?;
+    if status != 200 {
+        *code = fail(status, &body);
+        return Ok(None);
+    }
+    if args.json {
+        print_json(&body);
+        return Ok(None);
+    }
+    Ok(Some(body))
+}
+
 /// `oncemesh allocate`.
 pub async fn allocate(args: &ClientArgs, key: &str, payload: &str) -> anyhow::Result<i32> {
     let payload: Value = serde_json::from_str(payload)
@@ -101,18 +126,10 @@ pub async fn allocate(args: &ClientArgs, key: &str, payload: &str) -> anyhow::Re
 
 /// `oncemesh conflicts`.
 pub async fn conflicts(args: &ClientArgs, state: Option<&str>) -> anyhow::Result<i32> {
-    let path = match state {
-        Some(state) => format!("/v1/conflicts?state={state}"),
-        None => "/v1/conflicts".into(),
+    let mut code = 0;
+    let Some(body) = report(args, "/v1/conflicts", state, &mut code).await? else {
+        return Ok(code);
     };
-    let (status, body) = call(args, reqwest::Method::GET, &path, None).await?;
-    if status != 200 {
-        return Ok(fail(status, &body));
-    }
-    if args.json {
-        print_json(&body);
-        return Ok(0);
-    }
     let list = body["conflicts"].as_array().cloned().unwrap_or_default();
     let mut rows = Vec::new();
     for c in &list {
@@ -166,14 +183,10 @@ pub async fn conflicts(args: &ClientArgs, state: Option<&str>) -> anyhow::Result
 
 /// `oncemesh status`.
 pub async fn status(args: &ClientArgs) -> anyhow::Result<i32> {
-    let (status, body) = call(args, reqwest::Method::GET, "/v1/health", None).await?;
-    if status != 200 {
-        return Ok(fail(status, &body));
-    }
-    if args.json {
-        print_json(&body);
-        return Ok(0);
-    }
+    let mut code = 0;
+    let Some(body) = report(args, "/v1/health", None, &mut code).await? else {
+        return Ok(code);
+    };
     println!(
         "status: {} (region {}, peer {})",
         s(&body["status"]),
@@ -232,14 +245,10 @@ pub async fn status(args: &ClientArgs) -> anyhow::Result<i32> {
 
 /// `oncemesh peers`.
 pub async fn peers(args: &ClientArgs) -> anyhow::Result<i32> {
-    let (status, body) = call(args, reqwest::Method::GET, "/v1/peers", None).await?;
-    if status != 200 {
-        return Ok(fail(status, &body));
-    }
-    if args.json {
-        print_json(&body);
-        return Ok(0);
-    }
+    let mut code = 0;
+    let Some(body) = report(args, "/v1/peers", None, &mut code).await? else {
+        return Ok(code);
+    };
     let rows: Vec<Vec<String>> = body["peers"]
         .as_array()
         .into_iter()
@@ -278,18 +287,10 @@ pub async fn peers(args: &ClientArgs) -> anyhow::Result<i32> {
 
 /// `oncemesh compensations`.
 pub async fn compensations(args: &ClientArgs, state: Option<&str>) -> anyhow::Result<i32> {
-    let path = match state {
-        Some(state) => format!("/v1/compensations?state={state}"),
-        None => "/v1/compensations".into(),
+    let mut code = 0;
+    let Some(body) = report(args, "/v1/compensations", state, &mut code).await? else {
+        return Ok(code);
     };
-    let (status, body) = call(args, reqwest::Method::GET, &path, None).await?;
-    if status != 200 {
-        return Ok(fail(status, &body));
-    }
-    if args.json {
-        print_json(&body);
-        return Ok(0);
-    }
     let rows: Vec<Vec<String>> = body["compensations"]
         .as_array()
         .into_iter()
