@@ -234,10 +234,29 @@ fn open_copy(saved: &[Vec<u8>]) -> Ledger {
         Vec::new(),
         OffsetClock::default(),
         500,
-        saved.to_vec(),
+        saved.iter().map(|bytes| (bytes.clone(), 1)).collect(),
         Arc::new(DiscardSink),
     )
     .expect("reload")
+}
+
+/// A memory figure of this process from /proc/self/status, MiB (0 where unavailable).
+fn rss_mib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// Resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0; no-op elsewhere).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 fn merge_into(target: &Ledger, source: &[Vec<u8>]) -> usize {
@@ -269,11 +288,15 @@ fn bench_merge(c: &mut Criterion) {
             "merge/{n}: reopening one ledger from saved bytes took {:.2} s",
             started.elapsed().as_secs_f64()
         );
+        let rss_before = rss_mib("VmRSS");
+        reset_peak_rss();
         let started = Instant::now();
         assert_eq!(merge_into(&merged, &source), n + SHARED);
         eprintln!(
-            "merge/{n}: first merge took {:.2} s",
-            started.elapsed().as_secs_f64()
+            "merge/{n}: first merge took {:.2} s; process RSS {rss_before} MiB before, peak {} MiB during, {} MiB after",
+            started.elapsed().as_secs_f64(),
+            rss_mib("VmHWM"),
+            rss_mib("VmRSS"),
         );
         let conflicts = merged.conflicts();
         assert_eq!(conflicts.len(), SHARED, "exactly the shared keys conflict");

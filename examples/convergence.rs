@@ -18,10 +18,13 @@
 //!    on all three nodes (same key, same payload: a customer retry that hit
 //!    every region; a conflict because they are different transactions);
 //! 4. heal every proxy and measure, polling each node every `--poll-ms`,
-//!    the time until its `GET /v1/health` reports `ledger.keys` = 3K+S and its
-//!    `GET /v1/conflicts` lists exactly the S shared keys; also the bytes the
-//!    proxies forwarded from heal to convergence, the first reconnection after
-//!    heal, and the CPU time each node process used meanwhile.
+//!    the time until its `GET /v1/conflicts` lists exactly the S shared keys
+//!    (each with 3 allocations) and its `GET /v1/health` reports
+//!    `ledger.keys` = 3K+S (health is only asked once the cheap conflict report
+//!    is complete: it counts every key under every shard lock); also the bytes
+//!    the proxies forwarded from heal to convergence, when the proxies first
+//!    forwarded a connection again, the CPU time each node used meanwhile, the
+//!    CPU other processes used (to reject disturbed runs), and node RSS.
 //!
 //! The `oncemesh` binary is `--bin`, or the one next to this example's own
 //! directory (`target/release/oncemesh` for `target/release/examples/convergence`).
@@ -73,6 +76,10 @@ struct Args {
     /// Also print each run's figures as one JSON object per line.
     #[arg(long)]
     json: bool,
+    /// Print a timeline after heal to stderr at every poll (complete conflicts
+    /// per node, bytes forwarded); without it, every 5 s.
+    #[arg(long)]
+    trace: bool,
 }
 
 #[tokio::main]
@@ -142,10 +149,14 @@ struct RunResult {
     allocate_s: f64,
     allocation_rate: f64,
     reconnect_s: f64,
+    all_pairs_s: f64,
     per_node_s: Vec<f64>,
     converged_s: f64,
     bytes: u64,
     cpu_s: Vec<f64>,
+    idle_cpu_s: Vec<f64>,
+    other_cpu_s: f64,
+    rss_mib: Vec<u64>,
     errors: u64,
 }
 
@@ -165,8 +176,9 @@ impl RunResult {
             self.errors
         );
         println!(
-            "run {run}: first reconnect {:.3} s after heal; converged {:.3} s after heal (per node: {}); {:.3} s after reconnect",
+            "run {run}: first reconnect {:.3} s after heal, every pair reconnected {:.3} s; converged {:.3} s after heal (per node: {}); {:.3} s after first reconnect",
             self.reconnect_s,
+            self.all_pairs_s,
             self.converged_s,
             self.per_node_s
                 .iter()
@@ -186,15 +198,28 @@ impl RunResult {
                 .collect::<Vec<_>>()
                 .join(" + "),
         );
+        println!(
+            "run {run}: node RSS after convergence {:?} MiB; other processes used {:.2} CPU s meanwhile; CPU of each partitioned node while idle before heal: {} s/s",
+            self.rss_mib,
+            self.other_cpu_s,
+            self.idle_cpu_s
+                .iter()
+                .map(|s| format!("{s:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
     }
     fn json(&self) -> Value {
         serde_json::json!({
             "keys_per_node": self.keys, "shared": self.shared,
             "allocations": self.allocations(), "allocate_s": self.allocate_s,
             "allocation_rate": self.allocation_rate, "errors": self.errors,
-            "reconnect_s": self.reconnect_s, "converged_s": self.converged_s,
+            "reconnect_s": self.reconnect_s, "all_pairs_s": self.all_pairs_s,
+            "converged_s": self.converged_s,
             "per_node_s": self.per_node_s, "bytes": self.bytes,
             "bytes_per_allocation": self.bytes_per_allocation(), "cpu_s": self.cpu_s,
+            "idle_cpu_per_s": self.idle_cpu_s, "other_cpu_s": self.other_cpu_s,
+            "rss_mib_after": self.rss_mib,
         })
     }
 }
@@ -235,18 +260,14 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
     // proxies[i][j]: node i dials node j through it.
     let mut proxies: Vec<Arc<Proxy>> = Vec::new();
     let mut peer_args: Vec<Vec<String>> = vec![Vec::new(); 3];
-    for i in 0..3 {
-        for j in 0..3 {
+    for (i, args_of_i) in peer_args.iter_mut().enumerate() {
+        for (j, (port, id)) in listen.iter().zip(&ids).enumerate() {
             if i == j {
                 continue;
             }
-            let target: SocketAddr = format!("127.0.0.1:{}", listen[j]).parse()?;
+            let target: SocketAddr = format!("127.0.0.1:{port}").parse()?;
             let proxy = Proxy::start(target).await?;
-            peer_args[i].push(format!(
-                "/ip4/127.0.0.1/tcp/{}/p2p/{}",
-                proxy.addr.port(),
-                ids[j]
-            ));
+            args_of_i.push(format!("/ip4/127.0.0.1/tcp/{}/p2p/{id}", proxy.addr.port()));
             proxies.push(proxy);
         }
     }
@@ -364,12 +385,22 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
             args.keys + args.shared
         );
     }
-    // Let the write queues drain before the clock starts.
+    // Let the write queues drain before the clock starts, then see what the
+    // partitioned nodes spend while nobody talks to them.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_before: Vec<f64> = nodes.iter().map(|n| cpu_seconds(n.pid)).collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_cpu_s: Vec<f64> = nodes
+        .iter()
+        .zip(&idle_before)
+        .map(|(n, b)| (cpu_seconds(n.pid) - b) / 2.0)
+        .collect();
 
     // Heal and measure.
     let bytes_before: u64 = proxies.iter().map(|p| p.bytes()).sum();
     let cpu_before: Vec<f64> = nodes.iter().map(|n| cpu_seconds(n.pid)).collect();
+    let machine_before = machine_busy_seconds();
+    let own_before = cpu_seconds(std::process::id());
     let healed = Instant::now();
     for p in &proxies {
         p.heal();
@@ -387,6 +418,16 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
                 timeout.as_secs()
             );
         }
+        if args.trace || last_report.elapsed() > Duration::from_secs(5) {
+            last_report = Instant::now();
+            let bytes: u64 = proxies.iter().map(|p| p.bytes()).sum();
+            eprintln!(
+                "[{:>6.3}s after heal] complete {} bytes={}",
+                healed.elapsed().as_secs_f64(),
+                conflict_counts(&http, &nodes).await,
+                bytes - bytes_before
+            );
+        }
         for (i, node) in nodes.iter().enumerate() {
             if per_node[i].is_some() {
                 continue;
@@ -397,31 +438,42 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
                 bytes_at = proxies.iter().map(|p| p.bytes()).sum();
             }
         }
-        if last_report.elapsed() > Duration::from_secs(5) {
-            last_report = Instant::now();
-            eprintln!(
-                "[{:>5.1}s after heal] {}",
-                healed.elapsed().as_secs_f64(),
-                status_lines(&http, &nodes).await.replace('\n', " | ")
-            );
-        }
         tokio::time::sleep(Duration::from_millis(args.poll_ms)).await;
     }
+    // Everything the machine did meanwhile that was neither a node nor this program.
+    let other_cpu_s = machine_busy_seconds()
+        - machine_before
+        - (cpu_seconds(std::process::id()) - own_before)
+        - nodes
+            .iter()
+            .zip(&cpu_before)
+            .map(|(n, b)| cpu_seconds(n.pid) - b)
+            .sum::<f64>();
     let per_node_s: Vec<f64> = per_node
         .into_iter()
         .map(Option::unwrap_or_default)
         .collect();
     let converged_s = per_node_s.iter().copied().fold(0.0, f64::max);
-    let reconnect_s = proxies
+    let accepts: Vec<f64> = proxies
         .iter()
-        .filter_map(|p| p.first_accept_after_heal())
-        .map(|t| t.saturating_duration_since(healed).as_secs_f64())
-        .fold(f64::INFINITY, f64::min);
+        .map(|p| {
+            p.first_accept_after_heal().map_or(f64::NAN, |t| {
+                t.saturating_duration_since(healed).as_secs_f64()
+            })
+        })
+        .collect();
+    let reconnect_s = accepts.iter().copied().fold(f64::INFINITY, f64::min);
+    // A pair (i, j) is reconnected once either direction's proxy forwarded a connection.
+    let all_pairs_s = [(0, 2), (1, 4), (3, 5)]
+        .iter()
+        .map(|&(a, b)| accepts[a].min(accepts[b]))
+        .fold(0.0, f64::max);
     let cpu_s = cpu_after
         .iter()
         .zip(&cpu_before)
         .map(|(a, b)| a - b)
         .collect();
+    let rss_mib: Vec<u64> = nodes.iter().map(|n| rss_mib(n.pid)).collect();
     for mut n in nodes {
         let _ = n.child.kill().await;
     }
@@ -431,18 +483,60 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         allocate_s,
         allocation_rate: (3 * args.keys + 3 * args.shared) as f64 / allocate_s,
         reconnect_s,
+        all_pairs_s,
         per_node_s,
         converged_s,
         bytes: bytes_at - bytes_before,
         cpu_s,
+        idle_cpu_s,
+        other_cpu_s,
+        rss_mib,
         errors,
     })
+}
+
+/// Busy CPU seconds of the whole machine since boot (Linux /proc/stat; 0 elsewhere).
+fn machine_busy_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(cpu) = stat.lines().next() else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+    let ticks: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let busy: u64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    busy as f64 / 100.0
 }
 
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// Resident memory of a process, MiB (Linux /proc; 0 elsewhere).
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
 }
 
 /// utime + stime of a process, seconds (Linux /proc; 0 elsewhere).
@@ -501,34 +595,48 @@ async fn wait_peers(
     Ok(())
 }
 
+/// Whether `node` holds every key and reports exactly the shared keys as
+/// conflicts. The conflict report is cheap (it is as long as the conflicts)
+/// and checked first; `/v1/health` counts every key under every shard lock, so
+/// it is only asked once the conflicts are complete, to keep the poller from
+/// slowing the nodes it measures.
 async fn converged(
     http: &reqwest::Client,
     node: &str,
     want_keys: u64,
     shared: &BTreeSet<String>,
 ) -> bool {
+    if complete_conflicts(http, node).await.as_ref() != Some(shared) {
+        return false;
+    }
     let Ok(health) = get_json(http, &format!("{node}/v1/health")).await else {
         return false;
     };
-    if health["ledger"]["keys"].as_u64() != Some(want_keys) {
-        return false;
+    health["ledger"]["keys"].as_u64() == Some(want_keys)
+}
+
+/// Keys in the node's conflict report that have all three allocations.
+async fn complete_conflicts(http: &reqwest::Client, node: &str) -> Option<BTreeSet<String>> {
+    let report = get_json(http, &format!("{node}/v1/conflicts")).await.ok()?;
+    Some(
+        report["conflicts"]
+            .as_array()?
+            .iter()
+            .filter(|c| c["allocations"].as_array().map_or(0, Vec::len) == 3)
+            .filter_map(|c| c["key"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+async fn conflict_counts(http: &reqwest::Client, nodes: &[NodeProc]) -> String {
+    let mut out = Vec::new();
+    for n in nodes {
+        let count = complete_conflicts(http, &n.http)
+            .await
+            .map_or(-1, |c| c.len() as i64);
+        out.push(format!("conflicts={count}"));
     }
-    let Ok(report) = get_json(http, &format!("{node}/v1/conflicts")).await else {
-        return false;
-    };
-    let keys: BTreeSet<String> = report["conflicts"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|c| c["key"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    let complete = report["conflicts"].as_array().is_some_and(|a| {
-        a.iter()
-            .all(|c| c["allocations"].as_array().map_or(0, Vec::len) == 3)
-    });
-    &keys == shared && complete
+    out.join(" ")
 }
 
 async fn status_lines(http: &reqwest::Client, nodes: &[NodeProc]) -> String {

@@ -53,6 +53,10 @@ struct Args {
     /// Also print the summary as one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// Write every answered request as `<due ms since start> <latency us>` to this file
+    /// (to see whether slow answers cluster in time).
+    #[arg(long, value_name = "FILE")]
+    latency_log: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -67,6 +71,8 @@ struct Counters {
 struct ClientReport {
     /// Latencies of answered requests (2xx), microseconds.
     latencies_us: Vec<u32>,
+    /// When each of them was due, ms since start (only with --latency-log).
+    due_ms: Vec<u32>,
     /// Requests whose replay did not come back as a replay.
     wrong_replays: u64,
     /// First few error messages.
@@ -159,10 +165,20 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let mut latencies: Vec<u32> = Vec::new();
+    let mut timeline: Vec<(u32, u32)> = Vec::new();
     let mut wrong_replays = 0;
     let mut error_samples: Vec<String> = Vec::new();
     for task in tasks {
         let report = task.await?;
+        if args.latency_log.is_some() {
+            timeline.extend(
+                report
+                    .due_ms
+                    .iter()
+                    .copied()
+                    .zip(report.latencies_us.iter().copied()),
+            );
+        }
         latencies.extend(report.latencies_us);
         wrong_replays += report.wrong_replays;
         for e in report.errors {
@@ -174,6 +190,15 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     progress.abort();
     latencies.sort_unstable();
+    if let Some(path) = &args.latency_log {
+        use std::io::Write;
+        timeline.sort_unstable();
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for (due, latency) in &timeline {
+            writeln!(out, "{due} {latency}")?;
+        }
+        out.flush()?;
+    }
 
     let created = counters.created.load(Ordering::Relaxed);
     let replays = counters.replays.load(Ordering::Relaxed);
@@ -310,6 +335,9 @@ async fn run_client(c: RunClient) -> ClientReport {
                 report
                     .latencies_us
                     .push(latency.as_micros().min(u32::MAX as u128) as u32);
+                report
+                    .due_ms
+                    .push(due.duration_since(c.started).as_millis() as u32);
                 let answered_replay = status == reqwest::StatusCode::OK
                     && serde_json::from_slice::<serde_json::Value>(&body)
                         .ok()
