@@ -161,6 +161,7 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
         recover(&node, &policy).await;
         loop {
             schedule_new_losers(&node).await;
+            forget_expired(&node);
             let next_due = run_due(&node, &policy, &executor, &shutdown).await;
             let wait = next_due
                 .map(|at| Duration::from_millis(at.saturating_sub(node.ledger.wall_ms())))
@@ -214,7 +215,9 @@ async fn recover(node: &Node, policy: &RetryPolicy) {
             }
         }
         let Some((key, winner_txn)) = locate(node, &txn) else {
-            tracing::error!(txn, "compensation log names a transaction the ledger lacks");
+            // Its allocation passed the retention while the node was down.
+            tracing::warn!(txn, state = %machine.state, "forgetting the compensation of an expired allocation");
+            node.storage.drop_log(&txn);
             continue;
         };
         let tracked = Tracked {
@@ -241,6 +244,36 @@ fn locate(node: &Node, txn: &str) -> Option<(String, String)> {
                 )
             })
     })
+}
+
+/// Forgets compensations whose conflict passed the retention (the ledger
+/// dropped it), here and in the durable log. One that never succeeded is
+/// logged loudly: its loser expired uncompensated.
+fn forget_expired(node: &Node) {
+    let live: std::collections::HashSet<String> = node
+        .ledger
+        .conflicts()
+        .into_iter()
+        .flat_map(|c| {
+            c.key
+                .allocations
+                .into_iter()
+                .map(|a| a.record.txn_id.clone())
+        })
+        .collect();
+    let mut entries = node.compensations.lock();
+    entries.retain(|txn, tracked| {
+        if live.contains(txn) {
+            return true;
+        }
+        if tracked.machine.state == CompensationState::Succeeded {
+            tracing::info!(txn, "forgetting a finished compensation past the retention");
+        } else {
+            tracing::error!(txn, state = %tracked.machine.state, "allocation expired before its compensation succeeded; check it by hand");
+        }
+        node.storage.drop_log(txn);
+        false
+    });
 }
 
 /// Creates a compensation for every loser this node made that has none.
