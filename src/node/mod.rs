@@ -139,6 +139,9 @@ pub struct Node {
     pub compensation_wakeup: Notify,
     /// This node's own compensations.
     pub compensations: crate::compensation::Registry,
+    /// Keys whose conflict appeared or changed since the compensation engine
+    /// last looked: it works from what changed, not from a rescan.
+    conflict_inbox: Mutex<BTreeSet<String>>,
     allocators: Vec<allocator::Queue>,
     started_ms: u64,
 }
@@ -264,6 +267,7 @@ impl Node {
             confidence: Mutex::new(ConfidenceModel::new(ConfidenceParams::default())),
             compensation_wakeup: Notify::new(),
             compensations: Default::default(),
+            conflict_inbox: Mutex::new(BTreeSet::new()),
             allocators,
             started_ms: crate::hlc::PhysicalClock::now_ms(&crate::hlc::SystemClock)
                 .saturating_add_signed(config.drill_clock_offset_ms),
@@ -396,6 +400,24 @@ impl Node {
         self.confidence_model().confidence(&views)
     }
 
+    /// Queues a key for the compensation engine to look at again.
+    pub fn note_changed_conflict(&self, key: &str) {
+        self.conflict_inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned());
+    }
+
+    /// Takes the keys whose conflicts changed since the last call.
+    pub fn take_changed_conflicts(&self) -> BTreeSet<String> {
+        std::mem::take(
+            &mut *self
+                .conflict_inbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
     /// The confidence model, locked.
     pub fn confidence_model(&self) -> std::sync::MutexGuard<'_, ConfidenceModel> {
         self.confidence.lock().unwrap_or_else(|p| p.into_inner())
@@ -431,6 +453,10 @@ impl Node {
                     }
                 }
             }
+            self.conflict_inbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(outcome.conflicts_changed.iter().cloned());
             self.compensation_wakeup.notify_one();
         }
         if !outcome.malformed.is_empty() {
