@@ -75,8 +75,10 @@ pub struct RunArgs {
     /// Remote clocks further ahead than this count as skew violations, e.g. 500ms [default: 500ms].
     #[arg(long, value_name = "DURATION")]
     pub max_clock_offset: Option<String>,
-    /// How long tokens are kept, e.g. 24h [default: 24h]. Validated but not yet
-    /// enforced: tokens are kept until expiry is built (docs/ARCHITECTURE.md).
+    /// How long tokens are kept, e.g. 24h [default: 24h]. After it a key is
+    /// forgotten everywhere and a new request for it is a new allocation.
+    /// Every node of a cluster must use the same value (it sets the document
+    /// time windows).
     #[arg(long, value_name = "DURATION")]
     pub retention: Option<String>,
     /// Anti-entropy period: how often in-sync checks run with each peer [default: 1s].

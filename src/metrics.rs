@@ -48,6 +48,10 @@ pub struct Metrics {
     pub settled_ratio: Gauge<f64, AtomicU64>,
     /// Distinct keys held.
     pub keys: Gauge,
+    /// Live ledger documents (shards times live time windows).
+    pub documents: Gauge,
+    /// Allocations dropped because they passed the retention, since start.
+    pub expired_allocations: Gauge,
     /// Confidence given to new allocations.
     pub confidence_at_allocation: Histogram,
     /// Duration of each group commit (write + fsync), seconds.
@@ -103,6 +107,8 @@ impl Metrics {
             oldest_provisional_seconds: Gauge::default(),
             settled_ratio: Gauge::default(),
             keys: Gauge::default(),
+            documents: Gauge::default(),
+            expired_allocations: Gauge::default(),
             confidence_at_allocation: Histogram::new([0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1.0]),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
@@ -159,6 +165,12 @@ impl Metrics {
             m.settled_ratio.clone(),
         );
         r.register("keys", "Distinct idempotency keys held", m.keys.clone());
+        r.register("documents", "Live ledger documents", m.documents.clone());
+        r.register(
+            "expired_allocations",
+            "Allocations dropped past the retention since start",
+            m.expired_allocations.clone(),
+        );
         r.register(
             "confidence_at_allocation",
             "Confidence given to new allocations",

@@ -1,4 +1,4 @@
-//! Durable local state: automerge chunks per shard and the compensation log,
+//! Durable local state: automerge chunks per document and the compensation log,
 //! in one redb database with group commit.
 //!
 //! Why redb: a well-kept pure-Rust embedded store with checksummed,
@@ -15,7 +15,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-const CHUNKS: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("chunks");
+/// (epoch, shard, sequence) → automerge chunk or saved document.
+const CHUNKS: TableDefinition<(u32, u8, u64), &[u8]> = TableDefinition::new("document_chunks");
 const COMPENSATION_LOG: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("compensation_log");
 
@@ -53,20 +54,27 @@ fn io<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> StorageErro
     }
 }
 
+/// A document as storage knows it: (epoch, shard).
+pub type DocKey = (u32, u8);
+
 /// A unit of work for the writer thread.
 enum Job {
-    /// Automerge change chunks of a shard, appended.
+    /// Automerge change chunks of a document, appended.
     Chunk {
-        shard: u16,
+        doc: DocKey,
         seq: u64,
         bytes: Vec<u8>,
     },
-    /// A full save of a shard that replaces every earlier chunk of it.
+    /// A full save of a document that replaces every earlier chunk of it.
     Snapshot {
-        shard: u16,
+        doc: DocKey,
         seq: u64,
         bytes: Vec<u8>,
     },
+    /// Forget a document entirely (it passed the retention).
+    Drop { doc: DocKey, seq: u64 },
+    /// Forget a transaction's compensation log (it passed the retention).
+    DropLog { txn: String, seq: u64 },
     /// One compensation log entry.
     LogEntry {
         txn: String,
@@ -96,20 +104,15 @@ pub struct Storage {
 /// The compensation log entries of one transaction, in order.
 pub type LogOfTransaction = (String, Vec<Vec<u8>>);
 
-/// What was on disk at open.
-pub struct Loaded {
-    /// Per shard, the concatenated chunks in order (empty: nothing stored).
-    pub shards: Vec<Vec<u8>>,
-    /// Per shard, number of chunks stored (drives compaction).
-    pub chunk_counts: Vec<usize>,
-}
+/// What was on disk at open: per document, its chunks concatenated in order
+/// and how many they are (compaction counts from there).
+pub type Loaded = std::collections::BTreeMap<DocKey, (Vec<u8>, usize)>;
 
 impl Storage {
     /// Opens (or creates) the database in `dir` and reads back every shard.
     /// `on_commit` is called by the writer thread after each group commit.
     pub fn open(
         dir: &Path,
-        shard_count: usize,
         on_commit: Box<dyn Fn(CommitStats) + Send>,
     ) -> Result<(Arc<Self>, Loaded), StorageError> {
         let path = dir.join(DB_FILE);
@@ -121,7 +124,7 @@ impl Storage {
                 reason: e.to_string(),
             })?;
         let db = Arc::new(db);
-        let loaded = read_shards(&db, shard_count)?;
+        let loaded = read_documents(&db)?;
         let next_seq = loaded.1 + 1;
         let (tx, rx) = mpsc::channel();
         let (durable_tx, durable_rx) = watch::channel(next_seq - 1);
@@ -152,22 +155,27 @@ impl Storage {
         seq
     }
 
-    /// Queues change chunks of a shard; returns their durable sequence.
-    pub fn append_chunk(&self, shard: usize, bytes: Vec<u8>) -> u64 {
-        self.enqueue(|seq| Job::Chunk {
-            shard: shard as u16,
+    /// Queues change chunks of a document; returns their durable sequence.
+    pub fn append_chunk(&self, doc: DocKey, bytes: Vec<u8>) -> u64 {
+        self.enqueue(|seq| Job::Chunk { doc, seq, bytes })
+    }
+
+    /// Queues a full save of a document that replaces all its earlier chunks.
+    pub fn replace_with_snapshot(&self, doc: DocKey, bytes: Vec<u8>) -> u64 {
+        self.enqueue(|seq| Job::Snapshot { doc, seq, bytes })
+    }
+
+    /// Queues the removal of a transaction's compensation log.
+    pub fn drop_log(&self, txn: &str) -> u64 {
+        self.enqueue(|seq| Job::DropLog {
+            txn: txn.to_owned(),
             seq,
-            bytes,
         })
     }
 
-    /// Queues a full save of a shard that replaces all its earlier chunks.
-    pub fn replace_with_snapshot(&self, shard: usize, bytes: Vec<u8>) -> u64 {
-        self.enqueue(|seq| Job::Snapshot {
-            shard: shard as u16,
-            seq,
-            bytes,
-        })
+    /// Queues the removal of every chunk of a document.
+    pub fn drop_document(&self, doc: DocKey) -> u64 {
+        self.enqueue(|seq| Job::Drop { doc, seq })
     }
 
     /// Queues a compensation log entry; returns its durable sequence.
@@ -236,26 +244,23 @@ impl Storage {
     }
 }
 
-fn read_shards(db: &Database, shard_count: usize) -> Result<(Loaded, u64), StorageError> {
-    let mut loaded = Loaded {
-        shards: vec![Vec::new(); shard_count],
-        chunk_counts: vec![0; shard_count],
-    };
+fn read_documents(db: &Database) -> Result<(Loaded, u64), StorageError> {
+    let mut loaded = Loaded::new();
     let mut max_seq = 0;
     let read = db.begin_read().map_err(io("reading chunks"))?;
-    let table = match read.open_table(CHUNKS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((loaded, 0)),
-        Err(e) => return Err(io("opening chunks")(e)),
-    };
-    for row in table.iter().map_err(io("reading chunks"))? {
-        let (k, v) = row.map_err(io("reading chunks"))?;
-        let (shard, seq) = k.value();
-        max_seq = max_seq.max(seq);
-        if let Some(bytes) = loaded.shards.get_mut(shard as usize) {
-            bytes.extend_from_slice(v.value());
-            loaded.chunk_counts[shard as usize] += 1;
+    match read.open_table(CHUNKS) {
+        Ok(table) => {
+            for row in table.iter().map_err(io("reading chunks"))? {
+                let (k, v) = row.map_err(io("reading chunks"))?;
+                let (epoch, shard, seq) = k.value();
+                max_seq = max_seq.max(seq);
+                let entry = loaded.entry((epoch, shard)).or_default();
+                entry.0.extend_from_slice(v.value());
+                entry.1 += 1;
+            }
         }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(io("opening chunks")(e)),
     }
     if let Ok(log) = read.open_table(COMPENSATION_LOG) {
         for row in log.iter().map_err(io("reading the compensation log"))? {
@@ -297,7 +302,11 @@ fn write_loop(
 
 fn job_seq(job: &Job) -> u64 {
     match job {
-        Job::Chunk { seq, .. } | Job::Snapshot { seq, .. } | Job::LogEntry { seq, .. } => *seq,
+        Job::Chunk { seq, .. }
+        | Job::Snapshot { seq, .. }
+        | Job::Drop { seq, .. }
+        | Job::DropLog { seq, .. }
+        | Job::LogEntry { seq, .. } => *seq,
     }
 }
 
@@ -310,18 +319,40 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StorageError> {
             .map_err(io("opening the compensation log"))?;
         for job in jobs {
             match job {
-                Job::Chunk { shard, seq, bytes } => {
+                Job::Chunk {
+                    doc: (epoch, shard),
+                    seq,
+                    bytes,
+                } => {
                     chunks
-                        .insert((*shard, *seq), bytes.as_slice())
+                        .insert((*epoch, *shard, *seq), bytes.as_slice())
                         .map_err(io("writing a chunk"))?;
                 }
-                Job::Snapshot { shard, seq, bytes } => {
+                Job::Snapshot {
+                    doc: (epoch, shard),
+                    seq,
+                    bytes,
+                } => {
                     chunks
-                        .retain_in((*shard, 0)..(*shard, *seq), |_, _| false)
+                        .retain_in((*epoch, *shard, 0)..(*epoch, *shard, *seq), |_, _| false)
                         .map_err(io("dropping compacted chunks"))?;
                     chunks
-                        .insert((*shard, *seq), bytes.as_slice())
+                        .insert((*epoch, *shard, *seq), bytes.as_slice())
                         .map_err(io("writing a snapshot"))?;
+                }
+                Job::Drop {
+                    doc: (epoch, shard),
+                    ..
+                } => {
+                    chunks
+                        .retain_in((*epoch, *shard, 0)..=(*epoch, *shard, u64::MAX), |_, _| {
+                            false
+                        })
+                        .map_err(io("dropping an expired document"))?;
+                }
+                Job::DropLog { txn, .. } => {
+                    log.retain_in((txn.as_str(), 0)..=(txn.as_str(), u64::MAX), |_, _| false)
+                        .map_err(io("dropping an expired compensation log"))?;
                 }
                 Job::LogEntry { txn, seq, bytes } => {
                     log.insert((txn.as_str(), *seq), bytes.as_slice())

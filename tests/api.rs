@@ -481,7 +481,20 @@ async fn bad_input_is_refused_with_a_json_error_and_writes_nothing() {
     // document are 400, and nothing changes.
     let (status, docs_before) = node.get_json("/v1/documents").await;
     assert_eq!(status, 200, "{docs_before}");
-    for id in ["tokens-8", "tokens-99", "tokens-01", "tokens--1", "nope"] {
+    let first_doc = docs_before["documents"][0]["id"]
+        .as_str()
+        .expect("the baseline allocation made a document")
+        .to_owned();
+    for id in [
+        "tokens-8",
+        "tokens-99",
+        "tokens-01",
+        "tokens--1",
+        "tokens-1-8",
+        "tokens-1-01",
+        "tokens-1-1-1",
+        "nope",
+    ] {
         let (status, resp) = node.get_json(&format!("/v1/documents/{id}")).await;
         assert_eq!(status, 404, "GET document {id}: {resp}");
         error_message(status, &resp, id);
@@ -496,7 +509,7 @@ async fn bad_input_is_refused_with_a_json_error_and_writes_nothing() {
         assert_eq!(status, 404, "POST document {id}: {resp}");
         error_message(status, &resp, id);
     }
-    let (_, good) = get_bytes(node, "/v1/documents/tokens-0").await;
+    let (_, good) = get_bytes(node, &format!("/v1/documents/{first_doc}")).await;
     let mut truncated = good.clone();
     truncated.truncate(good.len() / 2);
     let mut flipped = good.clone();
@@ -520,16 +533,20 @@ async fn bad_input_is_refused_with_a_json_error_and_writes_nothing() {
             foreign.save(),
         ),
     ] {
-        let (status, resp) = post_raw(
-            node,
-            "/v1/documents/tokens-0",
-            "application/octet-stream",
-            bytes,
-            None,
-        )
-        .await;
-        assert_eq!(status, 400, "merge of {what}: {resp}");
-        error_message(status, &resp, what);
+        // Into an existing document, and into a valid id this node lacks
+        // (which must not be left behind as an empty document).
+        for id in [first_doc.as_str(), "tokens-4000000000-3"] {
+            let (status, resp) = post_raw(
+                node,
+                &format!("/v1/documents/{id}"),
+                "application/octet-stream",
+                bytes.clone(),
+                None,
+            )
+            .await;
+            assert_eq!(status, 400, "merge of {what} into {id}: {resp}");
+            error_message(status, &resp, what);
+        }
     }
     let (_, docs_after) = node.get_json("/v1/documents").await;
     assert_eq!(
@@ -609,6 +626,16 @@ async fn bearer_token_guards_the_api_but_not_health() {
     assert_eq!(status, 200, "{resp}");
 }
 
+/// The document a key's allocation lives in, by docs/DATA_MODEL.md:
+/// shard = u64_le(blake3(key)[0..8]) mod 8, epoch = hlc ms / window ms.
+fn documented_id(key: &str, allocation: &Value) -> String {
+    let hash = blake3::hash(key.as_bytes());
+    let shard = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap()) % 8;
+    let hlc_ms: u64 = allocation["hlc"].as_str().unwrap()[..16].parse().unwrap();
+    let window_ms = 24 * 3600 * 1000 / 4;
+    format!("tokens-{}-{shard}", hlc_ms / window_ms)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documents_are_plain_automerge_readable_from_the_data_model() {
     let cluster = Cluster::start(1, one("nyc")).await;
@@ -624,13 +651,14 @@ async fn documents_are_plain_automerge_readable_from_the_data_model() {
     let (status, list) = node.get_json("/v1/documents").await;
     assert_eq!(status, 200, "{list}");
     let docs = list["documents"].as_array().expect("documents array");
-    assert_eq!(docs.len(), 8, "8 documents: {list}");
     let ids: BTreeSet<String> = docs
         .iter()
         .map(|d| d["id"].as_str().expect("id").to_string())
         .collect();
-    let expected: BTreeSet<String> = (0..8).map(|n| format!("tokens-{n}")).collect();
-    assert_eq!(ids, expected);
+    // docs/DATA_MODEL.md: tokens-<epoch>-<shard>, epoch = hlc ms / window
+    // (a quarter of the 24 h default retention), shard from blake3 of the key.
+    let expected: BTreeSet<String> = made.iter().map(|(k, r)| documented_id(k, r)).collect();
+    assert_eq!(ids, expected, "{list}");
     let mut found: BTreeMap<String, (String, Value)> = BTreeMap::new();
     let mut digests = BTreeSet::new();
     for d in docs {
@@ -656,8 +684,20 @@ async fn documents_are_plain_automerge_readable_from_the_data_model() {
             ScalarValue::Str("oncemesh/1".into()),
             "{id}"
         );
-        let n: u64 = id.strip_prefix("tokens-").unwrap().parse().unwrap();
-        assert_eq!(scalar("shard"), ScalarValue::Uint(n), "{id}");
+        let (epoch, shard) = id
+            .strip_prefix("tokens-")
+            .and_then(|rest| rest.split_once('-'))
+            .expect("tokens-<epoch>-<shard>");
+        assert_eq!(
+            scalar("shard"),
+            ScalarValue::Uint(shard.parse().unwrap()),
+            "{id}"
+        );
+        assert_eq!(
+            scalar("epoch"),
+            ScalarValue::Uint(epoch.parse().unwrap()),
+            "{id}"
+        );
         for r in read_allocations(&bytes, id) {
             let key = r.record["key"].as_str().expect("record key").to_string();
             assert_eq!(
@@ -678,7 +718,11 @@ async fn documents_are_plain_automerge_readable_from_the_data_model() {
             assert!(prior.is_none(), "key {key} in more than one place");
         }
     }
-    assert_eq!(digests.len(), 8, "different documents share a heads digest");
+    assert_eq!(
+        digests.len(),
+        docs.len(),
+        "different documents share a heads digest"
+    );
     assert_eq!(
         found.len(),
         made.len(),
@@ -690,10 +734,7 @@ async fn documents_are_plain_automerge_readable_from_the_data_model() {
         assert_eq!(record["region"], "nyc", "{key}");
         assert_eq!(record["node"], node.peer_id(), "{key}");
         assert_eq!(record["hlc"], resp["hlc"], "{key}");
-        // The documented shard function: u64_le(blake3(key)[0..8]) mod 8.
-        let hash = blake3::hash(key.as_bytes());
-        let n = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap()) % 8;
-        assert_eq!(found[key].0, format!("tokens-{n}"), "shard of {key}");
+        assert_eq!(found[key].0, documented_id(key, resp), "document of {key}");
     }
 
     // A new allocation moves exactly the digest of the document holding it.

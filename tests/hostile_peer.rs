@@ -65,12 +65,15 @@ fn frame(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A request with a valid header whose one shard carries `message`.
+/// A request with a valid header (the node's default 6 h window) whose one
+/// document carries `message`.
 fn request_with_message(shard: u8, message: &[u8]) -> Vec<u8> {
-    let mut body = vec![1u8];
+    let mut body = vec![2u8];
     body.extend_from_slice(&1u64.to_be_bytes());
     body.extend_from_slice(&0u32.to_be_bytes());
-    body.push(1);
+    body.extend_from_slice(&(6 * 3600 * 1000u64).to_be_bytes());
+    body.extend_from_slice(&1u32.to_be_bytes());
+    body.extend_from_slice(&u32::MAX.to_be_bytes());
     body.push(shard);
     body.extend_from_slice(&[0u8; 32]);
     body.extend_from_slice(&(message.len() as u32).to_be_bytes());

@@ -11,6 +11,7 @@
 pub mod action;
 pub mod machine;
 
+use crate::ledger::KeyView;
 use crate::node::Node;
 use crate::record::{AllocationRecord, CompensationRecord, RECORD_VERSION};
 use action::{Executor, Subject};
@@ -159,8 +160,13 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
             node.config.webhook_timeout,
         );
         recover(&node, &policy).await;
+        // At start every conflict is looked at once; after that only the
+        // keys merges report as changed (the node's conflict inbox).
+        let mut changed: Vec<KeyView> =
+            node.ledger.conflicts().into_iter().map(|c| c.key).collect();
         loop {
-            schedule_new_losers(&node).await;
+            schedule_new_losers(&node, changed).await;
+            forget_expired(&node);
             let next_due = run_due(&node, &policy, &executor, &shutdown).await;
             let wait = next_due
                 .map(|at| Duration::from_millis(at.saturating_sub(node.ledger.wall_ms())))
@@ -172,6 +178,11 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
                 _ = node.compensation_wakeup.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
+            changed = node
+                .take_changed_conflicts()
+                .iter()
+                .filter_map(|key| node.ledger.key(key))
+                .collect();
         }
     });
 }
@@ -189,6 +200,17 @@ async fn recover(node: &Node, policy: &RetryPolicy) {
             return;
         }
     };
+    let mut losers: std::collections::HashMap<String, (String, String)> =
+        std::collections::HashMap::new();
+    for conflict in node.ledger.conflicts() {
+        let winner = conflict.key.allocations[0].record.txn_id.clone();
+        for loser in conflict.key.allocations.iter().skip(1) {
+            losers.insert(
+                loser.record.txn_id.clone(),
+                (conflict.key.key.clone(), winner.clone()),
+            );
+        }
+    }
     for (txn, raw) in log {
         let entries: Result<Vec<LogEntry>, _> =
             raw.iter().map(|b| serde_json::from_slice(b)).collect();
@@ -213,8 +235,10 @@ async fn recover(node: &Node, policy: &RetryPolicy) {
                 tracing::warn!(txn, "compensation attempt was interrupted by a restart; it will be retried with the same idempotency key");
             }
         }
-        let Some((key, winner_txn)) = locate(node, &txn) else {
-            tracing::error!(txn, "compensation log names a transaction the ledger lacks");
+        let Some((key, winner_txn)) = losers.get(&txn).cloned() else {
+            // Its allocation passed the retention while the node was down.
+            tracing::warn!(txn, state = %machine.state, "forgetting the compensation of an expired allocation");
+            node.storage.drop_log(&txn);
             continue;
         };
         let tracked = Tracked {
@@ -227,28 +251,52 @@ async fn recover(node: &Node, policy: &RetryPolicy) {
     }
 }
 
-/// Finds the key and current winner of a losing transaction.
-fn locate(node: &Node, txn: &str) -> Option<(String, String)> {
-    node.ledger.conflicts().into_iter().find_map(|c| {
-        c.key
-            .allocations
-            .iter()
-            .any(|a| a.record.txn_id == txn)
-            .then(|| {
-                (
-                    c.key.key.clone(),
-                    c.key.allocations[0].record.txn_id.clone(),
-                )
-            })
-    })
+/// Forgets compensations whose conflict passed the retention (the ledger
+/// dropped it), here and in the durable log. One that never succeeded is
+/// logged loudly: its loser expired uncompensated.
+fn forget_expired(node: &Node) {
+    let tracked: Vec<(String, String)> = node
+        .compensations
+        .lock()
+        .iter()
+        .map(|(txn, t)| (txn.clone(), t.key.clone()))
+        .collect();
+    let gone: std::collections::HashSet<String> = tracked
+        .into_iter()
+        .filter(|(txn, key)| {
+            node.ledger
+                .key(key)
+                .is_none_or(|v| v.allocations.iter().all(|a| &a.record.txn_id != txn))
+        })
+        .map(|(txn, _)| txn)
+        .collect();
+    if gone.is_empty() {
+        return;
+    }
+    let mut entries = node.compensations.lock();
+    entries.retain(|txn, tracked| {
+        if !gone.contains(txn) {
+            return true;
+        }
+        if tracked.machine.state == CompensationState::Succeeded {
+            tracing::info!(txn, "forgetting a finished compensation past the retention");
+        } else {
+            tracing::error!(txn, state = %tracked.machine.state, "allocation expired before its compensation succeeded; check it by hand");
+        }
+        node.storage.drop_log(txn);
+        false
+    });
 }
 
-/// Creates a compensation for every loser this node made that has none.
-async fn schedule_new_losers(node: &Node) {
+/// Creates a compensation for every loser of `conflicts` this node made
+/// that has none, and keeps the winner of those it has current.
+async fn schedule_new_losers(node: &Node, conflicts: Vec<KeyView>) {
     let me = node.peer_id.to_string();
-    for conflict in node.ledger.conflicts() {
-        let winner = &conflict.key.allocations[0].record;
-        for loser in conflict.key.allocations.iter().skip(1) {
+    for conflict in conflicts {
+        let Some(winner) = conflict.winner().map(|w| w.record.clone()) else {
+            continue;
+        };
+        for loser in conflict.allocations.iter().skip(1) {
             let txn = &loser.record.txn_id;
             if loser.record.node != me {
                 continue;
@@ -271,6 +319,7 @@ async fn schedule_new_losers(node: &Node) {
             let (machine, entry) = Compensation::new(txn, node.ledger.wall_ms());
             if let Err(e) = append(node, txn, &entry).await {
                 tracing::error!(txn, error = %e, "cannot log a new compensation; will retry");
+                node.note_changed_conflict(&conflict.key);
                 continue;
             }
             tracing::warn!(key = %loser.record.key, loser = %txn, winner = %winner.txn_id, "our allocation lost a conflict; compensating it");

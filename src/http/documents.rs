@@ -2,7 +2,7 @@
 //! carrying state between regions by hand during a long partition.
 
 use super::ApiError;
-use crate::ledger::SHARD_COUNT;
+use crate::ledger::{DocId, MergeError};
 use crate::node::Node;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -13,35 +13,26 @@ use axum::Json;
 use serde_json::json;
 use std::sync::Arc;
 
-/// Document id of a shard: `tokens-<n>` (docs/DATA_MODEL.md).
-pub fn document_id(shard: usize) -> String {
-    format!("tokens-{shard}")
+fn parse_id(id: &str) -> Result<DocId, ApiError> {
+    id.parse::<DocId>()
+        .map_err(|e| ApiError::not_found(format!("no document {e}; GET /v1/documents lists them")))
 }
 
-fn parse_id(id: &str) -> Result<usize, ApiError> {
-    id.strip_prefix("tokens-")
-        .and_then(|n| n.parse::<usize>().ok())
-        .filter(|&n| n < SHARD_COUNT && document_id(n) == id)
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no document '{id}'; ids are tokens-0 .. tokens-{}",
-                SHARD_COUNT - 1
-            ))
-        })
-}
-
-/// Lists every document with its heads digest and size.
+/// Lists every live document with its heads, heads digest and size.
 pub async fn list(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     let ledger = node.ledger.clone();
     let docs = tokio::task::spawn_blocking(move || {
-        (0..SHARD_COUNT)
-            .map(|shard| {
-                let digest = ledger.digest(shard);
+        ledger
+            .digests()
+            .into_iter()
+            .map(|(doc, digest)| {
                 json!({
-                    "id": document_id(shard),
-                    "heads": ledger.heads(shard).iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                    "id": doc.to_string(),
+                    "epoch": doc.epoch,
+                    "shard": doc.shard,
+                    "heads": ledger.heads(doc).unwrap_or_default().iter().map(|h| h.to_string()).collect::<Vec<_>>(),
                     "heads_digest": blake3::Hash::from(digest).to_hex().to_string(),
-                    "size_bytes": ledger.save_shard(shard).len(),
+                    "size_bytes": ledger.save_document(doc).map_or(0, |b| b.len()),
                 })
             })
             .collect::<Vec<_>>()
@@ -56,11 +47,12 @@ pub async fn download(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let shard = parse_id(&id)?;
+    let doc = parse_id(&id)?;
     let ledger = node.ledger.clone();
-    let bytes = tokio::task::spawn_blocking(move || ledger.save_shard(shard))
+    let bytes = tokio::task::spawn_blocking(move || ledger.save_document(doc))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .ok_or_else(|| ApiError::not_found(format!("no document '{id}' on this node")))?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
@@ -70,7 +62,7 @@ pub async fn merge(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let shard = parse_id(&id)?;
+    let doc = parse_id(&id)?;
     let body = body.map_err(ApiError::from)?;
     if body.is_empty() {
         return Err(ApiError::bad_request(
@@ -78,10 +70,15 @@ pub async fn merge(
         ));
     }
     let ledger = node.ledger.clone();
-    let outcome = tokio::task::spawn_blocking(move || ledger.merge_bytes(shard, &body))
+    let outcome = tokio::task::spawn_blocking(move || ledger.merge_bytes(doc, &body))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::bad_request(format!("cannot merge into {id}: {e}")))?;
+        .map_err(|e| match e {
+            MergeError::Expired(_) => ApiError::new(StatusCode::GONE, e.to_string()),
+            MergeError::Document(e) => {
+                ApiError::bad_request(format!("cannot merge into {id}: {e}"))
+            }
+        })?;
     node.storage
         .wait_durable(outcome.durable_seq)
         .await

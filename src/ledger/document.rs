@@ -1,11 +1,12 @@
-//! One automerge document of the ledger (a shard of the key space).
+//! One automerge document of the ledger (a shard of the key space within one
+//! time window).
 //!
 //! The document is a root map with two maps, created by a deterministic
 //! genesis change (fixed actor, time 0) so that every node starts from
 //! byte-identical documents and their root containers never conflict:
 //!
 //! ```text
-//! { "schema": "oncemesh/1", "shard": n,
+//! { "schema": "oncemesh/1", "shard": n, "epoch": e,
 //!   "allocations":   { txn_id: "<AllocationRecord JSON>" },
 //!   "compensations": { loser_txn_id: "<CompensationRecord JSON>" } }
 //! ```
@@ -14,6 +15,7 @@
 //! into ops, remote bytes into records, and tracks what has not been handed to
 //! durable storage yet.
 
+use super::doc_id::DocId;
 use crate::record::{AllocationRecord, CompensationRecord};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{patches::PatchAction, ObjId};
@@ -28,30 +30,32 @@ pub const COMPENSATIONS: &str = "compensations";
 /// Schema tag stored in the genesis change.
 pub const SCHEMA: &str = "oncemesh/1";
 
-/// Failures of the document layer; each names the shard involved.
+/// Failures of the document layer; each names the document involved.
 #[derive(Debug, thiserror::Error)]
 pub enum DocumentError {
     /// Bytes that automerge cannot read (corrupt disk chunk or bad upload).
-    #[error("shard {shard}: automerge could not read the bytes: {source}")]
+    #[error("{doc}: automerge could not read the bytes: {source}")]
     Decode {
-        /// Shard involved.
-        shard: usize,
+        /// Document involved.
+        doc: DocId,
         /// What automerge said.
         source: Box<automerge::AutomergeError>,
     },
     /// The document lacks the genesis containers (foreign document).
-    #[error("shard {shard}: document has no '{name}' map from the oncemesh genesis change")]
+    #[error(
+        "{doc}: bytes are not from an oncemesh document (no '{name}' map from its genesis change)"
+    )]
     MissingContainer {
-        /// Shard involved.
-        shard: usize,
+        /// Document involved.
+        doc: DocId,
         /// Container missing.
         name: &'static str,
     },
     /// An automerge operation failed.
-    #[error("shard {shard}: automerge operation failed: {source}")]
+    #[error("{doc}: automerge operation failed: {source}")]
     Automerge {
-        /// Shard involved.
-        shard: usize,
+        /// Document involved.
+        doc: DocId,
         /// What automerge said.
         source: Box<automerge::AutomergeError>,
     },
@@ -76,9 +80,9 @@ pub enum Entry {
     },
 }
 
-/// The automerge document of one shard.
+/// The automerge document of one shard in one epoch.
 pub struct ShardDocument {
-    shard: usize,
+    id: DocId,
     doc: Automerge,
     allocations: ObjId,
     compensations: ObjId,
@@ -86,8 +90,8 @@ pub struct ShardDocument {
 }
 
 impl ShardDocument {
-    /// The genesis document of `shard`: identical bytes on every node.
-    pub fn genesis(shard: usize) -> Self {
+    /// The genesis document of `id`: identical bytes on every node.
+    pub fn genesis(id: DocId) -> Self {
         let mut doc = Automerge::new().with_actor(ActorId::from(&GENESIS_ACTOR[..]));
         // The genesis ops cannot fail on a fresh document; should they, the
         // document stays empty and `from_automerge` reports the missing map.
@@ -95,7 +99,8 @@ impl ShardDocument {
             |_| CommitOptions::default().with_time(0),
             |tx| {
                 tx.put(ROOT, "schema", SCHEMA)?;
-                tx.put(ROOT, "shard", ScalarValue::Uint(shard as u64))?;
+                tx.put(ROOT, "shard", ScalarValue::Uint(u64::from(id.shard)))?;
+                tx.put(ROOT, "epoch", ScalarValue::Uint(u64::from(id.epoch)))?;
                 tx.put_object(ROOT, ALLOCATIONS, ObjType::Map)?;
                 tx.put_object(ROOT, COMPENSATIONS, ObjType::Map)?;
                 Ok(())
@@ -104,7 +109,7 @@ impl ShardDocument {
         let allocations = map_id(&doc, ALLOCATIONS).unwrap_or(ROOT);
         let compensations = map_id(&doc, COMPENSATIONS).unwrap_or(ROOT);
         Self {
-            shard,
+            id,
             doc,
             allocations,
             compensations,
@@ -114,12 +119,12 @@ impl ShardDocument {
 
     /// Loads a shard from stored chunks (a saved document and/or changes).
     /// The result counts as already persisted.
-    pub fn load(shard: usize, bytes: &[u8]) -> Result<Self, DocumentError> {
-        let mut me = Self::genesis(shard);
+    pub fn load(id: DocId, bytes: &[u8]) -> Result<Self, DocumentError> {
+        let mut me = Self::genesis(id);
         me.doc
             .load_incremental(bytes)
             .map_err(|source| DocumentError::Decode {
-                shard,
+                doc: id,
                 source: Box::new(source),
             })?;
         me.persisted_heads = me.doc.get_heads();
@@ -132,9 +137,9 @@ impl ShardDocument {
         self.doc.set_actor(actor);
     }
 
-    /// Which shard this is.
-    pub fn shard(&self) -> usize {
-        self.shard
+    /// Which document this is.
+    pub fn id(&self) -> DocId {
+        self.id
     }
 
     /// Writes allocation records in one automerge change.
@@ -157,7 +162,7 @@ impl ShardDocument {
         obj: &ObjId,
         items: impl Iterator<Item = (&'a str, String)>,
     ) -> Result<(), DocumentError> {
-        let shard = self.shard;
+        let doc = self.id;
         self.doc
             .transact::<_, _, automerge::AutomergeError>(|tx| {
                 for (key, text) in items {
@@ -167,7 +172,7 @@ impl ShardDocument {
             })
             .map(|_| ())
             .map_err(|failure| DocumentError::Automerge {
-                shard,
+                doc,
                 source: Box::new(failure.error),
             })
     }
@@ -203,10 +208,10 @@ impl ShardDocument {
     where
         F: FnOnce(&mut Automerge) -> Result<(), automerge::AutomergeError>,
     {
-        let shard = self.shard;
+        let doc = self.id;
         let before = self.doc.get_heads();
         apply(&mut self.doc).map_err(|source| DocumentError::Decode {
-            shard,
+            doc,
             source: Box::new(source),
         })?;
         let after = self.doc.get_heads();
@@ -245,12 +250,12 @@ impl ShardDocument {
     /// Bytes from a document without the oncemesh genesis are refused before
     /// anything is applied, so an unrelated document cannot pollute the ledger.
     pub fn merge_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Entry>, DocumentError> {
-        let shard = self.shard;
+        let doc = self.id;
         let incoming = Automerge::load(bytes).map_err(|source| DocumentError::Decode {
-            shard,
+            doc,
             source: Box::new(source),
         })?;
-        let genesis = Self::genesis(shard);
+        let genesis = Self::genesis(doc);
         if !genesis
             .doc
             .get_heads()
@@ -258,7 +263,7 @@ impl ShardDocument {
             .all(|h| incoming.get_change_by_hash(h).is_some())
         {
             return Err(DocumentError::MissingContainer {
-                shard,
+                doc,
                 name: ALLOCATIONS,
             });
         }

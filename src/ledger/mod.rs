@@ -1,17 +1,22 @@
 //! The ledger: every region's allocations of every key, kept side by side.
 //!
-//! The key space is split over [`SHARD_COUNT`] automerge documents (blake3 of
-//! the key picks one), each behind its own mutex together with the in-memory
-//! index of its keys. One key always lives in one shard on every node, so the
-//! conflict check for a key needs one lock and one index look-up, and remote
-//! changes update the index from what changed (a diff of heads), never from a
-//! rescan. The ledger does no I/O: new automerge changes are handed to a
-//! [`ChunkSink`], which makes them durable and returns a sequence number the
-//! caller waits on before acknowledging.
+//! The key space is split over [`SHARD_COUNT`] shards (blake3 of the key
+//! picks one) and time into epochs ([`doc_id::Windows`]); each (epoch, shard)
+//! is one automerge document. A shard's documents and the in-memory index of
+//! its keys sit behind one mutex: one key always lives in one shard on every
+//! node, so the conflict check for a key needs one lock and one look-up,
+//! whichever epochs its allocations landed in. Remote changes update the
+//! index from what changed (a diff of heads), never from a rescan. Epochs
+//! past the retention are dropped whole. The ledger does no I/O: new
+//! automerge changes go to a [`ChunkSink`], which makes them durable and
+//! returns a sequence number the caller waits on before acknowledging.
 
+pub mod doc_id;
 pub mod document;
+mod group;
 mod view;
 
+pub use doc_id::{DocId, Windows};
 pub use view::{Allocation, ConflictView, KeyState, KeyView};
 
 use crate::hlc::{Hlc, Observation, OffsetClock, PhysicalClock, Timestamp};
@@ -19,27 +24,30 @@ use crate::key::{Fingerprint, IdempotencyKey};
 use crate::record::{AllocationRecord, CompensationRecord, RECORD_VERSION};
 use automerge::{sync, ActorId};
 use document::{DocumentError, Entry, ShardDocument};
-use std::collections::{BTreeMap, HashMap};
+use group::{EpochDoc, Group};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Number of automerge documents the key space is split over. Part of the
-/// data model: every node must use the same number.
+/// Number of shards the key space is split over. Part of the data model:
+/// every node must use the same number.
 pub const SHARD_COUNT: usize = 8;
 
 /// Where new automerge changes go to become durable.
 pub trait ChunkSink: Send + Sync {
-    /// Queues `bytes` (automerge change chunks of `shard`) for durable
-    /// storage and returns the sequence number that is durable once the
-    /// storage watermark reaches it. Called with the shard lock held, so
-    /// chunks of one shard arrive in order.
-    fn persist(&self, shard: usize, bytes: Vec<u8>) -> u64;
-    /// Queues a full save of `shard` that replaces every chunk persisted
+    /// Queues `bytes` (automerge change chunks of `doc`) for durable storage
+    /// and returns the sequence number that is durable once the storage
+    /// watermark reaches it. Called with the shard lock held, so chunks of
+    /// one document arrive in order.
+    fn persist(&self, doc: DocId, bytes: Vec<u8>) -> u64;
+    /// Queues a full save of `doc` that replaces every chunk persisted
     /// before it (compaction); returns its durable sequence.
-    fn snapshot(&self, shard: usize, bytes: Vec<u8>) -> u64;
+    fn snapshot(&self, doc: DocId, bytes: Vec<u8>) -> u64;
+    /// Forgets a document that has passed the retention.
+    fn drop_document(&self, doc: DocId);
 }
 
-/// Chunks a shard may accumulate on disk before it is compacted into one
+/// Chunks a document may accumulate on disk before it is compacted into one
 /// saved document: bounds start-up time and disk use.
 pub const CHUNKS_PER_SNAPSHOT: usize = 2048;
 
@@ -47,12 +55,13 @@ pub const CHUNKS_PER_SNAPSHOT: usize = 2048;
 pub struct DiscardSink;
 
 impl ChunkSink for DiscardSink {
-    fn persist(&self, _shard: usize, _bytes: Vec<u8>) -> u64 {
+    fn persist(&self, _doc: DocId, _bytes: Vec<u8>) -> u64 {
         0
     }
-    fn snapshot(&self, _shard: usize, _bytes: Vec<u8>) -> u64 {
+    fn snapshot(&self, _doc: DocId, _bytes: Vec<u8>) -> u64 {
         0
     }
+    fn drop_document(&self, _doc: DocId) {}
 }
 
 /// Who this node is, as written into its records.
@@ -124,108 +133,116 @@ pub struct MergeOutcome {
     pub durable_seq: u64,
 }
 
-struct Shard {
-    doc: ShardDocument,
-    keys: HashMap<String, Vec<Allocation>>,
-    compensations: HashMap<String, CompensationRecord>,
-    conflicts: BTreeMap<String, u64>,
-    arrivals: u64,
-    synced_arrival: HashMap<String, u64>,
-    sync_states: HashMap<String, sync::State>,
-    chunks_on_disk: usize,
+/// Why remote state was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    /// The document's epoch is past the retention here: its records are
+    /// expired, so they are not taken back in.
+    #[error("{0} is past the retention window; its records are expired here")]
+    Expired(DocId),
+    /// The bytes could not be applied.
+    #[error(transparent)]
+    Document(#[from] DocumentError),
+}
+
+/// What a stored document looked like on disk.
+pub struct StoredDocument {
+    /// Concatenated chunks.
+    pub bytes: Vec<u8>,
+    /// How many chunks they are (compaction resumes counting from there).
+    pub chunks: usize,
 }
 
 /// The ledger of one node; see the module docs.
 pub struct Ledger {
     me: NodeIdentity,
     peers: Vec<String>,
-    shards: Vec<Mutex<Shard>>,
+    groups: Vec<Mutex<Group>>,
     hlc: Mutex<Hlc<OffsetClock>>,
     clock: OffsetClock,
+    windows: Windows,
+    actor: ActorId,
     sink: Arc<dyn ChunkSink>,
     malformed_total: AtomicU64,
+    expired_total: AtomicU64,
 }
 
 impl Ledger {
-    /// Opens a ledger from stored shards: per shard, the concatenated chunk
-    /// bytes (empty: genesis) and how many chunks they are (compaction
-    /// resumes counting from there).
-    /// `peers` are the allowlisted peer ids: settlement waits for all of them.
+    /// Opens a ledger from stored documents. `peers` are the allowlisted
+    /// peer ids: settlement waits for all of them. Stored documents already
+    /// past the retention are dropped.
     pub fn open(
         me: NodeIdentity,
         peers: Vec<String>,
         clock: OffsetClock,
         max_clock_offset_ms: u64,
-        stored: Vec<(Vec<u8>, usize)>,
+        windows: Windows,
+        stored: BTreeMap<DocId, StoredDocument>,
         sink: Arc<dyn ChunkSink>,
     ) -> Result<Self, DocumentError> {
+        // A fresh actor per process: a crash can never reuse a sequence number.
         let actor = ActorId::random();
         let mut hlc = Hlc::new(clock, max_clock_offset_ms);
-        let now = hlc.now().physical_ms;
-        let mut shards = Vec::with_capacity(SHARD_COUNT);
+        let now = clock.now_ms();
+        let mut groups: Vec<Group> = (0..SHARD_COUNT).map(|s| Group::new(s as u8)).collect();
         let mut malformed = 0;
-        for shard in 0..SHARD_COUNT {
-            let (bytes, chunks) = stored
-                .get(shard)
-                .map(|(b, n)| (b.as_slice(), *n))
-                .unwrap_or((&[], 0));
-            let mut doc = if bytes.is_empty() {
-                ShardDocument::genesis(shard)
-            } else {
-                ShardDocument::load(shard, bytes)?
-            };
+        for (id, stored) in stored {
+            if windows.expired(id.epoch, now) || usize::from(id.shard) >= SHARD_COUNT {
+                sink.drop_document(id);
+                continue;
+            }
+            let mut doc = ShardDocument::load(id, &stored.bytes)?;
             doc.set_actor(actor.clone());
             let entries = doc.entries();
-            let mut state = Shard::new(doc);
-            state.chunks_on_disk = chunks;
+            let group = &mut groups[usize::from(id.shard)];
+            group
+                .docs
+                .insert(id.epoch, EpochDoc::new(doc, stored.chunks));
             for entry in entries {
                 match entry {
                     Entry::Allocation(record) => {
                         // Re-seed the clock so no stamp ever repeats after a restart.
                         hlc.observe_local(record.hlc);
-                        state.insert(record, 0, now);
+                        group.insert(id.epoch, record, 0, now);
                     }
                     Entry::Compensation(record) => {
-                        state.compensations.insert(record.txn_id.clone(), record);
+                        group.compensations.insert(record.txn_id.clone(), record);
                     }
                     Entry::Malformed { map, key, reason } => {
                         malformed += 1;
-                        tracing::warn!(
-                            shard,
-                            map,
-                            key,
-                            reason,
-                            "skipping malformed record on load"
-                        );
+                        tracing::warn!(%id, map, key, reason, "skipping malformed record on load");
                     }
                 }
             }
-            shards.push(Mutex::new(state));
         }
         Ok(Self {
             me,
             peers,
-            shards,
+            groups: groups.into_iter().map(Mutex::new).collect(),
             hlc: Mutex::new(hlc),
             clock,
+            windows,
+            actor,
             sink,
             malformed_total: AtomicU64::new(malformed),
+            expired_total: AtomicU64::new(0),
         })
     }
 
-    /// An empty in-memory ledger, for tests and tools.
+    /// An empty in-memory ledger with the default retention, for tests and tools.
     pub fn in_memory(me: NodeIdentity, peers: Vec<String>) -> Self {
-        // Genesis documents cannot fail to build.
+        // Nothing stored, so nothing can fail to load.
         match Self::open(
             me,
             peers,
             OffsetClock::default(),
             500,
-            Vec::new(),
+            Windows::default(),
+            BTreeMap::new(),
             Arc::new(DiscardSink),
         ) {
             Ok(ledger) => ledger,
-            Err(e) => unreachable!("genesis ledger failed: {e}"),
+            Err(e) => unreachable!("empty ledger failed to open: {e}"),
         }
     }
 
@@ -239,10 +256,15 @@ impl Ledger {
         &self.peers
     }
 
-    fn shard(&self, shard: usize) -> MutexGuard<'_, Shard> {
-        // A panic while holding the lock cannot leave the shard half-written
+    /// How this ledger cuts time.
+    pub fn windows(&self) -> Windows {
+        self.windows
+    }
+
+    fn group(&self, shard: usize) -> MutexGuard<'_, Group> {
+        // A panic while holding the lock cannot leave a document half-written
         // (automerge transactions are atomic), so a poisoned lock is usable.
-        self.shards[shard % SHARD_COUNT]
+        self.groups[shard % SHARD_COUNT]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -278,25 +300,30 @@ impl Ledger {
     }
 
     /// Allocates (or replays) a batch of keys that all live in `shard`, with
-    /// one automerge change and one durable chunk for the whole batch.
+    /// one automerge change and one durable chunk per document touched
+    /// (normally one: the current epoch's).
     pub fn allocate_batch(
         &self,
         shard: usize,
         requests: &[AllocateRequest],
     ) -> Vec<Result<Allocated, AllocateError>> {
-        let mut guard = self.shard(shard);
-        let state = &mut *guard;
+        let mut guard = self.group(shard);
+        let group = &mut *guard;
         // Decide every request first: existing keys answer at once (a key
         // repeated inside the batch sees the allocation made just before).
         let mut decided: Vec<Option<Result<Allocated, AllocateError>>> = Vec::new();
-        let mut fresh: Vec<AllocationRecord> = Vec::new();
+        // New records per document epoch, and for each new one where its
+        // answer goes: (position in `decided`, epoch, index in its batch).
+        let mut fresh: BTreeMap<u32, Vec<AllocationRecord>> = BTreeMap::new();
+        let mut slots: Vec<(usize, u32, usize)> = Vec::new();
         for request in requests {
             let key = request.key.as_str();
-            if let Some(existing) = state.keys.get(key) {
+            if let Some(existing) = group.keys.get(key) {
                 decided.push(Some(match_existing(key, existing, &request.fingerprint)));
                 continue;
             }
             let hlc = self.hlc().now();
+            let epoch = self.windows.epoch_of(hlc.physical_ms);
             let record = AllocationRecord {
                 v: RECORD_VERSION,
                 key: key.to_owned(),
@@ -307,66 +334,84 @@ impl Ledger {
                 fingerprint: request.fingerprint.0.clone(),
                 confidence: request.confidence.clamp(0.0, 1.0),
             };
-            state.insert(record.clone(), u64::MAX, 0);
-            fresh.push(record);
+            group.doc_mut(epoch, &self.actor);
+            group.insert(epoch, record.clone(), u64::MAX, 0);
+            let batch = fresh.entry(epoch).or_default();
+            slots.push((decided.len(), epoch, batch.len()));
+            batch.push(record);
             decided.push(None);
         }
-        if !fresh.is_empty() {
-            if let Err(e) = state.doc.put_allocations(&fresh) {
-                tracing::error!(shard, error = %e, "allocation batch failed; nothing written");
-                for record in &fresh {
-                    state.keys.remove(&record.key);
+        for (epoch, records) in &fresh {
+            let doc = group.doc_mut(*epoch, &self.actor);
+            let seq = match doc.doc.put_allocations(records) {
+                Ok(()) => doc.persist(&*self.sink),
+                Err(e) => {
+                    tracing::error!(shard, epoch, error = %e, "allocation batch failed; nothing written");
+                    for record in records {
+                        if let Some(list) = group.keys.get_mut(&record.key) {
+                            list.retain(|a| a.record.txn_id != record.txn_id);
+                            if list.is_empty() {
+                                group.keys.remove(&record.key);
+                            }
+                        }
+                    }
+                    for (pos, _, _) in slots.iter().filter(|(_, e, _)| e == epoch) {
+                        decided[*pos] = Some(Err(AllocateError::Write {
+                            shard,
+                            reason: e.to_string(),
+                        }));
+                    }
+                    continue;
                 }
-                let reason = e.to_string();
-                return decided
-                    .into_iter()
-                    .map(|d| {
-                        d.unwrap_or_else(|| {
-                            Err(AllocateError::Write {
-                                shard,
-                                reason: reason.clone(),
-                            })
-                        })
-                    })
-                    .collect();
-            }
-            let seq = state.persist(shard, &*self.sink);
-            for record in &fresh {
-                if let Some(slot) = state.find_mut(record) {
+            };
+            for record in records {
+                if let Some(slot) = group.find_mut(record) {
                     slot.durable_seq = seq;
                 }
             }
         }
-        let mut fresh = fresh.iter();
+        for (pos, epoch, index) in slots {
+            if decided[pos].is_some() {
+                continue;
+            }
+            let allocation = fresh
+                .get(&epoch)
+                .and_then(|batch| batch.get(index))
+                .and_then(|record| group.find_mut(record).map(|a| a.clone()));
+            decided[pos] = Some(match allocation {
+                Some(allocation) => Ok(Allocated {
+                    allocation,
+                    replay: false,
+                }),
+                None => Err(AllocateError::Write {
+                    shard,
+                    reason: "allocation vanished from the index".into(),
+                }),
+            });
+        }
         decided
             .into_iter()
-            .map(|d| match d {
-                Some(result) => result,
-                None => fresh
-                    .next()
-                    .and_then(|record| state.find_mut(record).map(|a| a.clone()))
-                    .map(|allocation| Allocated {
-                        allocation,
-                        replay: false,
-                    })
-                    .ok_or(AllocateError::Write {
+            .map(|d| {
+                d.unwrap_or_else(|| {
+                    Err(AllocateError::Write {
                         shard,
-                        reason: "allocation vanished from the index".into(),
-                    }),
+                        reason: "request left undecided".into(),
+                    })
+                })
             })
             .collect()
     }
 
-    /// Runs one automerge sync message from `peer` into `shard`. The sync
-    /// state of each (peer, shard) lives beside its document, under the same
+    /// Runs one automerge sync message from `peer` into `doc`. The sync state
+    /// of each (peer, document) lives beside the document, under the same
     /// lock, so the network task never holds document state of its own.
     pub fn receive_sync(
         &self,
-        shard: usize,
+        doc: DocId,
         peer: &str,
         message: sync::Message,
-    ) -> Result<MergeOutcome, DocumentError> {
-        self.apply_remote(shard, |state| {
+    ) -> Result<MergeOutcome, MergeError> {
+        self.apply_remote(doc, |state| {
             let mut sync_state = state.sync_states.remove(peer).unwrap_or_default();
             let result = state.doc.receive_sync(&mut sync_state, message);
             state.sync_states.insert(peer.to_owned(), sync_state);
@@ -374,49 +419,63 @@ impl Ledger {
         })
     }
 
-    /// Merges automerge bytes (a saved document or changes) into `shard`.
-    pub fn merge_bytes(&self, shard: usize, bytes: &[u8]) -> Result<MergeOutcome, DocumentError> {
-        self.apply_remote(shard, |state| state.doc.merge_bytes(bytes))
+    /// Merges automerge bytes (a saved document or changes) into `doc`.
+    pub fn merge_bytes(&self, doc: DocId, bytes: &[u8]) -> Result<MergeOutcome, MergeError> {
+        self.apply_remote(doc, |state| state.doc.merge_bytes(bytes))
     }
 
-    fn apply_remote<F>(&self, shard: usize, apply: F) -> Result<MergeOutcome, DocumentError>
+    fn apply_remote<F>(&self, id: DocId, apply: F) -> Result<MergeOutcome, MergeError>
     where
-        F: FnOnce(&mut Shard) -> Result<Vec<Entry>, DocumentError>,
+        F: FnOnce(&mut EpochDoc) -> Result<Vec<Entry>, DocumentError>,
     {
-        let mut guard = self.shard(shard);
-        let state = &mut *guard;
-        let entries = apply(state)?;
+        let now = self.wall_ms();
+        if self.windows.expired(id.epoch, now) {
+            return Err(MergeError::Expired(id));
+        }
+        let mut guard = self.group(usize::from(id.shard));
+        let group = &mut *guard;
+        let created = !group.docs.contains_key(&id.epoch);
+        let state = group.doc_mut(id.epoch, &self.actor);
+        let entries = match apply(state) {
+            Ok(entries) => entries,
+            Err(e) => {
+                // Bytes that could not be applied leave no empty document behind.
+                if created {
+                    group.docs.remove(&id.epoch);
+                }
+                return Err(e.into());
+            }
+        };
         let mut outcome = MergeOutcome::default();
         if entries.is_empty() {
             return Ok(outcome);
         }
-        let seq = state.persist(shard, &*self.sink);
+        let seq = state.persist(&*self.sink);
         outcome.durable_seq = seq;
-        let now = self.wall_ms();
         for entry in entries {
             match entry {
                 Entry::Allocation(record) => {
-                    if state.contains(&record) {
+                    if group.contains(&record) {
                         continue;
                     }
                     let observation = self.hlc().update(record.hlc);
                     outcome
                         .clock_observations
                         .push((record.node.clone(), observation));
-                    if state.insert(record.clone(), seq, now) {
+                    if group.insert(id.epoch, record.clone(), seq, now) {
                         outcome.conflicts_changed.push(record.key.clone());
                     }
                     outcome.new_allocations.push(record);
                 }
                 Entry::Compensation(record) => {
-                    state
+                    group
                         .compensations
                         .insert(record.txn_id.clone(), record.clone());
                     outcome.compensations.push(record);
                 }
                 Entry::Malformed { map, key, reason } => {
                     self.malformed_total.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(shard, map, key, reason, "dropping malformed remote record");
+                    tracing::warn!(%id, map, key, reason, "dropping malformed remote record");
                     outcome.malformed.push(key);
                 }
             }
@@ -425,24 +484,34 @@ impl Ledger {
     }
 
     /// Writes a compensation record (only ever for this node's own losers)
-    /// and returns its durable sequence.
+    /// into the document of the losing allocation and returns its durable
+    /// sequence.
     pub fn put_compensation(&self, record: &CompensationRecord) -> Result<u64, DocumentError> {
         let shard = crate::key::shard_of(&record.key, SHARD_COUNT);
-        let mut guard = self.shard(shard);
-        guard.doc.put_compensation(record)?;
-        guard
+        let mut guard = self.group(shard);
+        let group = &mut *guard;
+        let epoch = group
+            .keys
+            .get(&record.key)
+            .and_then(|l| l.iter().find(|a| a.record.txn_id == record.txn_id))
+            .map(|a| a.epoch)
+            .unwrap_or_else(|| self.windows.epoch_of(self.wall_ms()));
+        let doc = group.doc_mut(epoch, &self.actor);
+        doc.doc.put_compensation(record)?;
+        let seq = doc.persist(&*self.sink);
+        group
             .compensations
             .insert(record.txn_id.clone(), record.clone());
-        Ok(guard.persist(shard, &*self.sink))
+        Ok(seq)
     }
 
-    /// The next sync message of `shard` for `peer`, encoded, if it needs one.
+    /// The next sync message of `doc` for `peer`, encoded, if it needs one.
     /// `unstick` clears the "message in flight" flag first: used when the
     /// peer's digest shows it still differs although nothing is under way
     /// (a message was lost with a connection).
-    pub fn generate_sync(&self, shard: usize, peer: &str, unstick: bool) -> Option<Vec<u8>> {
-        let mut guard = self.shard(shard);
-        let state = &mut *guard;
+    pub fn generate_sync(&self, doc: DocId, peer: &str, unstick: bool) -> Option<Vec<u8>> {
+        let mut guard = self.group(usize::from(doc.shard));
+        let state = guard.docs.get_mut(&doc.epoch)?;
         let sync_state = state.sync_states.entry(peer.to_owned()).or_default();
         if unstick {
             sync_state.in_flight = false;
@@ -455,77 +524,112 @@ impl Ledger {
     /// in flight.
     pub fn reset_sync(&self, peer: &str) {
         for shard in 0..SHARD_COUNT {
-            let mut guard = self.shard(shard);
-            if let Some(state) = guard.sync_states.get_mut(peer) {
-                *state = sync::State::decode(&state.encode()).unwrap_or_default();
+            let mut guard = self.group(shard);
+            for doc in guard.docs.values_mut() {
+                if let Some(state) = doc.sync_states.get_mut(peer) {
+                    *state = sync::State::decode(&state.encode()).unwrap_or_default();
+                }
             }
         }
     }
 
-    /// If `peer`'s digest of `shard` equals ours, records that the two are
-    /// identical right now (everything that arrived here so far is on that
-    /// peer, and we hold all of the peer's state as of this moment) and
+    /// If `peer`'s digest of `doc` equals ours, records that the two copies
+    /// are identical right now (everything that arrived here so far is on
+    /// that peer, and we hold all of the peer's copy as of this moment) and
     /// returns true. Compared under the shard lock, so no allocation can
     /// slip in between the comparison and the record.
-    pub fn mark_in_sync_if(&self, shard: usize, peer: &str, their_digest: &[u8; 32]) -> bool {
-        let mut guard = self.shard(shard);
-        if guard.doc.digest() != *their_digest {
+    pub fn mark_in_sync_if(&self, doc: DocId, peer: &str, their_digest: &[u8; 32]) -> bool {
+        let mut guard = self.group(usize::from(doc.shard));
+        let Some(state) = guard.docs.get_mut(&doc.epoch) else {
+            return false;
+        };
+        if state.doc.digest() != *their_digest {
             return false;
         }
-        let arrivals = guard.arrivals;
-        guard.synced_arrival.insert(peer.to_owned(), arrivals);
+        let arrivals = state.arrivals;
+        state.synced_arrival.insert(peer.to_owned(), arrivals);
         true
     }
 
-    /// Digests of every shard.
-    pub fn digests(&self) -> Vec<[u8; 32]> {
-        (0..SHARD_COUNT).map(|s| self.digest(s)).collect()
+    /// Every live document with its digest, in id order.
+    pub fn digests(&self) -> Vec<(DocId, [u8; 32])> {
+        let mut out = Vec::new();
+        for shard in 0..SHARD_COUNT {
+            let guard = self.group(shard);
+            for (epoch, doc) in &guard.docs {
+                out.push((
+                    DocId {
+                        epoch: *epoch,
+                        shard: shard as u8,
+                    },
+                    doc.doc.digest(),
+                ));
+            }
+        }
+        out.sort_by_key(|(id, _)| *id);
+        out
     }
 
-    /// Digest of a shard's heads.
-    pub fn digest(&self, shard: usize) -> [u8; 32] {
-        self.shard(shard).doc.digest()
+    /// Heads of a document (`None` if this node has no such document).
+    pub fn heads(&self, doc: DocId) -> Option<Vec<automerge::ChangeHash>> {
+        let guard = self.group(usize::from(doc.shard));
+        guard.docs.get(&doc.epoch).map(|d| d.doc.heads())
     }
 
-    /// Heads of a shard.
-    pub fn heads(&self, shard: usize) -> Vec<automerge::ChangeHash> {
-        self.shard(shard).doc.heads()
+    /// Store delta with `peer` summed over documents, from the sync states:
+    /// (changes the peer lacks, heads of the peer we have never seen).
+    pub fn delta(&self, peer: &str) -> (usize, usize) {
+        let (mut they_lack, mut we_lack) = (0, 0);
+        for shard in 0..SHARD_COUNT {
+            let guard = self.group(shard);
+            for doc in guard.docs.values() {
+                if let Some(heads) = doc
+                    .sync_states
+                    .get(peer)
+                    .and_then(|s| s.their_heads.as_ref())
+                {
+                    they_lack += doc.doc.changes_missing_from(heads);
+                    we_lack += doc.doc.unknown_heads(heads);
+                }
+            }
+        }
+        (they_lack, we_lack)
     }
 
-    /// Store delta with `peer` on `shard`, from the sync state: (changes
-    /// the peer lacks, heads of the peer we have never seen).
-    pub fn delta(&self, shard: usize, peer: &str) -> (usize, usize) {
-        let guard = self.shard(shard);
-        let Some(their_heads) = guard
-            .sync_states
-            .get(peer)
-            .and_then(|s| s.their_heads.clone())
-        else {
-            return (0, 0);
-        };
-        (
-            guard.doc.changes_missing_from(&their_heads),
-            guard.doc.unknown_heads(&their_heads),
-        )
+    /// A whole document as `Automerge::save` writes it (`None` if unknown here).
+    pub fn save_document(&self, doc: DocId) -> Option<Vec<u8>> {
+        let guard = self.group(usize::from(doc.shard));
+        guard.docs.get(&doc.epoch).map(|d| d.doc.save())
     }
 
-    /// The whole shard document as `Automerge::save` writes it.
-    pub fn save_shard(&self, shard: usize) -> Vec<u8> {
-        self.shard(shard).doc.save()
+    /// Drops every document past the retention, with its allocations,
+    /// conflicts and compensations, here and on disk. Returns the dropped
+    /// documents.
+    pub fn expire(&self) -> Vec<DocId> {
+        let now = self.wall_ms();
+        let mut dropped_docs = Vec::new();
+        for shard in 0..SHARD_COUNT {
+            let (docs, allocations) = self.group(shard).expire(&self.windows, now);
+            self.expired_total.fetch_add(allocations, Ordering::Relaxed);
+            for doc in docs {
+                self.sink.drop_document(doc);
+                dropped_docs.push(doc);
+            }
+        }
+        dropped_docs
     }
 
     /// Everything known about one key, or `None` when it is unknown here.
     pub fn key(&self, key: &str) -> Option<KeyView> {
         let shard = crate::key::shard_of(key, SHARD_COUNT);
-        let guard = self.shard(shard);
-        guard.view(key, &self.peers)
+        self.group(shard).view(key, &self.peers)
     }
 
     /// The conflict report: one view per conflicted key, in key order.
     pub fn conflicts(&self) -> Vec<ConflictView> {
         let mut out = Vec::new();
         for shard in 0..SHARD_COUNT {
-            let guard = self.shard(shard);
+            let guard = self.group(shard);
             for (key, detected_at_ms) in &guard.conflicts {
                 if let Some(view) = guard.view(key, &self.peers) {
                     out.push(ConflictView {
@@ -543,15 +647,17 @@ impl Ledger {
     pub fn stats(&self) -> LedgerStats {
         let mut stats = LedgerStats {
             malformed_records: self.malformed_total.load(Ordering::Relaxed),
+            expired_allocations: self.expired_total.load(Ordering::Relaxed),
             ..LedgerStats::default()
         };
         for shard in 0..SHARD_COUNT {
-            let guard = self.shard(shard);
+            let guard = self.group(shard);
+            stats.documents += guard.docs.len() as u64;
             stats.keys += guard.keys.len() as u64;
             stats.conflicts += guard.conflicts.len() as u64;
             for allocations in guard.keys.values() {
                 stats.allocations += allocations.len() as u64;
-                if allocations.len() == 1 && !guard.settled(allocations[0].arrival, &self.peers) {
+                if allocations.len() == 1 && !guard.settled(&allocations[0], &self.peers) {
                     stats.provisional += 1;
                     let age_from = allocations[0].record.hlc.physical_ms;
                     stats.oldest_provisional_ms = Some(
@@ -594,6 +700,10 @@ pub struct LedgerStats {
     pub oldest_provisional_ms: Option<u64>,
     /// Records refused as malformed since start.
     pub malformed_records: u64,
+    /// Live documents (shards times live epochs).
+    pub documents: u64,
+    /// Allocations dropped since start because they passed the retention.
+    pub expired_allocations: u64,
 }
 
 fn match_existing(
@@ -618,102 +728,5 @@ fn match_existing(
                 .map(|a| a.record.txn_id.clone())
                 .unwrap_or_default(),
         }),
-    }
-}
-
-impl Shard {
-    fn new(doc: ShardDocument) -> Self {
-        Self {
-            doc,
-            keys: HashMap::new(),
-            compensations: HashMap::new(),
-            conflicts: BTreeMap::new(),
-            arrivals: 0,
-            synced_arrival: HashMap::new(),
-            sync_states: HashMap::new(),
-            chunks_on_disk: 0,
-        }
-    }
-
-    /// Hands new changes to the sink, compacting the shard when it has
-    /// accumulated enough chunks. Returns the sequence to wait for.
-    fn persist(&mut self, shard: usize, sink: &dyn ChunkSink) -> u64 {
-        let Some(bytes) = self.doc.take_unpersisted() else {
-            return 0;
-        };
-        let seq = sink.persist(shard, bytes);
-        self.chunks_on_disk += 1;
-        if self.chunks_on_disk >= CHUNKS_PER_SNAPSHOT {
-            self.chunks_on_disk = 1;
-            return sink.snapshot(shard, self.doc.save()).max(seq);
-        }
-        seq
-    }
-
-    fn find_mut(&mut self, record: &AllocationRecord) -> Option<&mut Allocation> {
-        self.keys
-            .get_mut(&record.key)?
-            .iter_mut()
-            .find(|a| a.record.txn_id == record.txn_id)
-    }
-
-    fn contains(&self, record: &AllocationRecord) -> bool {
-        self.keys
-            .get(&record.key)
-            .is_some_and(|v| v.iter().any(|a| a.record.txn_id == record.txn_id))
-    }
-
-    /// Inserts a record in precedence order; returns true when the key is
-    /// (now) in conflict.
-    fn insert(&mut self, record: AllocationRecord, durable_seq: u64, now_ms: u64) -> bool {
-        self.arrivals += 1;
-        let allocation = Allocation {
-            arrival: self.arrivals,
-            durable_seq,
-            record: Arc::new(record),
-        };
-        let key = allocation.record.key.clone();
-        let list = self.keys.entry(key.clone()).or_default();
-        let at = list
-            .iter()
-            .position(|a| allocation.record.precedence(&a.record).is_lt())
-            .unwrap_or(list.len());
-        list.insert(at, allocation);
-        if list.len() > 1 {
-            self.conflicts.entry(key).or_insert(now_ms);
-            true
-        } else {
-            false
-        }
-    }
-
-    fn settled(&self, arrival: u64, peers: &[String]) -> bool {
-        peers.iter().all(|p| {
-            self.synced_arrival
-                .get(p)
-                .is_some_and(|&synced| synced >= arrival)
-        })
-    }
-
-    fn view(&self, key: &str, peers: &[String]) -> Option<KeyView> {
-        let allocations = self.keys.get(key)?;
-        let compensations = allocations
-            .iter()
-            .skip(1)
-            .filter_map(|a| self.compensations.get(&a.record.txn_id).cloned())
-            .collect();
-        let latest = allocations.iter().map(|a| a.arrival).max().unwrap_or(0);
-        let unsynced_peers: Vec<String> = peers
-            .iter()
-            .filter(|p| self.synced_arrival.get(*p).is_none_or(|&s| s < latest))
-            .cloned()
-            .collect();
-        Some(KeyView {
-            key: key.to_owned(),
-            allocations: allocations.clone(),
-            compensations,
-            settled: unsynced_peers.is_empty(),
-            unsynced_peers,
-        })
     }
 }

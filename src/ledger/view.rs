@@ -9,7 +9,9 @@ use std::sync::Arc;
 pub struct Allocation {
     /// The replicated record.
     pub record: Arc<AllocationRecord>,
-    /// Order of arrival on this node within its shard; settlement compares
+    /// Epoch of the document it lives in.
+    pub epoch: u32,
+    /// Order of arrival on this node within its document; settlement compares
     /// it with how far each peer is known to be in sync.
     pub arrival: u64,
     /// Storage sequence that makes it durable here; an answer that shows this

@@ -101,6 +101,8 @@ pub fn refresh_gauges(node: &Node) {
     let clock = node.ledger.clock();
     let now = node.ledger.wall_ms();
     m.keys.set(stats.keys as i64);
+    m.documents.set(stats.documents as i64);
+    m.expired_allocations.set(stats.expired_allocations as i64);
     m.conflicts_open.set(stats.conflicts as i64);
     m.provisional.set(stats.provisional as i64);
     m.oldest_provisional_seconds.set(

@@ -9,13 +9,14 @@ use crate::confidence::{ConfidenceModel, ConfidenceParams, PeerView};
 use crate::config::NodeConfig;
 use crate::key::{fingerprint, IdempotencyKey, InputError};
 use crate::ledger::{
-    AllocateError, AllocateRequest, Allocated, ChunkSink, Ledger, MergeOutcome, NodeIdentity,
-    SHARD_COUNT,
+    AllocateError, AllocateRequest, Allocated, ChunkSink, DocId, Ledger, MergeOutcome,
+    NodeIdentity, StoredDocument, Windows, SHARD_COUNT,
 };
 use crate::metrics::{Kind, Metrics};
 use crate::p2p::status::PeerTable;
 use crate::storage::{Storage, StorageError};
 use libp2p::{Multiaddr, PeerId};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,24 +66,26 @@ pub enum AllocationFailure {
     ShuttingDown,
 }
 
-/// Shards that changed since the peer network last looked, plus a wake-up.
+/// Documents that changed since the peer network last looked, plus a wake-up.
 #[derive(Default)]
 pub struct ChangeFeed {
-    dirty: std::sync::atomic::AtomicU32,
+    dirty: Mutex<BTreeSet<DocId>>,
     notify: Notify,
 }
 
 impl ChangeFeed {
-    /// Marks `shard` changed and wakes the network loop.
-    pub fn mark(&self, shard: usize) {
+    /// Marks `doc` changed and wakes the network loop.
+    pub fn mark(&self, doc: DocId) {
         self.dirty
-            .fetch_or(1 << (shard % 32), std::sync::atomic::Ordering::AcqRel);
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(doc);
         self.notify.notify_one();
     }
 
-    /// Takes the set of changed shards (bit mask).
-    pub fn take(&self) -> u32 {
-        self.dirty.swap(0, std::sync::atomic::Ordering::AcqRel)
+    /// Takes the set of changed documents.
+    pub fn take(&self) -> BTreeSet<DocId> {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Resolves when something changed.
@@ -98,14 +101,19 @@ struct StorageSink {
 }
 
 impl ChunkSink for StorageSink {
-    fn persist(&self, shard: usize, bytes: Vec<u8>) -> u64 {
-        let seq = self.storage.append_chunk(shard, bytes);
-        self.feed.mark(shard);
+    fn persist(&self, doc: DocId, bytes: Vec<u8>) -> u64 {
+        let seq = self.storage.append_chunk((doc.epoch, doc.shard), bytes);
+        self.feed.mark(doc);
         seq
     }
 
-    fn snapshot(&self, shard: usize, bytes: Vec<u8>) -> u64 {
-        self.storage.replace_with_snapshot(shard, bytes)
+    fn snapshot(&self, doc: DocId, bytes: Vec<u8>) -> u64 {
+        self.storage
+            .replace_with_snapshot((doc.epoch, doc.shard), bytes)
+    }
+
+    fn drop_document(&self, doc: DocId) {
+        self.storage.drop_document((doc.epoch, doc.shard));
     }
 }
 
@@ -123,7 +131,7 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Allowlisted peers and what we know of them.
     pub peers: Arc<PeerTable>,
-    /// Changed shards for the network to push.
+    /// Changed documents for the network to push.
     pub changes: Arc<ChangeFeed>,
     /// Confidence estimator fed by what this node observes.
     pub confidence: Mutex<ConfidenceModel>,
@@ -131,6 +139,9 @@ pub struct Node {
     pub compensation_wakeup: Notify,
     /// This node's own compensations.
     pub compensations: crate::compensation::Registry,
+    /// Keys whose conflict appeared or changed since the compensation engine
+    /// last looked: it works from what changed, not from a rescan.
+    conflict_inbox: Mutex<BTreeSet<String>>,
     allocators: Vec<allocator::Queue>,
     started_ms: u64,
 }
@@ -167,6 +178,28 @@ impl Started {
     }
 }
 
+/// Drops expired documents a few times per window.
+fn spawn_retention(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) {
+    let period = Duration::from_millis(node.ledger.windows().window_ms / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(60));
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let ledger = node.ledger.clone();
+            if let Ok(dropped) = tokio::task::spawn_blocking(move || ledger.expire()).await {
+                for doc in dropped {
+                    tracing::info!(%doc, "dropped a document past the retention");
+                }
+            }
+        }
+    });
+}
+
 impl Node {
     /// Opens the data dir, loads the ledger and starts every task. Tasks stop
     /// when `shutdown` is cancelled; then call [`Started::wait`].
@@ -180,7 +213,6 @@ impl Node {
         let commit_metrics = metrics.clone();
         let (storage, loaded) = Storage::open(
             &config.data_dir,
-            SHARD_COUNT,
             Box::new(move |stats| {
                 commit_metrics
                     .commit_seconds
@@ -205,7 +237,13 @@ impl Node {
                 offset_ms: config.drill_clock_offset_ms,
             },
             config.max_clock_offset.as_millis() as u64,
-            loaded.shards.into_iter().zip(loaded.chunk_counts).collect(),
+            Windows::for_retention(config.retention.as_millis() as u64),
+            loaded
+                .into_iter()
+                .map(|((epoch, shard), (bytes, chunks))| {
+                    (DocId { epoch, shard }, StoredDocument { bytes, chunks })
+                })
+                .collect(),
             sink,
         )?);
         let peers = Arc::new(PeerTable::new(
@@ -213,7 +251,6 @@ impl Node {
                 .peers
                 .iter()
                 .map(|p| (p.peer_id.to_string(), p.addr.to_string())),
-            SHARD_COUNT,
         ));
         let tasks = TaskTracker::new();
         let allocators = (0..SHARD_COUNT)
@@ -230,6 +267,7 @@ impl Node {
             confidence: Mutex::new(ConfidenceModel::new(ConfidenceParams::default())),
             compensation_wakeup: Notify::new(),
             compensations: Default::default(),
+            conflict_inbox: Mutex::new(BTreeSet::new()),
             allocators,
             started_ms: crate::hlc::PhysicalClock::now_ms(&crate::hlc::SystemClock)
                 .saturating_add_signed(config.drill_clock_offset_ms),
@@ -237,6 +275,7 @@ impl Node {
         let listen_addrs =
             crate::p2p::spawn(node.clone(), keypair, &tasks, shutdown.clone()).await?;
         crate::compensation::spawn(node.clone(), &tasks, shutdown.clone());
+        spawn_retention(node.clone(), &tasks, shutdown.clone());
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(|e| StartError::Http {
@@ -361,6 +400,24 @@ impl Node {
         self.confidence_model().confidence(&views)
     }
 
+    /// Queues a key for the compensation engine to look at again.
+    pub fn note_changed_conflict(&self, key: &str) {
+        self.conflict_inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned());
+    }
+
+    /// Takes the keys whose conflicts changed since the last call.
+    pub fn take_changed_conflicts(&self) -> BTreeSet<String> {
+        std::mem::take(
+            &mut *self
+                .conflict_inbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
     /// The confidence model, locked.
     pub fn confidence_model(&self) -> std::sync::MutexGuard<'_, ConfidenceModel> {
         self.confidence.lock().unwrap_or_else(|p| p.into_inner())
@@ -396,6 +453,10 @@ impl Node {
                     }
                 }
             }
+            self.conflict_inbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(outcome.conflicts_changed.iter().cloned());
             self.compensation_wakeup.notify_one();
         }
         if !outcome.malformed.is_empty() {

@@ -1,13 +1,16 @@
 //! Wire format of `/oncemesh/sync/1`, the only application protocol between
-//! nodes. A request carries the sender's clock, the heads digest of every
-//! shard, and automerge sync messages for the shards that need one; the
-//! response carries the responder's clock and digests after applying them.
+//! nodes. A request carries the sender's clock and time window, the heads
+//! digest of every live document, and automerge sync messages for the
+//! documents that need one; the response carries the responder's clock,
+//! window and digests after applying them.
 //!
 //! ```text
 //! frame    = len:u32be body                  (len <= MAX_FRAME)
-//! request  = version:u8=1 hlc shard_count:u8 { shard:u8 digest:[32] msg_len:u32be msg }*
-//! response = version:u8=1 hlc shard_count:u8 { shard:u8 digest:[32] }*
+//! request  = version:u8=2 header count:u32be { doc digest:[32] msg_len:u32be msg }*
+//! response = version:u8=2 header count:u32be { doc digest:[32] }*
+//! header   = hlc window_ms:u64be
 //! hlc      = physical_ms:u64be logical:u32be
+//! doc      = epoch:u32be shard:u8
 //! ```
 //!
 //! Decoding never panics. A request frame that is oversized or does not
@@ -16,6 +19,7 @@
 //! count it and log it with the sender's peer id; the node keeps serving.
 
 use crate::hlc::Timestamp;
+use crate::ledger::DocId;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use std::io;
@@ -26,26 +30,30 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/oncemesh/sync/1");
 /// carry catches up over several rounds only if automerge splits its
 /// message, which it does not: the limit is sized for ~1M allocations.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Most documents one frame may list.
+const MAX_DOCS: usize = 1 << 16;
 
-/// One shard's part of a request.
+/// One document's part of a request.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ShardMessage {
-    /// Shard index.
-    pub shard: u8,
-    /// Sender's heads digest of the shard.
+pub struct DocMessage {
+    /// The document.
+    pub doc: DocId,
+    /// Sender's heads digest of the document.
     pub digest: [u8; 32],
     /// Encoded automerge sync message; empty for digest only.
     pub message: Vec<u8>,
 }
 
-/// A request: the sender's clock and its shards.
+/// A request: the sender's clock and window, and its documents.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SyncRequest {
     /// Sender's HLC when it sent this.
     pub hlc: Timestamp,
-    /// Every shard's digest, with a sync message where one is due.
-    pub shards: Vec<ShardMessage>,
+    /// Sender's document time window, ms (must equal ours).
+    pub window_ms: u64,
+    /// Every live document's digest, with a sync message where one is due.
+    pub docs: Vec<DocMessage>,
 }
 
 /// A response: the responder's clock and digests after applying the request.
@@ -53,8 +61,10 @@ pub struct SyncRequest {
 pub struct SyncResponse {
     /// Responder's HLC.
     pub hlc: Timestamp,
-    /// (shard, digest) for every shard.
-    pub digests: Vec<(u8, [u8; 32])>,
+    /// Responder's document time window, ms.
+    pub window_ms: u64,
+    /// (document, digest) for every live document.
+    pub digests: Vec<(DocId, [u8; 32])>,
 }
 
 /// A request as read off the wire: well formed, or why it is not.
@@ -104,12 +114,23 @@ impl<'a> Reader<'a> {
         d.copy_from_slice(self.take(32)?);
         Ok(d)
     }
-    fn header(&mut self) -> io::Result<(Timestamp, u8)> {
+    fn header(&mut self) -> io::Result<(Timestamp, u64, usize)> {
         if self.u8()? != VERSION {
             return Err(invalid("unknown sync protocol version"));
         }
         let hlc = Timestamp::new(self.u64()?, self.u32()?);
-        Ok((hlc, self.u8()?))
+        let window_ms = self.u64()?;
+        let count = self.u32()? as usize;
+        if count > MAX_DOCS {
+            return Err(invalid("too many documents in one frame"));
+        }
+        Ok((hlc, window_ms, count))
+    }
+    fn doc(&mut self) -> io::Result<DocId> {
+        Ok(DocId {
+            epoch: self.u32()?,
+            shard: self.u8()?,
+        })
     }
     fn finish(&self) -> io::Result<()> {
         if self.0.is_empty() {
@@ -123,59 +144,73 @@ impl<'a> Reader<'a> {
 /// Decodes a request body.
 pub fn decode_request(body: &[u8]) -> io::Result<SyncRequest> {
     let mut r = Reader(body);
-    let (hlc, count) = r.header()?;
-    let mut shards = Vec::with_capacity(count as usize);
+    let (hlc, window_ms, count) = r.header()?;
+    let mut docs = Vec::with_capacity(count.min(1024));
     for _ in 0..count {
-        let shard = r.u8()?;
+        let doc = r.doc()?;
         let digest = r.digest()?;
         let len = r.u32()? as usize;
-        shards.push(ShardMessage {
-            shard,
+        docs.push(DocMessage {
+            doc,
             digest,
             message: r.take(len)?.to_vec(),
         });
     }
     r.finish()?;
-    Ok(SyncRequest { hlc, shards })
+    Ok(SyncRequest {
+        hlc,
+        window_ms,
+        docs,
+    })
 }
 
 /// Decodes a response body.
 pub fn decode_response(body: &[u8]) -> io::Result<SyncResponse> {
     let mut r = Reader(body);
-    let (hlc, count) = r.header()?;
-    let mut digests = Vec::with_capacity(count as usize);
+    let (hlc, window_ms, count) = r.header()?;
+    let mut digests = Vec::with_capacity(count.min(1024));
     for _ in 0..count {
-        digests.push((r.u8()?, r.digest()?));
+        digests.push((r.doc()?, r.digest()?));
     }
     r.finish()?;
-    Ok(SyncResponse { hlc, digests })
+    Ok(SyncResponse {
+        hlc,
+        window_ms,
+        digests,
+    })
 }
 
-fn header(hlc: Timestamp, count: usize) -> Vec<u8> {
+fn header(hlc: Timestamp, window_ms: u64, count: usize) -> Vec<u8> {
     let mut out = vec![VERSION];
     out.extend_from_slice(&hlc.physical_ms.to_be_bytes());
     out.extend_from_slice(&hlc.logical.to_be_bytes());
-    out.push(count.min(u8::MAX as usize) as u8);
+    out.extend_from_slice(&window_ms.to_be_bytes());
+    out.extend_from_slice(&(count.min(MAX_DOCS) as u32).to_be_bytes());
     out
+}
+
+fn put_doc(out: &mut Vec<u8>, doc: DocId) {
+    out.extend_from_slice(&doc.epoch.to_be_bytes());
+    out.push(doc.shard);
 }
 
 /// Encodes a request body.
 pub fn encode_request(request: &SyncRequest) -> Vec<u8> {
-    let mut out = header(request.hlc, request.shards.len());
-    for s in request.shards.iter().take(u8::MAX as usize) {
-        out.push(s.shard);
-        out.extend_from_slice(&s.digest);
-        out.extend_from_slice(&(s.message.len() as u32).to_be_bytes());
-        out.extend_from_slice(&s.message);
+    let mut out = header(request.hlc, request.window_ms, request.docs.len());
+    for d in request.docs.iter().take(MAX_DOCS) {
+        put_doc(&mut out, d.doc);
+        out.extend_from_slice(&d.digest);
+        out.extend_from_slice(&(d.message.len() as u32).to_be_bytes());
+        out.extend_from_slice(&d.message);
     }
     out
 }
 
 /// Encodes a response body.
 pub fn encode_response(response: &SyncResponse) -> Vec<u8> {
-    let mut out = header(response.hlc, response.digests.len());
-    for (shard, digest) in response.digests.iter().take(u8::MAX as usize) {
-        out.push(*shard);
+    let mut out = header(response.hlc, response.window_ms, response.digests.len());
+    for (doc, digest) in response.digests.iter().take(MAX_DOCS) {
+        put_doc(&mut out, *doc);
         out.extend_from_slice(digest);
     }
     out
@@ -271,8 +306,12 @@ mod tests {
     fn round_trip() {
         let request = SyncRequest {
             hlc: Timestamp::new(7, 3),
-            shards: vec![ShardMessage {
-                shard: 2,
+            window_ms: 6000,
+            docs: vec![DocMessage {
+                doc: DocId {
+                    epoch: 12,
+                    shard: 2,
+                },
                 digest: [9; 32],
                 message: vec![1, 2, 3],
             }],
@@ -280,7 +319,11 @@ mod tests {
         assert_eq!(decode_request(&encode_request(&request)).unwrap(), request);
         let response = SyncResponse {
             hlc: Timestamp::new(8, 0),
-            digests: vec![(0, [1; 32]), (7, [2; 32])],
+            window_ms: 6000,
+            digests: vec![
+                (DocId { epoch: 1, shard: 0 }, [1; 32]),
+                (DocId { epoch: 1, shard: 7 }, [2; 32]),
+            ],
         };
         assert_eq!(
             decode_response(&encode_response(&response)).unwrap(),

@@ -1,7 +1,7 @@
 //! The task that owns the swarm. See the module docs of [`crate::p2p`].
 
-use super::codec::{InboundRequest, ShardMessage, SyncCodec, SyncRequest, SyncResponse, PROTOCOL};
-use crate::ledger::SHARD_COUNT;
+use super::codec::{DocMessage, InboundRequest, SyncCodec, SyncRequest, SyncResponse, PROTOCOL};
+use crate::ledger::{DocId, MergeError, SHARD_COUNT};
 use crate::metrics::Kind;
 use crate::node::{Node, StartError};
 use futures::StreamExt;
@@ -10,15 +10,12 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, Respons
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ListenError, NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, identity::Keypair, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Bit in a dirty mask meaning "send even without sync messages" (heartbeat).
-const HEARTBEAT: u32 = 1 << 31;
-const ALL_SHARDS: u32 = (1 << SHARD_COUNT) - 1;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A request not answered within this is failed and the session reset.
@@ -44,7 +41,7 @@ enum Internal {
         peer: PeerId,
         channel: ResponseChannel<SyncResponse>,
         response: SyncResponse,
-        applied: u32,
+        applied: BTreeSet<DocId>,
     },
 }
 
@@ -60,8 +57,14 @@ struct Peer {
     addr: Multiaddr,
     connections: usize,
     outbound: Outbound,
-    dirty: u32,
-    their_digests: Vec<Option<[u8; 32]>>,
+    /// Documents with news for this peer.
+    dirty: BTreeSet<DocId>,
+    /// Every live document has news (after a reconnect or a failure).
+    dirty_all: bool,
+    /// Send a request even without sync messages (anti-entropy round).
+    heartbeat: bool,
+    /// The peer's last known digest of each document.
+    their_digests: HashMap<DocId, [u8; 32]>,
     backoff: Duration,
     next_dial: Option<Instant>,
     out_of_sync_since: Option<u64>,
@@ -142,8 +145,10 @@ impl EventLoop {
                         addr: p.addr.clone(),
                         connections: 0,
                         outbound: Outbound::Idle,
-                        dirty: 0,
-                        their_digests: vec![None; SHARD_COUNT],
+                        dirty: BTreeSet::new(),
+                        dirty_all: false,
+                        heartbeat: false,
+                        their_digests: HashMap::new(),
                         backoff: FIRST_BACKOFF,
                         next_dial: Some(Instant::now()),
                         out_of_sync_since: None,
@@ -177,10 +182,10 @@ impl EventLoop {
                 Some(internal) = self.internal_rx.recv() => self.on_internal(internal),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = changes.changed() => {
-                    let mask = changes.take();
+                    let changed = changes.take();
                     let ids: Vec<PeerId> = self.peers.keys().copied().collect();
                     for id in ids {
-                        if let Some(p) = self.peers.get_mut(&id) { p.dirty |= mask; }
+                        if let Some(p) = self.peers.get_mut(&id) { p.dirty.extend(changed.iter().copied()); }
                         self.kick(id);
                     }
                 }
@@ -234,20 +239,24 @@ impl EventLoop {
         }
     }
 
-    /// Anti-entropy: every connected peer gets every shard's digest, and a
-    /// sync message wherever its last known digest differs from ours.
+    /// Anti-entropy: every connected peer gets every live document's digest,
+    /// and a sync message wherever its last known digest differs from ours.
     fn heartbeat(&mut self) {
         let ours = self.node.ledger.digests();
+        let windows = self.node.ledger.windows();
+        let now = self.node.ledger.wall_ms();
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
             if let Some(p) = self.peers.get_mut(&id) {
+                p.their_digests
+                    .retain(|doc, _| !windows.expired(doc.epoch, now));
                 if p.connections == 0 {
                     continue;
                 }
-                p.dirty |= HEARTBEAT;
-                for (shard, digest) in ours.iter().enumerate() {
-                    if p.their_digests[shard].as_ref() != Some(digest) {
-                        p.dirty |= 1 << shard;
+                p.heartbeat = true;
+                for (doc, digest) in &ours {
+                    if p.their_digests.get(doc) != Some(digest) {
+                        p.dirty.insert(*doc);
                     }
                 }
             }
@@ -262,16 +271,11 @@ impl EventLoop {
         tokio::task::spawn_blocking(move || {
             let mut total = 0i64;
             for key in keys {
-                let (mut lack, mut we_lack) = (0u64, 0u64);
-                for shard in 0..SHARD_COUNT {
-                    let (a, b) = node.ledger.delta(shard, &key);
-                    lack += a as u64;
-                    we_lack += b as u64;
-                }
+                let (lack, we_lack) = node.ledger.delta(&key);
                 total += lack as i64;
                 node.peers.update(&key, |s| {
-                    s.they_lack_changes = lack;
-                    s.we_lack_heads = we_lack;
+                    s.they_lack_changes = lack as u64;
+                    s.we_lack_heads = we_lack as u64;
                 });
             }
             node.metrics.store_delta_changes.set(total);
@@ -284,43 +288,43 @@ impl EventLoop {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        if peer.connections == 0 || peer.outbound != Outbound::Idle || peer.dirty == 0 {
+        let has_work = peer.heartbeat || peer.dirty_all || !peer.dirty.is_empty();
+        if peer.connections == 0 || peer.outbound != Outbound::Idle || !has_work {
             return;
         }
-        let mask = std::mem::take(&mut peer.dirty);
+        let dirty = std::mem::take(&mut peer.dirty);
+        let all = std::mem::take(&mut peer.dirty_all);
+        let heartbeat = std::mem::take(&mut peer.heartbeat);
         peer.outbound = Outbound::Building;
-        let ours = self.node.ledger.digests();
-        let unstick: u32 = (0..SHARD_COUNT)
-            .filter(|&s| peer.their_digests[s].is_some_and(|d| d != ours[s]))
-            .fold(0, |m, s| m | 1 << s);
+        let their = peer.their_digests.clone();
         let key = peer.key.clone();
         let node = self.node.clone();
         let tx = self.internal_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let mut shards = Vec::with_capacity(SHARD_COUNT);
+            let mut docs = Vec::new();
             let mut any_message = false;
-            for shard in 0..SHARD_COUNT {
-                let message = if mask & (1 << shard) != 0 {
+            for (doc, digest) in node.ledger.digests() {
+                let message = if all || dirty.contains(&doc) {
+                    // A peer whose digest differs while nothing is under way
+                    // lost a message with a connection: send again.
+                    let unstick = heartbeat && their.get(&doc).is_some_and(|d| *d != digest);
                     node.ledger
-                        .generate_sync(
-                            shard,
-                            &key,
-                            unstick & (1 << shard) != 0 && mask & HEARTBEAT != 0,
-                        )
+                        .generate_sync(doc, &key, unstick)
                         .unwrap_or_default()
                 } else {
                     Vec::new()
                 };
                 any_message |= !message.is_empty();
-                shards.push(ShardMessage {
-                    shard: shard as u8,
-                    digest: node.ledger.digest(shard),
+                docs.push(DocMessage {
+                    doc,
+                    digest,
                     message,
                 });
             }
-            let request = (any_message || mask & HEARTBEAT != 0).then(|| SyncRequest {
+            let request = (any_message || heartbeat).then(|| SyncRequest {
                 hlc: node.ledger.stamp(),
-                shards,
+                window_ms: node.ledger.windows().window_ms,
+                docs,
             });
             let _ = tx.send(Internal::Built { peer: id, request });
         });
@@ -335,7 +339,7 @@ impl EventLoop {
                 p.outbound = Outbound::Idle;
                 match request {
                     Some(request) if p.connections > 0 => {
-                        let bytes: usize = request.shards.iter().map(|s| s.message.len()).sum();
+                        let bytes: usize = request.docs.iter().map(|d| d.message.len()).sum();
                         self.node.metrics.sync_messages_sent.inc();
                         self.node.metrics.sync_bytes_sent.inc_by(bytes as u64);
                         let id = self
@@ -365,7 +369,7 @@ impl EventLoop {
                 }
                 // The automerge protocol answers every message it receives.
                 if let Some(p) = self.peers.get_mut(&peer) {
-                    p.dirty |= applied;
+                    p.dirty.extend(applied);
                 }
                 self.kick(peer);
             }
@@ -430,7 +434,8 @@ impl EventLoop {
         tracing::info!(peer = %peer_id, "peer connected");
         p.backoff = FIRST_BACKOFF;
         p.next_dial = None;
-        p.dirty = ALL_SHARDS | HEARTBEAT;
+        p.dirty_all = true;
+        p.heartbeat = true;
         let key = p.key.clone();
         let now = self.node.ledger.wall_ms();
         self.node.peers.update(&key, |s| {
@@ -476,7 +481,7 @@ impl EventLoop {
                     if p.outbound == Outbound::InFlight(request_id) {
                         p.outbound = Outbound::Idle;
                     }
-                    p.dirty |= ALL_SHARDS;
+                    p.dirty_all = true;
                     let key = p.key.clone();
                     tracing::debug!(%peer, %error, "sync request failed; resetting the session");
                     self.node.ledger.reset_sync(&key);
@@ -539,16 +544,23 @@ impl EventLoop {
             return;
         };
         let key = p.key.clone();
-        for s in &request.shards {
-            if let Some(slot) = p.their_digests.get_mut(s.shard as usize) {
-                *slot = Some(s.digest);
-            }
+        let ours = self.node.ledger.windows().window_ms;
+        if request.window_ms != ours {
+            let why = format!(
+                "peer cuts documents into {} ms windows, we use {ours} ms: every node needs the same --retention",
+                request.window_ms
+            );
+            self.drop_message(peer, "window-mismatch", &why);
+            return;
+        }
+        for d in &request.docs {
+            p.their_digests.insert(d.doc, d.digest);
         }
         self.observe_clock(&key, request.hlc);
         let node = self.node.clone();
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
-            let received: usize = request.shards.iter().map(|s| s.message.len()).sum();
+            let received: usize = request.docs.iter().map(|d| d.message.len()).sum();
             node.metrics.sync_bytes_received.inc_by(received as u64);
             let apply_node = node.clone();
             let apply_key = key.clone();
@@ -566,30 +578,32 @@ impl EventLoop {
             {
                 return;
             }
-            for (shard, digest) in &applied.their_digests {
-                node.ledger.mark_in_sync_if(*shard as usize, &key, digest);
+            for (doc, digest) in &applied.their_digests {
+                node.ledger.mark_in_sync_if(*doc, &key, digest);
             }
             let response = SyncResponse {
                 hlc: node.ledger.stamp(),
-                digests: node
-                    .ledger
-                    .digests()
-                    .into_iter()
-                    .enumerate()
-                    .map(|(s, d)| (s as u8, d))
-                    .collect(),
+                window_ms: node.ledger.windows().window_ms,
+                digests: node.ledger.digests(),
             };
             let _ = tx.send(Internal::Respond {
                 peer,
                 channel,
                 response,
-                applied: applied.mask,
+                applied: applied.docs,
             });
         });
     }
 
     fn on_response(&mut self, peer: PeerId, request_id: OutboundRequestId, response: SyncResponse) {
         let now = self.node.ledger.wall_ms();
+        let ours: Vec<DocId> = self
+            .node
+            .ledger
+            .digests()
+            .into_iter()
+            .map(|(doc, _)| doc)
+            .collect();
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -597,34 +611,27 @@ impl EventLoop {
             p.outbound = Outbound::Idle;
         }
         let key = p.key.clone();
-        let mut all_in_sync = true;
-        let mut shard_times = Vec::new();
-        for (shard, digest) in &response.digests {
-            let shard = *shard as usize;
-            if shard >= SHARD_COUNT {
-                continue;
-            }
-            p.their_digests[shard] = Some(*digest);
-            if self.node.ledger.mark_in_sync_if(shard, &key, digest) {
-                shard_times.push(shard);
-            } else {
-                all_in_sync = false;
+        let mut in_sync = BTreeSet::new();
+        for (doc, digest) in &response.digests {
+            p.their_digests.insert(*doc, *digest);
+            if self.node.ledger.mark_in_sync_if(*doc, &key, digest) {
+                in_sync.insert(*doc);
             }
         }
+        // In sync with the peer: every document we hold is identical there
+        // (a document it does not list is one it lacks).
+        let all_in_sync = ours.iter().all(|doc| in_sync.contains(doc));
         let resynced_after = if all_in_sync {
             p.out_of_sync_since.take()
         } else {
             p.out_of_sync_since.get_or_insert(now);
             None
         };
-        self.node.peers.update(&key, |s| {
-            for shard in &shard_times {
-                s.shard_in_sync_ms[*shard] = Some(now);
-            }
-            if all_in_sync {
-                s.last_in_sync_ms = Some(now);
-            }
-        });
+        if all_in_sync {
+            self.node
+                .peers
+                .update(&key, |s| s.last_in_sync_ms = Some(now));
+        }
         if let Some(since) = resynced_after {
             self.node
                 .confidence_model()
@@ -639,40 +646,40 @@ impl EventLoop {
 #[derive(Default)]
 struct Applied {
     durable_seq: u64,
-    mask: u32,
-    their_digests: Vec<(u8, [u8; 32])>,
+    docs: BTreeSet<DocId>,
+    their_digests: Vec<(DocId, [u8; 32])>,
 }
 
 /// Applies the sync messages of a request (blocking: automerge work).
 fn apply(node: &Node, peer: &str, request: SyncRequest) -> Applied {
     let mut applied = Applied::default();
-    for s in request.shards {
-        let shard = s.shard as usize;
-        if shard >= SHARD_COUNT {
-            drop_record(
-                node,
-                peer,
-                "bad-shard",
-                &format!("shard {shard} does not exist"),
-            );
+    for d in request.docs {
+        if usize::from(d.doc.shard) >= SHARD_COUNT {
+            let why = format!("{} names a shard that does not exist", d.doc);
+            drop_record(node, peer, "bad-shard", &why);
             continue;
         }
-        applied.their_digests.push((s.shard, s.digest));
-        if s.message.is_empty() {
+        applied.their_digests.push((d.doc, d.digest));
+        if d.message.is_empty() {
             continue;
         }
-        let message = match automerge::sync::Message::decode(&s.message) {
+        let message = match automerge::sync::Message::decode(&d.message) {
             Ok(m) => m,
             Err(e) => {
                 drop_record(node, peer, "undecodable", &e.to_string());
                 continue;
             }
         };
-        match node.ledger.receive_sync(shard, peer, message) {
+        match node.ledger.receive_sync(d.doc, peer, message) {
             Ok(outcome) => {
                 applied.durable_seq = applied.durable_seq.max(outcome.durable_seq);
-                applied.mask |= 1 << shard;
+                applied.docs.insert(d.doc);
                 node.after_merge(&outcome);
+            }
+            // A peer whose clock is behind may still offer a document we
+            // already dropped: normal at window edges, not an attack.
+            Err(MergeError::Expired(doc)) => {
+                tracing::debug!(peer, %doc, "ignored a document past the retention");
             }
             Err(e) => drop_record(node, peer, "rejected", &e.to_string()),
         }

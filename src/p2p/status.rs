@@ -17,11 +17,8 @@ pub struct PeerStatus {
     pub connected: bool,
     /// Wall-clock ms since which the peer is connected (or was last seen).
     pub connected_since_ms: Option<u64>,
-    /// Wall-clock ms of the last moment every shard was identical on both sides.
+    /// Wall-clock ms of the last moment every document was identical on both sides.
     pub last_in_sync_ms: Option<u64>,
-    /// Per shard: wall-clock ms of the last moment that shard was identical.
-    #[serde(skip)]
-    pub shard_in_sync_ms: Vec<Option<u64>>,
     /// Changes the peer lacks (from the sync state: their heads vs ours).
     pub they_lack_changes: u64,
     /// Heads the peer has announced that we have not seen: at least this
@@ -51,7 +48,7 @@ pub struct PeerTable {
 
 impl PeerTable {
     /// A table listing `peers` (id, address), none connected yet.
-    pub fn new(peers: impl IntoIterator<Item = (String, String)>, shards: usize) -> Self {
+    pub fn new(peers: impl IntoIterator<Item = (String, String)>) -> Self {
         let peers = peers
             .into_iter()
             .map(|(id, address)| {
@@ -60,7 +57,6 @@ impl PeerTable {
                     PeerStatus {
                         peer_id: id,
                         address,
-                        shard_in_sync_ms: vec![None; shards],
                         ..PeerStatus::default()
                     },
                 )

@@ -1,0 +1,217 @@
+//! One shard of the key space: its documents (one per live epoch) and the
+//! index of its keys, all behind one lock.
+
+use super::doc_id::{DocId, Windows};
+use super::document::ShardDocument;
+use super::view::{Allocation, KeyView};
+use super::{ChunkSink, CHUNKS_PER_SNAPSHOT};
+use crate::record::{AllocationRecord, CompensationRecord};
+use automerge::{sync, ActorId};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// One document and what is tracked about it per peer.
+pub(super) struct EpochDoc {
+    pub doc: ShardDocument,
+    /// Records that have arrived in this document, counted.
+    pub arrivals: u64,
+    /// Per peer, the arrival count as of the last moment both held identical
+    /// copies of this document.
+    pub synced_arrival: HashMap<String, u64>,
+    /// Per peer, the automerge sync state of this document.
+    pub sync_states: HashMap<String, sync::State>,
+    pub chunks_on_disk: usize,
+}
+
+impl EpochDoc {
+    pub fn new(doc: ShardDocument, chunks_on_disk: usize) -> Self {
+        Self {
+            doc,
+            arrivals: 0,
+            synced_arrival: HashMap::new(),
+            sync_states: HashMap::new(),
+            chunks_on_disk,
+        }
+    }
+
+    /// Hands new changes to the sink, compacting the document when it has
+    /// accumulated enough chunks. Returns the sequence to wait for.
+    pub fn persist(&mut self, sink: &dyn ChunkSink) -> u64 {
+        let Some(bytes) = self.doc.take_unpersisted() else {
+            return 0;
+        };
+        let id = self.doc.id();
+        let seq = sink.persist(id, bytes);
+        self.chunks_on_disk += 1;
+        if self.chunks_on_disk >= CHUNKS_PER_SNAPSHOT {
+            self.chunks_on_disk = 1;
+            return sink.snapshot(id, self.doc.save()).max(seq);
+        }
+        seq
+    }
+}
+
+/// A shard: documents by epoch plus the key index.
+pub(super) struct Group {
+    pub shard: u8,
+    pub docs: BTreeMap<u32, EpochDoc>,
+    pub keys: HashMap<String, Vec<Allocation>>,
+    pub compensations: HashMap<String, CompensationRecord>,
+    pub conflicts: BTreeMap<String, u64>,
+}
+
+impl Group {
+    pub fn new(shard: u8) -> Self {
+        Self {
+            shard,
+            docs: BTreeMap::new(),
+            keys: HashMap::new(),
+            compensations: HashMap::new(),
+            conflicts: BTreeMap::new(),
+        }
+    }
+
+    /// The document of `epoch`, created from genesis if this node has none.
+    pub fn doc_mut(&mut self, epoch: u32, actor: &ActorId) -> &mut EpochDoc {
+        let shard = self.shard;
+        self.docs.entry(epoch).or_insert_with(|| {
+            let mut doc = ShardDocument::genesis(DocId { epoch, shard });
+            doc.set_actor(actor.clone());
+            EpochDoc::new(doc, 0)
+        })
+    }
+
+    pub fn find_mut(&mut self, record: &AllocationRecord) -> Option<&mut Allocation> {
+        self.keys
+            .get_mut(&record.key)?
+            .iter_mut()
+            .find(|a| a.record.txn_id == record.txn_id)
+    }
+
+    pub fn contains(&self, record: &AllocationRecord) -> bool {
+        self.keys
+            .get(&record.key)
+            .is_some_and(|v| v.iter().any(|a| a.record.txn_id == record.txn_id))
+    }
+
+    /// Inserts a record of document `epoch` in precedence order; returns
+    /// true when the key is (now) in conflict.
+    pub fn insert(
+        &mut self,
+        epoch: u32,
+        record: AllocationRecord,
+        durable_seq: u64,
+        now_ms: u64,
+    ) -> bool {
+        let arrival = match self.docs.get_mut(&epoch) {
+            Some(doc) => {
+                doc.arrivals += 1;
+                doc.arrivals
+            }
+            None => 0,
+        };
+        let allocation = Allocation {
+            epoch,
+            arrival,
+            durable_seq,
+            record: Arc::new(record),
+        };
+        let key = allocation.record.key.clone();
+        let list = self.keys.entry(key.clone()).or_default();
+        let at = list
+            .iter()
+            .position(|a| allocation.record.precedence(&a.record).is_lt())
+            .unwrap_or(list.len());
+        list.insert(at, allocation);
+        if list.len() > 1 {
+            self.conflicts.entry(key).or_insert(now_ms);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether every peer is known to hold `allocation` (and we held all of
+    /// that peer's copy of its document at that moment).
+    pub fn settled(&self, allocation: &Allocation, peers: &[String]) -> bool {
+        self.unsynced(allocation, peers).next().is_none()
+    }
+
+    fn unsynced<'a>(
+        &'a self,
+        allocation: &'a Allocation,
+        peers: &'a [String],
+    ) -> impl Iterator<Item = &'a String> + 'a {
+        let synced = self.docs.get(&allocation.epoch).map(|d| &d.synced_arrival);
+        peers.iter().filter(move |p| {
+            synced
+                .and_then(|s| s.get(*p))
+                .is_none_or(|&s| s < allocation.arrival)
+        })
+    }
+
+    pub fn view(&self, key: &str, peers: &[String]) -> Option<KeyView> {
+        let allocations = self.keys.get(key)?;
+        let compensations = allocations
+            .iter()
+            .skip(1)
+            .filter_map(|a| self.compensations.get(&a.record.txn_id).cloned())
+            .collect();
+        let mut unsynced_peers: Vec<String> = allocations
+            .iter()
+            .flat_map(|a| self.unsynced(a, peers).cloned())
+            .collect();
+        unsynced_peers.sort();
+        unsynced_peers.dedup();
+        Some(KeyView {
+            key: key.to_owned(),
+            allocations: allocations.clone(),
+            compensations,
+            settled: unsynced_peers.is_empty(),
+            unsynced_peers,
+        })
+    }
+
+    /// Drops every document whose epoch is past retention, and every
+    /// allocation, conflict and compensation that lived in them. Returns the
+    /// dropped documents and how many allocations went with them.
+    pub fn expire(&mut self, windows: &Windows, now_ms: u64) -> (Vec<DocId>, u64) {
+        let expired: Vec<u32> = self
+            .docs
+            .keys()
+            .copied()
+            .filter(|&e| windows.expired(e, now_ms))
+            .collect();
+        if expired.is_empty() {
+            return (Vec::new(), 0);
+        }
+        for epoch in &expired {
+            self.docs.remove(epoch);
+        }
+        let mut dropped = 0u64;
+        let compensations = &mut self.compensations;
+        let conflicts = &mut self.conflicts;
+        self.keys.retain(|key, allocations| {
+            allocations.retain(|a| {
+                let gone = windows.expired(a.epoch, now_ms);
+                if gone {
+                    dropped += 1;
+                    compensations.remove(&a.record.txn_id);
+                }
+                !gone
+            });
+            if allocations.len() <= 1 {
+                conflicts.remove(key);
+            }
+            !allocations.is_empty()
+        });
+        let shard = self.shard;
+        (
+            expired
+                .into_iter()
+                .map(|epoch| DocId { epoch, shard })
+                .collect(),
+            dropped,
+        )
+    }
+}
