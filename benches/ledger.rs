@@ -23,9 +23,11 @@ use criterion::{
 use oncemesh::hlc::OffsetClock;
 use oncemesh::key::{fingerprint, Fingerprint, IdempotencyKey};
 use oncemesh::ledger::{
-    AllocateRequest, ChunkSink, DiscardSink, Ledger, NodeIdentity, SHARD_COUNT,
+    AllocateRequest, ChunkSink, DiscardSink, DocId, Ledger, NodeIdentity, StoredDocument, Windows,
+    SHARD_COUNT,
 };
 use oncemesh::storage::Storage;
+use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -124,11 +126,14 @@ fn bench_allocate_memory(c: &mut Criterion) {
 struct StorageSink(Arc<Storage>);
 
 impl ChunkSink for StorageSink {
-    fn persist(&self, shard: usize, bytes: Vec<u8>) -> u64 {
-        self.0.append_chunk(shard, bytes)
+    fn persist(&self, doc: DocId, bytes: Vec<u8>) -> u64 {
+        self.0.append_chunk((doc.epoch, doc.shard), bytes)
     }
-    fn snapshot(&self, shard: usize, bytes: Vec<u8>) -> u64 {
-        self.0.replace_with_snapshot(shard, bytes)
+    fn snapshot(&self, doc: DocId, bytes: Vec<u8>) -> u64 {
+        self.0.replace_with_snapshot((doc.epoch, doc.shard), bytes)
+    }
+    fn drop_document(&self, doc: DocId) {
+        self.0.drop_document((doc.epoch, doc.shard));
     }
 }
 
@@ -144,14 +149,14 @@ fn bench_allocate_durable(c: &mut Criterion) {
             .prefix("oncemesh-bench-")
             .tempdir_in(std::env::temp_dir())
             .expect("temp dir");
-        let (storage, _loaded) =
-            Storage::open(dir.path(), SHARD_COUNT, Box::new(|_| {})).expect("storage");
+        let (storage, _loaded) = Storage::open(dir.path(), Box::new(|_| {})).expect("storage");
         let ledger = Ledger::open(
             identity("disk"),
             Vec::new(),
             OffsetClock::default(),
             500,
-            Vec::new(),
+            Windows::default(),
+            BTreeMap::new(),
             Arc::new(StorageSink(storage.clone())),
         )
         .expect("ledger");
@@ -228,16 +233,36 @@ fn merge_sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![10_000])
 }
 
-fn open_copy(saved: &[Vec<u8>]) -> Ledger {
+fn open_copy(saved: &[(DocId, Vec<u8>)]) -> Ledger {
     Ledger::open(
         identity("B"),
         Vec::new(),
         OffsetClock::default(),
         500,
-        saved.iter().map(|bytes| (bytes.clone(), 1)).collect(),
+        Windows::default(),
+        saved
+            .iter()
+            .map(|(doc, bytes)| {
+                (
+                    *doc,
+                    StoredDocument {
+                        bytes: bytes.clone(),
+                    },
+                )
+            })
+            .collect(),
         Arc::new(DiscardSink),
     )
     .expect("reload")
+}
+
+/// Every document of a ledger as saved bytes.
+fn save_all(ledger: &Ledger) -> Vec<(DocId, Vec<u8>)> {
+    ledger
+        .digests()
+        .into_iter()
+        .filter_map(|(doc, _)| Some((doc, ledger.save_document(doc)?)))
+        .collect()
 }
 
 /// A memory figure of this process from /proc/self/status, MiB (0 where unavailable).
@@ -259,11 +284,11 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn merge_into(target: &Ledger, source: &[Vec<u8>]) -> usize {
+fn merge_into(target: &Ledger, source: &[(DocId, Vec<u8>)]) -> usize {
     let mut new = 0;
-    for (shard, bytes) in source.iter().enumerate() {
+    for (doc, bytes) in source {
         new += target
-            .merge_bytes(shard, bytes)
+            .merge_bytes(*doc, bytes)
             .expect("merge")
             .new_allocations
             .len();
@@ -274,10 +299,10 @@ fn merge_into(target: &Ledger, source: &[Vec<u8>]) -> usize {
 fn bench_merge(c: &mut Criterion) {
     for n in merge_sizes() {
         let (a, b) = build_pair(n);
-        let source: Vec<Vec<u8>> = (0..SHARD_COUNT).map(|s| a.save_shard(s)).collect();
-        let target: Vec<Vec<u8>> = (0..SHARD_COUNT).map(|s| b.save_shard(s)).collect();
+        let source = save_all(&a);
+        let target = save_all(&b);
         drop((a, b));
-        let bytes: usize = source.iter().map(Vec::len).sum();
+        let bytes: usize = source.iter().map(|(_, b)| b.len()).sum();
         eprintln!(
             "merge/{n}: source document {bytes} bytes ({:.1} bytes/allocation)",
             bytes as f64 / (n + SHARED) as f64
@@ -334,9 +359,11 @@ fn bench_merge(c: &mut Criterion) {
                 found
             })
         });
-        group.throughput(Throughput::Bytes(merged.save_shard(0).len() as u64));
+        let first = merged.digests()[0].0;
+        let size = merged.save_document(first).map_or(0, |b| b.len());
+        group.throughput(Throughput::Bytes(size as u64));
         group.bench_function("save_shard", |bench| {
-            bench.iter(|| black_box(merged.save_shard(0)))
+            bench.iter(|| black_box(merged.save_document(first)))
         });
         group.finish();
     }

@@ -104,9 +104,8 @@ pub struct Storage {
 /// The compensation log entries of one transaction, in order.
 pub type LogOfTransaction = (String, Vec<Vec<u8>>);
 
-/// What was on disk at open: per document, its chunks concatenated in order
-/// and how many they are (compaction counts from there).
-pub type Loaded = std::collections::BTreeMap<DocKey, (Vec<u8>, usize)>;
+/// What was on disk at open: per document, its chunks concatenated in order.
+pub type Loaded = std::collections::BTreeMap<DocKey, Vec<u8>>;
 
 impl Storage {
     /// Opens (or creates) the database in `dir` and reads back every shard.
@@ -254,9 +253,10 @@ fn read_documents(db: &Database) -> Result<(Loaded, u64), StorageError> {
                 let (k, v) = row.map_err(io("reading chunks"))?;
                 let (epoch, shard, seq) = k.value();
                 max_seq = max_seq.max(seq);
-                let entry = loaded.entry((epoch, shard)).or_default();
-                entry.0.extend_from_slice(v.value());
-                entry.1 += 1;
+                loaded
+                    .entry((epoch, shard))
+                    .or_default()
+                    .extend_from_slice(v.value());
             }
         }
         Err(redb::TableError::TableDoesNotExist(_)) => {}

@@ -4,7 +4,7 @@
 use super::doc_id::{DocId, Windows};
 use super::document::ShardDocument;
 use super::view::{Allocation, KeyView};
-use super::{ChunkSink, CHUNKS_PER_SNAPSHOT};
+use super::{ChunkSink, COMPACT_MIN_BYTES};
 use crate::record::{AllocationRecord, CompensationRecord};
 use automerge::{sync, ActorId};
 use std::collections::{BTreeMap, HashMap};
@@ -20,32 +20,41 @@ pub(super) struct EpochDoc {
     pub synced_arrival: HashMap<String, u64>,
     /// Per peer, the automerge sync state of this document.
     pub sync_states: HashMap<String, sync::State>,
-    pub chunks_on_disk: usize,
+    /// Bytes appended since the last full save (or since load).
+    pub bytes_since_snapshot: usize,
+    /// Size of the last full save (or of what was loaded).
+    pub snapshot_bytes: usize,
 }
 
 impl EpochDoc {
-    pub fn new(doc: ShardDocument, chunks_on_disk: usize) -> Self {
+    pub fn new(doc: ShardDocument, stored_bytes: usize) -> Self {
         Self {
             doc,
             arrivals: 0,
             synced_arrival: HashMap::new(),
             sync_states: HashMap::new(),
-            chunks_on_disk,
+            bytes_since_snapshot: 0,
+            snapshot_bytes: stored_bytes,
         }
     }
 
-    /// Hands new changes to the sink, compacting the document when it has
-    /// accumulated enough chunks. Returns the sequence to wait for.
+    /// Hands new changes to the sink. Once the chunks appended since the
+    /// last full save outweigh it (and at least [`COMPACT_MIN_BYTES`]), the
+    /// document is saved whole in their place: the work of compaction stays
+    /// proportional to what was written, and loading reads at most about
+    /// twice the document. Returns the sequence to wait for.
     pub fn persist(&mut self, sink: &dyn ChunkSink) -> u64 {
         let Some(bytes) = self.doc.take_unpersisted() else {
             return 0;
         };
         let id = self.doc.id();
+        self.bytes_since_snapshot += bytes.len();
         let seq = sink.persist(id, bytes);
-        self.chunks_on_disk += 1;
-        if self.chunks_on_disk >= CHUNKS_PER_SNAPSHOT {
-            self.chunks_on_disk = 1;
-            return sink.snapshot(id, self.doc.save()).max(seq);
+        if self.bytes_since_snapshot >= self.snapshot_bytes.max(COMPACT_MIN_BYTES) {
+            let saved = self.doc.save();
+            self.snapshot_bytes = saved.len();
+            self.bytes_since_snapshot = 0;
+            return sink.snapshot(id, saved).max(seq);
         }
         seq
     }

@@ -47,9 +47,8 @@ pub trait ChunkSink: Send + Sync {
     fn drop_document(&self, doc: DocId);
 }
 
-/// Chunks a document may accumulate on disk before it is compacted into one
-/// saved document: bounds start-up time and disk use.
-pub const CHUNKS_PER_SNAPSHOT: usize = 2048;
+/// Appended chunk bytes below which a document is never compacted.
+pub const COMPACT_MIN_BYTES: usize = 4 * 1024 * 1024;
 
 /// A sink that keeps nothing: for in-memory ledgers in tests and tools.
 pub struct DiscardSink;
@@ -147,10 +146,8 @@ pub enum MergeError {
 
 /// What a stored document looked like on disk.
 pub struct StoredDocument {
-    /// Concatenated chunks.
+    /// Concatenated chunks (a saved document and/or changes).
     pub bytes: Vec<u8>,
-    /// How many chunks they are (compaction resumes counting from there).
-    pub chunks: usize,
 }
 
 /// The ledger of one node; see the module docs.
@@ -197,7 +194,7 @@ impl Ledger {
             let group = &mut groups[usize::from(id.shard)];
             group
                 .docs
-                .insert(id.epoch, EpochDoc::new(doc, stored.chunks));
+                .insert(id.epoch, EpochDoc::new(doc, stored.bytes.len()));
             for entry in entries {
                 match entry {
                     Entry::Allocation(record) => {

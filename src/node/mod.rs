@@ -240,9 +240,7 @@ impl Node {
             Windows::for_retention(config.retention.as_millis() as u64),
             loaded
                 .into_iter()
-                .map(|((epoch, shard), (bytes, chunks))| {
-                    (DocId { epoch, shard }, StoredDocument { bytes, chunks })
-                })
+                .map(|((epoch, shard), bytes)| (DocId { epoch, shard }, StoredDocument { bytes }))
                 .collect(),
             sink,
         )?);

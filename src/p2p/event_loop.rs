@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Redial backoff: quick first, and capped low, so a healed link is back
+/// within a second (a failed dial on a dead link costs next to nothing).
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// A request not answered within this is failed and the session reset.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
