@@ -53,6 +53,13 @@ pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
     /// Checks `raw` against the key rules of the contract.
+    ///
+    /// ```
+    /// use oncemesh::key::{IdempotencyKey, InputError};
+    /// assert!(IdempotencyKey::parse("order-42/retry-1").is_ok());
+    /// assert_eq!(IdempotencyKey::parse(""), Err(InputError::EmptyKey));
+    /// assert!(IdempotencyKey::parse("has space").is_err());
+    /// ```
     pub fn parse(raw: &str) -> Result<Self, InputError> {
         if raw.is_empty() {
             return Err(InputError::EmptyKey);
@@ -104,6 +111,14 @@ impl fmt::Display for IdempotencyKey {
 pub struct Fingerprint(pub String);
 
 /// Validates a payload and returns its fingerprint.
+///
+/// ```
+/// use oncemesh::key::fingerprint;
+/// let a = fingerprint(&serde_json::json!({"amount": 1299, "currency": "EUR"})).unwrap();
+/// let b = fingerprint(&serde_json::from_str(r#"{"currency":"EUR","amount":1299}"#).unwrap()).unwrap();
+/// assert_eq!(a, b); // key order does not matter
+/// assert!(fingerprint(&serde_json::json!([1, 2])).is_err()); // payloads are objects
+/// ```
 ///
 /// Canonical JSON here is serde_json's compact form with object keys sorted
 /// by bytes (serde_json's default map is ordered) and numbers kept as sent.

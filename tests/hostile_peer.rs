@@ -169,21 +169,11 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
             .0,
         201
     );
-    let metrics = c
+    let metrics = c.node(0).metrics_text().await;
+    let dropped = c
         .node(0)
-        .client()
-        .get(c.node(0).url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let dropped: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("oncemesh_dropped_peer_messages_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+        .metric("oncemesh_dropped_peer_messages_total")
+        .await;
     assert!(dropped >= 5.0, "only {dropped} drops counted\n{metrics}");
     assert!(c.node(0).is_running());
 }

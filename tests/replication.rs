@@ -40,23 +40,6 @@ async fn key_count(c: &Cluster, node: usize) -> u64 {
     health["ledger"]["keys"].as_u64().unwrap_or(0)
 }
 
-async fn metric(c: &Cluster, node: usize, name: &str) -> f64 {
-    let text = c
-        .node(node)
-        .client()
-        .get(c.node(node).url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allocation_reaches_every_region_and_replays_there() {
     let c = Cluster::start(3, ClusterOptions::default()).await;
@@ -226,14 +209,10 @@ async fn a_peer_outside_the_allowlist_gets_and_pushes_nothing() {
     let (code, _) = allocate(&intruder, 0, "pushed", json!({})).await;
     assert_eq!(code, 201);
     assert!(
-        c.wait_until_async(CONVERGE, async || metric(
-            &c,
-            0,
-            "oncemesh_refused_peers_total"
-        )
-        .await
-            >= 1.0)
-            .await,
+        c.wait_until_async(CONVERGE, async || {
+            c.node(0).metric("oncemesh_refused_peers_total").await >= 1.0
+        })
+        .await,
         "no refusal counted\n{}\n{}",
         c.logs(20),
         intruder.logs(20)

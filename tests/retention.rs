@@ -124,17 +124,10 @@ async fn nodes_with_different_retention_refuse_to_sync_and_say_why() {
     assert_eq!(code, 201);
     assert!(
         c.wait_until_async(Duration::from_secs(10), async || {
-            let text = c
-                .node(1)
-                .client()
-                .get(c.node(1).url("/metrics"))
-                .send()
+            c.node(1)
+                .metrics_text()
                 .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            text.contains("kind=\"window-mismatch\"")
+                .contains("kind=\"window-mismatch\"")
         })
         .await,
         "{}",

@@ -122,12 +122,8 @@ pub struct MergeOutcome {
     pub new_allocations: Vec<AllocationRecord>,
     /// Keys that became conflicted, or whose conflict gained an allocation.
     pub conflicts_changed: Vec<String>,
-    /// Compensation records that arrived or changed.
-    pub compensations: Vec<CompensationRecord>,
     /// Records that could not be read (counted, logged, skipped).
     pub malformed: Vec<String>,
-    /// What each remote HLC said about clock skew, with the record's node.
-    pub clock_observations: Vec<(String, Observation)>,
     /// Durable sequence of the merged changes (0 when nothing new).
     pub durable_seq: u64,
 }
@@ -455,20 +451,15 @@ impl Ledger {
                     if group.contains(&record) {
                         continue;
                     }
-                    let observation = self.hlc().update(record.hlc);
-                    outcome
-                        .clock_observations
-                        .push((record.node.clone(), observation));
+                    // Every remote stamp advances our clock (and counts skew).
+                    self.hlc().update(record.hlc);
                     if group.insert(id.epoch, record.clone(), seq, now) {
                         outcome.conflicts_changed.push(record.key.clone());
                     }
                     outcome.new_allocations.push(record);
                 }
                 Entry::Compensation(record) => {
-                    group
-                        .compensations
-                        .insert(record.txn_id.clone(), record.clone());
-                    outcome.compensations.push(record);
+                    group.compensations.insert(record.txn_id.clone(), record);
                 }
                 Entry::Malformed { map, key, reason } => {
                     self.malformed_total.fetch_add(1, Ordering::Relaxed);

@@ -353,6 +353,24 @@ impl Node {
         st.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// The node's `/metrics` text (empty if it cannot be read).
+    pub async fn metrics_text(&self) -> String {
+        match self.client().get(self.url("/metrics")).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Sum of every sample of a metric whose line starts with `name`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// GET `path`, with the cluster's API token. Panics (with the log tail) if
     /// the request cannot be made at all; any HTTP status is returned.
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
