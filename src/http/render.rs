@@ -4,7 +4,7 @@
 
 use crate::ledger::{Allocation, ConflictView, KeyState, KeyView};
 use crate::node::Node;
-use crate::record::CompensationRecord;
+use crate::record::{AllocationRecord, CompensationRecord};
 use serde_json::{json, Value};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -37,6 +37,14 @@ pub fn allocation_json(node: &Node, allocation: &Allocation, view: Option<&KeyVi
         }
         None => (KeyState::Provisional, "sole", record.confidence),
     };
+    let mut json = record_json(record, confidence, state);
+    json["confidence_at_allocation"] = record.confidence.into();
+    json["role"] = role.into();
+    json
+}
+
+/// The fields every allocation object carries (DESIGN.md's contract).
+fn record_json(record: &AllocationRecord, confidence: f64, state: KeyState) -> Value {
     json!({
         "key": record.key,
         "txn_id": record.txn_id,
@@ -45,9 +53,7 @@ pub fn allocation_json(node: &Node, allocation: &Allocation, view: Option<&KeyVi
         "hlc": record.hlc.to_string(),
         "fingerprint": record.fingerprint,
         "confidence": confidence,
-        "confidence_at_allocation": record.confidence,
         "state": state.as_str(),
-        "role": role,
     })
 }
 
@@ -71,14 +77,7 @@ pub fn conflict_json(view: &ConflictView) -> Value {
     let allocations: Vec<Value> = key
         .allocations
         .iter()
-        .map(|a| {
-            let r = &a.record;
-            json!({
-                "key": r.key, "txn_id": r.txn_id, "region": r.region, "node": r.node,
-                "hlc": r.hlc.to_string(), "fingerprint": r.fingerprint,
-                "confidence": r.confidence, "state": key.state().as_str(),
-            })
-        })
+        .map(|a| record_json(&a.record, a.record.confidence, key.state()))
         .collect();
     json!({
         "key": key.key,

@@ -79,11 +79,6 @@ impl PeerTable {
         }
     }
 
-    /// Whether `peer` is allowlisted.
-    pub fn contains(&self, peer: &str) -> bool {
-        self.lock().contains_key(peer)
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PeerStatus>> {
         self.peers.lock().unwrap_or_else(|p| p.into_inner())
     }
