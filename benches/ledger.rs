@@ -1,10 +1,11 @@
 //! Ledger microbenchmarks (criterion). Figures and commands: docs/BENCHMARKS.md.
 //!
 //! - `allocate/memory/{1,100}`: `Ledger::in_memory` + `allocate_batch` with
-//!   unique keys, one batch per iteration (all keys of a batch in one shard,
-//!   shards taken in turn, as the node's per-shard queues do).
+//!   unique keys, then `fold_pending` (the automerge change), one batch per
+//!   iteration (all keys of a batch in one shard, shards taken in turn, as
+//!   the node's per-shard queues do).
 //! - `allocate/durable/{1,100}`: the same through a redb [`Storage`] sink,
-//!   each batch waited on until fsynced (`wait_durable`).
+//!   each batch's journal entries waited on until fsynced (`wait_durable`).
 //! - `merge/{N}/merge_bytes_8_shards`: two ledgers with N unique
 //!   allocations each plus 100 keys allocated in both; time to merge every
 //!   shard of one (`save_shard` bytes) into a fresh copy of the other.
@@ -23,11 +24,10 @@ use criterion::{
 use oncemesh::hlc::OffsetClock;
 use oncemesh::key::{fingerprint, Fingerprint, IdempotencyKey};
 use oncemesh::ledger::{
-    AllocateRequest, ChunkSink, DiscardSink, DocId, Ledger, NodeIdentity, StoredDocument, Windows,
-    SHARD_COUNT,
+    AllocateRequest, ChunkSink, DiscardSink, DocId, Ledger, NodeIdentity, Stored, StoredDocument,
+    Windows, SHARD_COUNT,
 };
 use oncemesh::storage::Storage;
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,7 +110,10 @@ fn bench_allocate_memory(c: &mut Criterion) {
                     let shard = turn % SHARD_COUNT;
                     (shard, keys.batch(shard, n))
                 },
-                |(shard, requests)| black_box(ledger.allocate_batch(shard, &requests)),
+                |(shard, requests)| {
+                    black_box(ledger.allocate_batch(shard, &requests));
+                    black_box(ledger.fold_pending())
+                },
                 BatchSize::SmallInput,
             )
         });
@@ -126,6 +129,12 @@ fn bench_allocate_memory(c: &mut Criterion) {
 struct StorageSink(Arc<Storage>);
 
 impl ChunkSink for StorageSink {
+    fn journal(&self, epoch: u32, record: Vec<u8>) -> u64 {
+        self.0.append_journal(epoch, record)
+    }
+    fn forget_journal(&self, seqs: Vec<u64>) {
+        self.0.forget_journal(seqs);
+    }
     fn persist(&self, doc: DocId, bytes: Vec<u8>) -> u64 {
         self.0.append_chunk((doc.epoch, doc.shard), bytes)
     }
@@ -156,7 +165,7 @@ fn bench_allocate_durable(c: &mut Criterion) {
             OffsetClock::default(),
             500,
             Windows::default(),
-            BTreeMap::new(),
+            Stored::default(),
             Arc::new(StorageSink(storage.clone())),
         )
         .expect("ledger");
@@ -177,6 +186,7 @@ fn bench_allocate_durable(c: &mut Criterion) {
                         .map(|o| o.as_ref().map_or(0, |a| a.allocation.durable_seq))
                         .max()
                         .unwrap_or(0);
+                    ledger.fold_pending();
                     runtime
                         .block_on(storage.wait_durable(seq))
                         .expect("durable");
@@ -209,6 +219,7 @@ fn build_pair(n: usize) -> (Ledger, Ledger) {
             let shard = key.shard(SHARD_COUNT);
             allocate_all(&ledger, shard, &[request(key, fp.clone())]);
         }
+        ledger.fold_pending();
         ledger
     };
     let a = build("A");
@@ -240,17 +251,20 @@ fn open_copy(saved: &[(DocId, Vec<u8>)]) -> Ledger {
         OffsetClock::default(),
         500,
         Windows::default(),
-        saved
-            .iter()
-            .map(|(doc, bytes)| {
-                (
-                    *doc,
-                    StoredDocument {
-                        bytes: bytes.clone(),
-                    },
-                )
-            })
-            .collect(),
+        Stored {
+            documents: saved
+                .iter()
+                .map(|(doc, bytes)| {
+                    (
+                        *doc,
+                        StoredDocument {
+                            bytes: bytes.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            journal: Vec::new(),
+        },
         Arc::new(DiscardSink),
     )
     .expect("reload")

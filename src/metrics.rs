@@ -58,6 +58,11 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Jobs per group commit.
     pub commit_batch: Histogram,
+    /// Allocations written into automerge documents per folding round.
+    pub fold_batch: Histogram,
+    /// Acknowledged allocations found only in the journal at start (the
+    /// previous process stopped before folding them into a document).
+    pub journal_recovered: Gauge,
     /// Remote HLC stamps further ahead than `max_clock_offset`.
     pub skew_violations: Gauge,
     /// Largest offset of a remote clock ahead of ours, milliseconds.
@@ -112,6 +117,8 @@ impl Metrics {
             confidence_at_allocation: Histogram::new([0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999, 1.0]),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            fold_batch: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            journal_recovered: Gauge::default(),
             skew_violations: Gauge::default(),
             max_clock_offset_ms: Gauge::default(),
             refused_peers: Counter::default(),
@@ -185,6 +192,16 @@ impl Metrics {
             "commit_batch_jobs",
             "Jobs per group commit",
             m.commit_batch.clone(),
+        );
+        r.register(
+            "fold_batch_allocations",
+            "Allocations written into documents per folding round",
+            m.fold_batch.clone(),
+        );
+        r.register(
+            "journal_recovered_allocations",
+            "Acknowledged allocations recovered from the journal at start",
+            m.journal_recovered.clone(),
         );
         r.register(
             "clock_skew_violations",

@@ -19,6 +19,9 @@ use tokio::sync::watch;
 const CHUNKS: TableDefinition<(u32, u8, u64), &[u8]> = TableDefinition::new("document_chunks");
 const COMPENSATION_LOG: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("compensation_log");
+/// sequence → (epoch, allocation record JSON): local allocations that are
+/// acknowledged but not yet written into their automerge document.
+const JOURNAL: TableDefinition<u64, (u32, &[u8])> = TableDefinition::new("allocation_journal");
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "ledger.redb";
@@ -81,6 +84,15 @@ enum Job {
         seq: u64,
         bytes: Vec<u8>,
     },
+    /// A new local allocation (its record JSON), durable before it is folded
+    /// into its document.
+    Journal {
+        seq: u64,
+        epoch: u32,
+        bytes: Vec<u8>,
+    },
+    /// Journal entries now held by durable document chunks (queued earlier).
+    Folded { seq: u64, journal: Vec<u64> },
 }
 
 /// What the writer thread reports after each group commit.
@@ -104,8 +116,26 @@ pub struct Storage {
 /// The compensation log entries of one transaction, in order.
 pub type LogOfTransaction = (String, Vec<Vec<u8>>);
 
-/// What was on disk at open: per document, its chunks concatenated in order.
-pub type Loaded = std::collections::BTreeMap<DocKey, Vec<u8>>;
+/// One journal entry read back at open: a local allocation that was
+/// acknowledged but had not reached its document's chunks.
+#[derive(Clone, Debug)]
+pub struct JournalEntry {
+    /// Its storage sequence (the key to forget it by).
+    pub seq: u64,
+    /// Epoch of the document it belongs to.
+    pub epoch: u32,
+    /// The allocation record, JSON.
+    pub bytes: Vec<u8>,
+}
+
+/// What was on disk at open.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Per document, its chunks concatenated in order.
+    pub documents: std::collections::BTreeMap<DocKey, Vec<u8>>,
+    /// Allocations not yet folded into their documents, in sequence order.
+    pub journal: Vec<JournalEntry>,
+}
 
 impl Storage {
     /// Opens (or creates) the database in `dir` and reads back every shard.
@@ -123,8 +153,8 @@ impl Storage {
                 reason: e.to_string(),
             })?;
         let db = Arc::new(db);
-        let loaded = read_documents(&db)?;
-        let next_seq = loaded.1 + 1;
+        let (loaded, max_seq) = read_documents(&db)?;
+        let next_seq = max_seq + 1;
         let (tx, rx) = mpsc::channel();
         let (durable_tx, durable_rx) = watch::channel(next_seq - 1);
         let writer_db = db.clone();
@@ -139,7 +169,7 @@ impl Storage {
                 durable: durable_rx,
                 writer: Mutex::new(Some(writer)),
             }),
-            loaded.0,
+            loaded,
         ))
     }
 
@@ -184,6 +214,17 @@ impl Storage {
             seq,
             bytes,
         })
+    }
+
+    /// Queues a new local allocation record; returns its durable sequence.
+    pub fn append_journal(&self, epoch: u32, bytes: Vec<u8>) -> u64 {
+        self.enqueue(|seq| Job::Journal { seq, epoch, bytes })
+    }
+
+    /// Queues the removal of journal entries whose records are now in
+    /// document chunks queued before this call.
+    pub fn forget_journal(&self, journal: Vec<u64>) -> u64 {
+        self.enqueue(|seq| Job::Folded { seq, journal })
     }
 
     /// Waits until everything up to `seq` is on disk.
@@ -244,7 +285,7 @@ impl Storage {
 }
 
 fn read_documents(db: &Database) -> Result<(Loaded, u64), StorageError> {
-    let mut loaded = Loaded::new();
+    let mut loaded = Loaded::default();
     let mut max_seq = 0;
     let read = db.begin_read().map_err(io("reading chunks"))?;
     match read.open_table(CHUNKS) {
@@ -254,6 +295,7 @@ fn read_documents(db: &Database) -> Result<(Loaded, u64), StorageError> {
                 let (epoch, shard, seq) = k.value();
                 max_seq = max_seq.max(seq);
                 loaded
+                    .documents
                     .entry((epoch, shard))
                     .or_default()
                     .extend_from_slice(v.value());
@@ -266,6 +308,22 @@ fn read_documents(db: &Database) -> Result<(Loaded, u64), StorageError> {
         for row in log.iter().map_err(io("reading the compensation log"))? {
             let (k, _) = row.map_err(io("reading the compensation log"))?;
             max_seq = max_seq.max(k.value().1);
+        }
+    }
+    // Journal sequences count too: a new entry must never reuse one.
+    if let Ok(journal) = read.open_table(JOURNAL) {
+        for row in journal
+            .iter()
+            .map_err(io("reading the allocation journal"))?
+        {
+            let (k, v) = row.map_err(io("reading the allocation journal"))?;
+            let (epoch, bytes) = v.value();
+            max_seq = max_seq.max(k.value());
+            loaded.journal.push(JournalEntry {
+                seq: k.value(),
+                epoch,
+                bytes: bytes.to_vec(),
+            });
         }
     }
     Ok((loaded, max_seq))
@@ -306,7 +364,9 @@ fn job_seq(job: &Job) -> u64 {
         | Job::Snapshot { seq, .. }
         | Job::Drop { seq, .. }
         | Job::DropLog { seq, .. }
-        | Job::LogEntry { seq, .. } => *seq,
+        | Job::LogEntry { seq, .. }
+        | Job::Journal { seq, .. }
+        | Job::Folded { seq, .. } => *seq,
     }
 }
 
@@ -317,6 +377,9 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StorageError> {
         let mut log = tx
             .open_table(COMPENSATION_LOG)
             .map_err(io("opening the compensation log"))?;
+        let mut journal = tx
+            .open_table(JOURNAL)
+            .map_err(io("opening the allocation journal"))?;
         for job in jobs {
             match job {
                 Job::Chunk {
@@ -357,6 +420,18 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StorageError> {
                 Job::LogEntry { txn, seq, bytes } => {
                     log.insert((txn.as_str(), *seq), bytes.as_slice())
                         .map_err(io("writing a log entry"))?;
+                }
+                Job::Journal { seq, epoch, bytes } => {
+                    journal
+                        .insert(*seq, (*epoch, bytes.as_slice()))
+                        .map_err(io("writing a journal entry"))?;
+                }
+                Job::Folded { journal: seqs, .. } => {
+                    for seq in seqs {
+                        journal
+                            .remove(*seq)
+                            .map_err(io("forgetting a journal entry"))?;
+                    }
                 }
             }
         }

@@ -1,4 +1,5 @@
-//! Property: whatever the allocations and however the ledgers exchange state
+//! Property: whatever the allocations, whenever each ledger folds its pending
+//! allocations into documents, and however the ledgers exchange state
 //! (whole documents or the sync protocol, in any order), every ledger ends
 //! with the same allocations, the same conflicts and the same winners, and
 //! no acknowledged allocation is lost.
@@ -13,6 +14,7 @@ enum Op {
     Allocate { node: usize, key: u8, payload: u8 },
     MergeBytes { from: usize, to: usize },
     Sync { a: usize, b: usize },
+    Fold { node: usize },
 }
 
 fn op(nodes: usize) -> impl Strategy<Value = Op> {
@@ -20,6 +22,7 @@ fn op(nodes: usize) -> impl Strategy<Value = Op> {
         4 => (0..nodes, 0u8..24, 0u8..2).prop_map(|(node, key, payload)| Op::Allocate { node, key, payload }),
         1 => (0..nodes, 0..nodes).prop_map(|(from, to)| Op::MergeBytes { from, to }),
         1 => (0..nodes, 0..nodes).prop_map(|(a, b)| Op::Sync { a, b }),
+        2 => (0..nodes).prop_map(|node| Op::Fold { node }),
     ]
 }
 
@@ -129,9 +132,17 @@ proptest! {
                 }
                 Op::MergeBytes { from, to } => merge_bytes(&nodes, from, to),
                 Op::Sync { a, b } => sync(&nodes, a, b),
+                Op::Fold { node } => {
+                    nodes[node].fold_pending();
+                }
             }
         }
-        // Heal: full mesh, twice, alternating both mechanisms.
+        // Heal: every pending allocation into its document, then full mesh,
+        // twice, alternating both mechanisms.
+        for node in &nodes {
+            node.fold_pending();
+            prop_assert_eq!(node.pending_count(), 0);
+        }
         for round in 0..2 {
             for a in 0..3 {
                 for b in 0..3 {
@@ -177,6 +188,7 @@ fn winner_is_smallest_hlc_then_node_even_when_a_third_allocation_arrives_late() 
             }],
         );
         made.push(out[0].as_ref().unwrap().allocation.record.clone());
+        nodes[node].fold_pending();
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     // Node 2 allocated first (smallest HLC). Nodes 0 and 1 meet first.

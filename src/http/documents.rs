@@ -19,9 +19,12 @@ fn parse_id(id: &str) -> Result<DocId, ApiError> {
 }
 
 /// Lists every live document with its heads, heads digest and size.
+/// Pending allocations are folded in first, so the documents hold every
+/// allocation acknowledged before the request.
 pub async fn list(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     let ledger = node.ledger.clone();
     let docs = tokio::task::spawn_blocking(move || {
+        ledger.fold_pending();
         ledger
             .digests()
             .into_iter()
@@ -42,17 +45,21 @@ pub async fn list(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
     Json(json!({ "documents": docs }))
 }
 
-/// One document as `Automerge::save` writes it.
+/// One document as `Automerge::save` writes it, with every allocation
+/// acknowledged before the request.
 pub async fn download(
     State(node): State<Arc<Node>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let doc = parse_id(&id)?;
     let ledger = node.ledger.clone();
-    let bytes = tokio::task::spawn_blocking(move || ledger.save_document(doc))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .ok_or_else(|| ApiError::not_found(format!("no document '{id}' on this node")))?;
+    let bytes = tokio::task::spawn_blocking(move || {
+        ledger.fold_pending();
+        ledger.save_document(doc)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .ok_or_else(|| ApiError::not_found(format!("no document '{id}' on this node")))?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 

@@ -142,25 +142,27 @@ impl ShardDocument {
         self.id
     }
 
-    /// Writes allocation records in one automerge change.
-    pub fn put_allocations(&mut self, records: &[AllocationRecord]) -> Result<(), DocumentError> {
-        if records.is_empty() {
-            return Ok(());
-        }
+    /// Writes allocation records, given as (txn id, record JSON text), in
+    /// one automerge change: one op per allocation.
+    pub fn put_allocations<'a>(
+        &mut self,
+        records: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> Result<(), DocumentError> {
         let obj = self.allocations.clone();
-        self.put_json(&obj, records.iter().map(|r| (r.txn_id.as_str(), json(r))))
+        self.put_json(&obj, records)
     }
 
     /// Writes (or overwrites: only the owner ever writes it) a compensation record.
     pub fn put_compensation(&mut self, record: &CompensationRecord) -> Result<(), DocumentError> {
         let obj = self.compensations.clone();
-        self.put_json(&obj, [(record.txn_id.as_str(), json(record))].into_iter())
+        let text = record_json(record);
+        self.put_json(&obj, [(record.txn_id.as_str(), text.as_str())].into_iter())
     }
 
     fn put_json<'a>(
         &mut self,
         obj: &ObjId,
-        items: impl Iterator<Item = (&'a str, String)>,
+        items: impl Iterator<Item = (&'a str, &'a str)>,
     ) -> Result<(), DocumentError> {
         let doc = self.id;
         self.doc
@@ -353,7 +355,8 @@ fn map_id(doc: &Automerge, name: &str) -> Option<ObjId> {
     }
 }
 
-fn json<T: serde::Serialize>(record: &T) -> String {
+/// A record as the JSON text the documents (and the journal) hold.
+pub fn record_json<T: serde::Serialize>(record: &T) -> String {
     serde_json::to_string(record).unwrap_or_default()
 }
 

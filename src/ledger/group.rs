@@ -60,6 +60,21 @@ impl EpochDoc {
     }
 }
 
+/// Arrival of an allocation that is not in its document yet: later than
+/// any peer can have seen, so it is never settled before it is folded in.
+pub(super) const NOT_ARRIVED: u64 = u64::MAX;
+
+/// A local allocation that is durable in the journal and in the index, but
+/// not yet written into its automerge document.
+pub(super) struct Pending {
+    pub epoch: u32,
+    pub record: Arc<AllocationRecord>,
+    /// The record as JSON text, as it goes into the document.
+    pub text: String,
+    /// Journal sequence to forget once the document's chunk is durable.
+    pub journal_seq: u64,
+}
+
 /// A shard: documents by epoch plus the key index.
 pub(super) struct Group {
     pub shard: u8,
@@ -67,6 +82,8 @@ pub(super) struct Group {
     pub keys: HashMap<String, Vec<Allocation>>,
     pub compensations: HashMap<String, CompensationRecord>,
     pub conflicts: BTreeMap<String, u64>,
+    /// Local allocations waiting to be folded into documents, oldest first.
+    pub pending: Vec<Pending>,
 }
 
 impl Group {
@@ -77,6 +94,7 @@ impl Group {
             keys: HashMap::new(),
             compensations: HashMap::new(),
             conflicts: BTreeMap::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -103,27 +121,34 @@ impl Group {
             .is_some_and(|v| v.iter().any(|a| a.record.txn_id == record.txn_id))
     }
 
-    /// Inserts a record of document `epoch` in precedence order; returns
-    /// true when the key is (now) in conflict.
-    pub fn insert(
-        &mut self,
-        epoch: u32,
-        record: AllocationRecord,
-        durable_seq: u64,
-        now_ms: u64,
-    ) -> bool {
-        let arrival = match self.docs.get_mut(&epoch) {
+    /// Counts one more record arrived in the document of `epoch` and returns
+    /// its arrival number.
+    pub fn arrive(&mut self, epoch: u32) -> u64 {
+        match self.docs.get_mut(&epoch) {
             Some(doc) => {
                 doc.arrivals += 1;
                 doc.arrivals
             }
             None => 0,
-        };
+        }
+    }
+
+    /// Inserts a record of document `epoch` in precedence order; returns
+    /// true when the key is (now) in conflict. `arrival` comes from
+    /// [`Group::arrive`], or is [`NOT_ARRIVED`] for a pending allocation.
+    pub fn insert(
+        &mut self,
+        epoch: u32,
+        record: Arc<AllocationRecord>,
+        arrival: u64,
+        durable_seq: u64,
+        now_ms: u64,
+    ) -> bool {
         let allocation = Allocation {
             epoch,
             arrival,
             durable_seq,
-            record: Arc::new(record),
+            record,
         };
         let key = allocation.record.key.clone();
         let list = self.keys.entry(key.clone()).or_default();

@@ -24,7 +24,7 @@ use crate::key::{Fingerprint, IdempotencyKey};
 use crate::record::{AllocationRecord, CompensationRecord, RECORD_VERSION};
 use automerge::{sync, ActorId};
 use document::{DocumentError, Entry, ShardDocument};
-use group::{EpochDoc, Group};
+use group::{EpochDoc, Group, Pending, NOT_ARRIVED};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,8 +33,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// every node must use the same number.
 pub const SHARD_COUNT: usize = 8;
 
-/// Where new automerge changes go to become durable.
+/// Where new allocations and automerge changes go to become durable.
 pub trait ChunkSink: Send + Sync {
+    /// Queues a new local allocation (its record JSON, in document `epoch`)
+    /// for the durable journal and returns its durable sequence. The
+    /// allocation is acknowledged once that sequence is durable, before it
+    /// is in any automerge document.
+    fn journal(&self, epoch: u32, record: Vec<u8>) -> u64;
+    /// Queues the removal of journal entries whose allocations are now in
+    /// chunks handed to [`ChunkSink::persist`] before this call.
+    fn forget_journal(&self, seqs: Vec<u64>);
     /// Queues `bytes` (automerge change chunks of `doc`) for durable storage
     /// and returns the sequence number that is durable once the storage
     /// watermark reaches it. Called with the shard lock held, so chunks of
@@ -54,6 +62,10 @@ pub const COMPACT_MIN_BYTES: usize = 4 * 1024 * 1024;
 pub struct DiscardSink;
 
 impl ChunkSink for DiscardSink {
+    fn journal(&self, _epoch: u32, _record: Vec<u8>) -> u64 {
+        0
+    }
+    fn forget_journal(&self, _seqs: Vec<u64>) {}
     fn persist(&self, _doc: DocId, _bytes: Vec<u8>) -> u64 {
         0
     }
@@ -146,6 +158,15 @@ pub struct StoredDocument {
     pub bytes: Vec<u8>,
 }
 
+/// Everything a ledger is opened from.
+#[derive(Default)]
+pub struct Stored {
+    /// Documents by id.
+    pub documents: BTreeMap<DocId, StoredDocument>,
+    /// Journal entries (allocations not yet in their documents), in order.
+    pub journal: Vec<crate::storage::JournalEntry>,
+}
+
 /// The ledger of one node; see the module docs.
 pub struct Ledger {
     me: NodeIdentity,
@@ -158,19 +179,21 @@ pub struct Ledger {
     sink: Arc<dyn ChunkSink>,
     malformed_total: AtomicU64,
     expired_total: AtomicU64,
+    recovered_from_journal: usize,
 }
 
 impl Ledger {
-    /// Opens a ledger from stored documents. `peers` are the allowlisted
-    /// peer ids: settlement waits for all of them. Stored documents already
-    /// past the retention are dropped.
+    /// Opens a ledger from stored documents and the journal of allocations
+    /// not yet folded into them. `peers` are the allowlisted peer ids:
+    /// settlement waits for all of them. Stored documents already past the
+    /// retention are dropped.
     pub fn open(
         me: NodeIdentity,
         peers: Vec<String>,
         clock: OffsetClock,
         max_clock_offset_ms: u64,
         windows: Windows,
-        stored: BTreeMap<DocId, StoredDocument>,
+        stored: Stored,
         sink: Arc<dyn ChunkSink>,
     ) -> Result<Self, DocumentError> {
         // A fresh actor per process: a crash can never reuse a sequence number.
@@ -179,7 +202,7 @@ impl Ledger {
         let now = clock.now_ms();
         let mut groups: Vec<Group> = (0..SHARD_COUNT).map(|s| Group::new(s as u8)).collect();
         let mut malformed = 0;
-        for (id, stored) in stored {
+        for (id, stored) in stored.documents {
             if windows.expired(id.epoch, now) || usize::from(id.shard) >= SHARD_COUNT {
                 sink.drop_document(id);
                 continue;
@@ -196,7 +219,8 @@ impl Ledger {
                     Entry::Allocation(record) => {
                         // Re-seed the clock so no stamp ever repeats after a restart.
                         hlc.observe_local(record.hlc);
-                        group.insert(id.epoch, record, 0, now);
+                        let arrival = group.arrive(id.epoch);
+                        group.insert(id.epoch, Arc::new(record), arrival, 0, now);
                     }
                     Entry::Compensation(record) => {
                         group.compensations.insert(record.txn_id.clone(), record);
@@ -207,6 +231,39 @@ impl Ledger {
                     }
                 }
             }
+        }
+        // Acknowledged allocations whose chunk never reached the disk: back
+        // into the index and the queue to fold. Those already in a document
+        // (the crash fell between chunk and forget) are only forgotten.
+        let mut forget = Vec::new();
+        let mut recovered = 0;
+        for entry in stored.journal {
+            let record = match serde_json::from_slice::<AllocationRecord>(&entry.bytes) {
+                Ok(record) => Arc::new(record),
+                Err(e) => {
+                    malformed += 1;
+                    tracing::error!(seq = entry.seq, error = %e, "skipping unreadable journal entry");
+                    forget.push(entry.seq);
+                    continue;
+                }
+            };
+            let group = &mut groups[crate::key::shard_of(&record.key, SHARD_COUNT)];
+            if windows.expired(entry.epoch, now) || group.contains(&record) {
+                forget.push(entry.seq);
+                continue;
+            }
+            hlc.observe_local(record.hlc);
+            group.insert(entry.epoch, record.clone(), NOT_ARRIVED, entry.seq, now);
+            group.pending.push(Pending {
+                epoch: entry.epoch,
+                text: String::from_utf8_lossy(&entry.bytes).into_owned(),
+                record,
+                journal_seq: entry.seq,
+            });
+            recovered += 1;
+        }
+        if !forget.is_empty() {
+            sink.forget_journal(forget);
         }
         Ok(Self {
             me,
@@ -219,6 +276,7 @@ impl Ledger {
             sink,
             malformed_total: AtomicU64::new(malformed),
             expired_total: AtomicU64::new(0),
+            recovered_from_journal: recovered,
         })
     }
 
@@ -231,12 +289,18 @@ impl Ledger {
             OffsetClock::default(),
             500,
             Windows::default(),
-            BTreeMap::new(),
+            Stored::default(),
             Arc::new(DiscardSink),
         ) {
             Ok(ledger) => ledger,
             Err(e) => unreachable!("empty ledger failed to open: {e}"),
         }
+    }
+
+    /// Acknowledged allocations that were found only in the journal when the
+    /// ledger was opened, and are folded into their documents again.
+    pub fn recovered_from_journal(&self) -> usize {
+        self.recovered_from_journal
     }
 
     /// This node's identity.
@@ -292,9 +356,13 @@ impl Ledger {
         self.hlc().update(ts)
     }
 
-    /// Allocates (or replays) a batch of keys that all live in `shard`, with
-    /// one automerge change and one durable chunk per document touched
-    /// (normally one: the current epoch's).
+    /// Allocates (or replays) a batch of keys that all live in `shard`.
+    ///
+    /// A new allocation goes into the key index (so replays and conflicts
+    /// see it at once) and into the durable journal; the caller answers once
+    /// the journal entry is durable. No automerge work happens here: the
+    /// allocations are written into their documents later, many per change,
+    /// by [`Ledger::fold_pending`].
     pub fn allocate_batch(
         &self,
         shard: usize,
@@ -302,22 +370,17 @@ impl Ledger {
     ) -> Vec<Result<Allocated, AllocateError>> {
         let mut guard = self.group(shard);
         let group = &mut *guard;
-        // Decide every request first: existing keys answer at once (a key
-        // repeated inside the batch sees the allocation made just before).
-        let mut decided: Vec<Option<Result<Allocated, AllocateError>>> = Vec::new();
-        // New records per document epoch, and for each new one where its
-        // answer goes: (position in `decided`, epoch, index in its batch).
-        let mut fresh: BTreeMap<u32, Vec<AllocationRecord>> = BTreeMap::new();
-        let mut slots: Vec<(usize, u32, usize)> = Vec::new();
+        let mut out = Vec::with_capacity(requests.len());
         for request in requests {
             let key = request.key.as_str();
+            // A key repeated inside the batch sees the allocation made just before.
             if let Some(existing) = group.keys.get(key) {
-                decided.push(Some(match_existing(key, existing, &request.fingerprint)));
+                out.push(match_existing(key, existing, &request.fingerprint));
                 continue;
             }
             let hlc = self.hlc().now();
             let epoch = self.windows.epoch_of(hlc.physical_ms);
-            let record = AllocationRecord {
+            let record = Arc::new(AllocationRecord {
                 v: RECORD_VERSION,
                 key: key.to_owned(),
                 txn_id: AllocationRecord::derive_txn_id(&self.me.node, hlc, key),
@@ -326,73 +389,86 @@ impl Ledger {
                 hlc,
                 fingerprint: request.fingerprint.0.clone(),
                 confidence: request.confidence.clamp(0.0, 1.0),
-            };
-            group.doc_mut(epoch, &self.actor);
-            group.insert(epoch, record.clone(), u64::MAX, 0);
-            let batch = fresh.entry(epoch).or_default();
-            slots.push((decided.len(), epoch, batch.len()));
-            batch.push(record);
-            decided.push(None);
+            });
+            let text = document::record_json(&*record);
+            let journal_seq = self.sink.journal(epoch, text.as_bytes().to_vec());
+            group.insert(epoch, record.clone(), NOT_ARRIVED, journal_seq, 0);
+            group.pending.push(Pending {
+                epoch,
+                record: record.clone(),
+                text,
+                journal_seq,
+            });
+            out.push(Ok(Allocated {
+                allocation: Allocation {
+                    record,
+                    epoch,
+                    arrival: NOT_ARRIVED,
+                    durable_seq: journal_seq,
+                },
+                replay: false,
+            }));
         }
-        for (epoch, records) in &fresh {
-            let doc = group.doc_mut(*epoch, &self.actor);
-            let seq = match doc.doc.put_allocations(records) {
-                Ok(()) => doc.persist(&*self.sink),
-                Err(e) => {
-                    tracing::error!(shard, epoch, error = %e, "allocation batch failed; nothing written");
-                    for record in records {
-                        if let Some(list) = group.keys.get_mut(&record.key) {
-                            list.retain(|a| a.record.txn_id != record.txn_id);
-                            if list.is_empty() {
-                                group.keys.remove(&record.key);
-                            }
-                        }
-                    }
-                    for (pos, _, _) in slots.iter().filter(|(_, e, _)| e == epoch) {
-                        decided[*pos] = Some(Err(AllocateError::Write {
-                            shard,
-                            reason: e.to_string(),
-                        }));
-                    }
-                    continue;
-                }
-            };
-            for record in records {
-                if let Some(slot) = group.find_mut(record) {
-                    slot.durable_seq = seq;
-                }
-            }
-        }
-        for (pos, epoch, index) in slots {
-            if decided[pos].is_some() {
+        out
+    }
+
+    /// Writes every pending local allocation into its document: per shard
+    /// and epoch one automerge change and one durable chunk, then forgets
+    /// their journal entries (queued after the chunks, so an entry is never
+    /// forgotten before its chunk is on disk). Returns how many allocations
+    /// were folded.
+    pub fn fold_pending(&self) -> usize {
+        let mut folded = 0;
+        for shard in 0..SHARD_COUNT {
+            let mut guard = self.group(shard);
+            let group = &mut *guard;
+            if group.pending.is_empty() {
                 continue;
             }
-            let allocation = fresh
-                .get(&epoch)
-                .and_then(|batch| batch.get(index))
-                .and_then(|record| group.find_mut(record).map(|a| a.clone()));
-            decided[pos] = Some(match allocation {
-                Some(allocation) => Ok(Allocated {
-                    allocation,
-                    replay: false,
-                }),
-                None => Err(AllocateError::Write {
-                    shard,
-                    reason: "allocation vanished from the index".into(),
-                }),
-            });
+            let pending = std::mem::take(&mut group.pending);
+            let mut by_epoch: BTreeMap<u32, Vec<Pending>> = BTreeMap::new();
+            let mut forget = Vec::with_capacity(pending.len());
+            for entry in pending {
+                // Gone from the index: its epoch passed the retention meanwhile.
+                if group.contains(&entry.record) {
+                    by_epoch.entry(entry.epoch).or_default().push(entry);
+                } else {
+                    forget.push(entry.journal_seq);
+                }
+            }
+            for (epoch, entries) in by_epoch {
+                let doc = group.doc_mut(epoch, &self.actor);
+                let written = doc.doc.put_allocations(
+                    entries
+                        .iter()
+                        .map(|e| (e.record.txn_id.as_str(), e.text.as_str())),
+                );
+                if let Err(e) = written {
+                    // Still durable in the journal: try again next round.
+                    tracing::error!(shard, epoch, error = %e, "could not fold allocations into their document; will retry");
+                    group.pending.extend(entries);
+                    continue;
+                }
+                doc.persist(&*self.sink);
+                for entry in entries {
+                    let arrival = group.arrive(epoch);
+                    if let Some(slot) = group.find_mut(&entry.record) {
+                        slot.arrival = arrival;
+                    }
+                    forget.push(entry.journal_seq);
+                    folded += 1;
+                }
+            }
+            if !forget.is_empty() {
+                self.sink.forget_journal(forget);
+            }
         }
-        decided
-            .into_iter()
-            .map(|d| {
-                d.unwrap_or_else(|| {
-                    Err(AllocateError::Write {
-                        shard,
-                        reason: "request left undecided".into(),
-                    })
-                })
-            })
-            .collect()
+        folded
+    }
+
+    /// Local allocations not yet folded into their documents.
+    pub fn pending_count(&self) -> usize {
+        (0..SHARD_COUNT).map(|s| self.group(s).pending.len()).sum()
     }
 
     /// Runs one automerge sync message from `peer` into `doc`. The sync state
@@ -453,7 +529,8 @@ impl Ledger {
                     }
                     // Every remote stamp advances our clock (and counts skew).
                     self.hlc().update(record.hlc);
-                    if group.insert(id.epoch, record.clone(), seq, now) {
+                    let arrival = group.arrive(id.epoch);
+                    if group.insert(id.epoch, Arc::new(record.clone()), arrival, seq, now) {
                         outcome.conflicts_changed.push(record.key.clone());
                     }
                     outcome.new_allocations.push(record);

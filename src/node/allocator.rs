@@ -1,11 +1,17 @@
-//! Per-shard allocation queues: concurrent requests for one shard are
-//! gathered into batches so each batch costs one automerge change and one
-//! durable chunk, instead of one each per request (group commit reaches
-//! down into the document).
+//! The allocation path and the folder behind it.
+//!
+//! Per-shard queues gather concurrent requests into batches, each decided
+//! under one shard lock with one hop to the blocking pool. A new allocation
+//! is acknowledged once its journal entry is durable; the folder then writes
+//! pending allocations into their automerge documents in the background, many
+//! per change, so automerge work leaves the request path and its per-change
+//! cost is shared by every allocation of a round.
 
 use crate::ledger::{AllocateError, AllocateRequest, Allocated, Ledger};
+use crate::metrics::Metrics;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -13,6 +19,10 @@ use tokio_util::task::TaskTracker;
 const MAX_BATCH: usize = 512;
 /// Requests that may wait for one shard before callers are slowed down.
 const QUEUE_DEPTH: usize = 8192;
+/// Least time between two folding rounds: under load, allocations gather
+/// for this long into one change per document; when idle, the first new
+/// allocation is folded (and pushed to peers) at once.
+const FOLD_INTERVAL: Duration = Duration::from_millis(10);
 
 type Reply = oneshot::Sender<Result<Allocated, AllocateError>>;
 
@@ -34,10 +44,12 @@ impl Queue {
     }
 }
 
-/// Starts the batching task of `shard`.
+/// Starts the batching task of `shard`; `fold_wanted` is notified after
+/// each batch that made new allocations.
 pub fn spawn(
     shard: usize,
     ledger: Arc<Ledger>,
+    fold_wanted: Arc<Notify>,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Queue {
@@ -63,10 +75,50 @@ pub fn spawn(
                         continue;
                     }
                 };
+            if outcomes.iter().any(|o| o.as_ref().is_ok_and(|a| !a.replay)) {
+                fold_wanted.notify_one();
+            }
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome);
             }
         }
     });
     Queue { tx }
+}
+
+/// Starts the folder: whenever allocations are pending, writes them into
+/// their documents ([`Ledger::fold_pending`]), at most once per
+/// [`FOLD_INTERVAL`]. At shutdown it folds what is left, so a clean stop
+/// leaves an empty journal (a crash leaves it to the next start).
+pub fn spawn_folder(
+    ledger: Arc<Ledger>,
+    metrics: Arc<Metrics>,
+    fold_wanted: Arc<Notify>,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) {
+    // Allocations recovered from the journal at start wait for no request.
+    fold_wanted.notify_one();
+    tasks.spawn(async move {
+        loop {
+            let stopping = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => true,
+                _ = fold_wanted.notified() => false,
+            };
+            let folder = ledger.clone();
+            match tokio::task::spawn_blocking(move || folder.fold_pending()).await {
+                Ok(0) => {}
+                Ok(folded) => metrics.fold_batch.observe(folded as f64),
+                Err(e) => tracing::error!(error = %e, "folding round failed"),
+            }
+            if stopping {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(FOLD_INTERVAL) => {}
+            }
+        }
+    });
 }

@@ -10,7 +10,7 @@ use crate::config::NodeConfig;
 use crate::key::{fingerprint, IdempotencyKey, InputError};
 use crate::ledger::{
     AllocateError, AllocateRequest, Allocated, ChunkSink, DocId, Ledger, MergeOutcome,
-    NodeIdentity, StoredDocument, Windows, SHARD_COUNT,
+    NodeIdentity, Stored, StoredDocument, Windows, SHARD_COUNT,
 };
 use crate::metrics::{Kind, Metrics};
 use crate::p2p::status::PeerTable;
@@ -101,6 +101,14 @@ struct StorageSink {
 }
 
 impl ChunkSink for StorageSink {
+    fn journal(&self, epoch: u32, record: Vec<u8>) -> u64 {
+        self.storage.append_journal(epoch, record)
+    }
+
+    fn forget_journal(&self, seqs: Vec<u64>) {
+        self.storage.forget_journal(seqs);
+    }
+
     fn persist(&self, doc: DocId, bytes: Vec<u8>) -> u64 {
         let seq = self.storage.append_chunk((doc.epoch, doc.shard), bytes);
         self.feed.mark(doc);
@@ -238,12 +246,26 @@ impl Node {
             },
             config.max_clock_offset.as_millis() as u64,
             Windows::for_retention(config.retention.as_millis() as u64),
-            loaded
-                .into_iter()
-                .map(|((epoch, shard), bytes)| (DocId { epoch, shard }, StoredDocument { bytes }))
-                .collect(),
+            Stored {
+                documents: loaded
+                    .documents
+                    .into_iter()
+                    .map(|((epoch, shard), bytes)| {
+                        (DocId { epoch, shard }, StoredDocument { bytes })
+                    })
+                    .collect(),
+                journal: loaded.journal,
+            },
             sink,
         )?);
+        let recovered = ledger.recovered_from_journal();
+        if recovered > 0 {
+            tracing::info!(
+                recovered,
+                "recovered acknowledged allocations from the journal; folding them into their documents"
+            );
+        }
+        metrics.journal_recovered.set(recovered as i64);
         let peers = Arc::new(PeerTable::new(
             config
                 .peers
@@ -251,8 +273,24 @@ impl Node {
                 .map(|p| (p.peer_id.to_string(), p.addr.to_string())),
         ));
         let tasks = TaskTracker::new();
+        let fold_wanted = Arc::new(Notify::new());
+        allocator::spawn_folder(
+            ledger.clone(),
+            metrics.clone(),
+            fold_wanted.clone(),
+            &tasks,
+            shutdown.clone(),
+        );
         let allocators = (0..SHARD_COUNT)
-            .map(|shard| allocator::spawn(shard, ledger.clone(), &tasks, shutdown.clone()))
+            .map(|shard| {
+                allocator::spawn(
+                    shard,
+                    ledger.clone(),
+                    fold_wanted.clone(),
+                    &tasks,
+                    shutdown.clone(),
+                )
+            })
             .collect();
         let node = Arc::new(Node {
             config: config.clone(),
