@@ -27,7 +27,7 @@ use oncemesh::ledger::{
     AllocateRequest, ChunkSink, DiscardSink, DocId, Ledger, NodeIdentity, Stored, StoredDocument,
     Windows, SHARD_COUNT,
 };
-use oncemesh::storage::Storage;
+use oncemesh::storage::{Durable, Storage};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,7 +129,7 @@ fn bench_allocate_memory(c: &mut Criterion) {
 struct StorageSink(Arc<Storage>);
 
 impl ChunkSink for StorageSink {
-    fn journal(&self, epoch: u32, record: Vec<u8>) -> u64 {
+    fn journal(&self, epoch: u32, record: Vec<u8>) -> Durable {
         self.0.append_journal(epoch, record)
     }
     fn forget_journal(&self, seqs: Vec<u64>) {
@@ -180,16 +180,12 @@ fn bench_allocate_durable(c: &mut Criterion) {
                     (shard, keys.batch(shard, n))
                 },
                 |(shard, requests)| {
-                    let seq = ledger
-                        .allocate_batch(shard, &requests)
-                        .iter()
-                        .map(|o| o.as_ref().map_or(0, |a| a.allocation.durable_seq))
-                        .max()
-                        .unwrap_or(0);
+                    let outcomes = ledger.allocate_batch(shard, &requests);
                     ledger.fold_pending();
-                    runtime
-                        .block_on(storage.wait_durable(seq))
-                        .expect("durable");
+                    for outcome in outcomes {
+                        let durable = outcome.expect("allocation").allocation.durable;
+                        runtime.block_on(storage.wait(durable)).expect("durable");
+                    }
                 },
                 BatchSize::SmallInput,
             )

@@ -30,6 +30,7 @@ pub mod confidence;
 pub mod config;
 pub mod hlc;
 pub mod http;
+pub mod journal;
 pub mod key;
 pub mod ledger;
 pub mod metrics;

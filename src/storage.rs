@@ -1,5 +1,6 @@
 //! Durable local state: automerge chunks per document and the compensation log,
-//! in one redb database with group commit.
+//! in one redb database with group commit, plus the allocation journal
+//! ([`crate::journal`]) that new local allocations wait on.
 //!
 //! Why redb: a well-kept pure-Rust embedded store with checksummed,
 //! crash-safe commits (a torn write is never read back) and one fsync per
@@ -8,6 +9,8 @@
 //! publishes a watermark: every job with a sequence at or below it is on
 //! disk. Callers acknowledge only once the watermark has reached their job.
 
+pub use crate::journal::JournalEntry;
+use crate::journal::{Journal, JournalError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
@@ -19,9 +22,6 @@ use tokio::sync::watch;
 const CHUNKS: TableDefinition<(u32, u8, u64), &[u8]> = TableDefinition::new("document_chunks");
 const COMPENSATION_LOG: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("compensation_log");
-/// sequence → (epoch, allocation record JSON): local allocations that are
-/// acknowledged but not yet written into their automerge document.
-const JOURNAL: TableDefinition<u64, (u32, &[u8])> = TableDefinition::new("allocation_journal");
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "ledger.redb";
@@ -48,6 +48,19 @@ pub enum StorageError {
     /// The writer thread has stopped (after an I/O error): nothing more can be made durable.
     #[error("the storage writer has stopped; no further writes can be made durable")]
     WriterStopped,
+    /// The allocation journal failed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// Where a write becomes durable: a sequence of the store or of the journal.
+/// An answer that shows a write waits for it with [`Storage::wait`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durable {
+    /// A store job (document chunk, compensation log entry).
+    Store(u64),
+    /// A journal entry (a new local allocation).
+    Journal(u64),
 }
 
 fn io<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> StorageError {
@@ -84,14 +97,8 @@ enum Job {
         seq: u64,
         bytes: Vec<u8>,
     },
-    /// A new local allocation (its record JSON), durable before it is folded
-    /// into its document.
-    Journal {
-        seq: u64,
-        epoch: u32,
-        bytes: Vec<u8>,
-    },
-    /// Journal entries now held by durable document chunks (queued earlier).
+    /// Journal entries whose records are in document chunks queued earlier:
+    /// forgotten by the journal once this commit is durable.
     Folded { seq: u64, journal: Vec<u64> },
 }
 
@@ -108,6 +115,7 @@ pub struct CommitStats {
 /// background thread, reads open their own read transactions.
 pub struct Storage {
     db: Arc<Database>,
+    journal: Arc<Journal>,
     queue: Mutex<(u64, Option<mpsc::Sender<Job>>)>,
     durable: watch::Receiver<u64>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -115,18 +123,6 @@ pub struct Storage {
 
 /// The compensation log entries of one transaction, in order.
 pub type LogOfTransaction = (String, Vec<Vec<u8>>);
-
-/// One journal entry read back at open: a local allocation that was
-/// acknowledged but had not reached its document's chunks.
-#[derive(Clone, Debug)]
-pub struct JournalEntry {
-    /// Its storage sequence (the key to forget it by).
-    pub seq: u64,
-    /// Epoch of the document it belongs to.
-    pub epoch: u32,
-    /// The allocation record, JSON.
-    pub bytes: Vec<u8>,
-}
 
 /// What was on disk at open.
 #[derive(Debug, Default)]
@@ -153,18 +149,22 @@ impl Storage {
                 reason: e.to_string(),
             })?;
         let db = Arc::new(db);
-        let (loaded, max_seq) = read_documents(&db)?;
+        let (mut loaded, max_seq) = read_documents(&db)?;
+        let (journal, entries) = Journal::open(dir)?;
+        loaded.journal = entries;
         let next_seq = max_seq + 1;
         let (tx, rx) = mpsc::channel();
         let (durable_tx, durable_rx) = watch::channel(next_seq - 1);
         let writer_db = db.clone();
+        let writer_journal = journal.clone();
         let writer = std::thread::Builder::new()
             .name("oncemesh-storage".into())
-            .spawn(move || write_loop(&writer_db, rx, durable_tx, on_commit))
+            .spawn(move || write_loop(&writer_db, &writer_journal, rx, durable_tx, on_commit))
             .map_err(io("starting the writer thread"))?;
         Ok((
             Arc::new(Self {
                 db,
+                journal,
                 queue: Mutex::new((next_seq, Some(tx))),
                 durable: durable_rx,
                 writer: Mutex::new(Some(writer)),
@@ -216,15 +216,29 @@ impl Storage {
         })
     }
 
-    /// Queues a new local allocation record; returns its durable sequence.
-    pub fn append_journal(&self, epoch: u32, bytes: Vec<u8>) -> u64 {
-        self.enqueue(|seq| Job::Journal { seq, epoch, bytes })
+    /// Queues a new local allocation record for the journal; returns its
+    /// journal sequence.
+    pub fn append_journal(&self, epoch: u32, bytes: Vec<u8>) -> Durable {
+        Durable::Journal(self.journal.append(epoch, bytes))
     }
 
-    /// Queues the removal of journal entries whose records are now in
-    /// document chunks queued before this call.
+    /// Has the journal forget entries whose records are in document chunks
+    /// queued before this call, once those chunks are durable.
     pub fn forget_journal(&self, journal: Vec<u64>) -> u64 {
         self.enqueue(|seq| Job::Folded { seq, journal })
+    }
+
+    /// Journal entries not yet known to be in durable document chunks.
+    pub fn journal_backlog(&self) -> u64 {
+        self.journal.live_entries()
+    }
+
+    /// Waits until `point` is on disk.
+    pub async fn wait(&self, point: Durable) -> Result<(), StorageError> {
+        match point {
+            Durable::Store(seq) => self.wait_durable(seq).await,
+            Durable::Journal(seq) => Ok(self.journal.wait_durable(seq).await?),
+        }
     }
 
     /// Waits until everything up to `seq` is on disk.
@@ -281,6 +295,7 @@ impl Storage {
         if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = handle.join();
         }
+        self.journal.close();
     }
 }
 
@@ -310,27 +325,12 @@ fn read_documents(db: &Database) -> Result<(Loaded, u64), StorageError> {
             max_seq = max_seq.max(k.value().1);
         }
     }
-    // Journal sequences count too: a new entry must never reuse one.
-    if let Ok(journal) = read.open_table(JOURNAL) {
-        for row in journal
-            .iter()
-            .map_err(io("reading the allocation journal"))?
-        {
-            let (k, v) = row.map_err(io("reading the allocation journal"))?;
-            let (epoch, bytes) = v.value();
-            max_seq = max_seq.max(k.value());
-            loaded.journal.push(JournalEntry {
-                seq: k.value(),
-                epoch,
-                bytes: bytes.to_vec(),
-            });
-        }
-    }
     Ok((loaded, max_seq))
 }
 
 fn write_loop(
     db: &Database,
+    journal: &Journal,
     rx: mpsc::Receiver<Job>,
     durable: watch::Sender<u64>,
     on_commit: Box<dyn Fn(CommitStats) + Send>,
@@ -342,6 +342,11 @@ fn write_loop(
         let last_seq = jobs.iter().map(job_seq).max().unwrap_or(0);
         match commit(db, &jobs) {
             Ok(()) => {
+                for job in &jobs {
+                    if let Job::Folded { journal: seqs, .. } = job {
+                        journal.forget(seqs);
+                    }
+                }
                 on_commit(CommitStats {
                     jobs: jobs.len(),
                     duration: started.elapsed(),
@@ -365,7 +370,6 @@ fn job_seq(job: &Job) -> u64 {
         | Job::Drop { seq, .. }
         | Job::DropLog { seq, .. }
         | Job::LogEntry { seq, .. }
-        | Job::Journal { seq, .. }
         | Job::Folded { seq, .. } => *seq,
     }
 }
@@ -377,9 +381,6 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StorageError> {
         let mut log = tx
             .open_table(COMPENSATION_LOG)
             .map_err(io("opening the compensation log"))?;
-        let mut journal = tx
-            .open_table(JOURNAL)
-            .map_err(io("opening the allocation journal"))?;
         for job in jobs {
             match job {
                 Job::Chunk {
@@ -421,18 +422,8 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StorageError> {
                     log.insert((txn.as_str(), *seq), bytes.as_slice())
                         .map_err(io("writing a log entry"))?;
                 }
-                Job::Journal { seq, epoch, bytes } => {
-                    journal
-                        .insert(*seq, (*epoch, bytes.as_slice()))
-                        .map_err(io("writing a journal entry"))?;
-                }
-                Job::Folded { journal: seqs, .. } => {
-                    for seq in seqs {
-                        journal
-                            .remove(*seq)
-                            .map_err(io("forgetting a journal entry"))?;
-                    }
-                }
+                // Forgotten by the journal once this commit is durable.
+                Job::Folded { .. } => {}
             }
         }
     }

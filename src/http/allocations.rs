@@ -92,15 +92,11 @@ pub async fn show(
         .key(&key)
         .ok_or_else(|| ApiError::not_found(format!("idempotency key '{key}' is unknown here")))?;
     // Never show what is not yet durable: a reader could act on it.
-    let seq = view
-        .allocations
-        .iter()
-        .map(|a| a.durable_seq)
-        .max()
-        .unwrap_or(0);
-    node.storage
-        .wait_durable(seq)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    for allocation in &view.allocations {
+        node.storage
+            .wait(allocation.durable)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    }
     Ok(Json(key_json(&node, &view)))
 }

@@ -6,6 +6,7 @@ use super::document::ShardDocument;
 use super::view::{Allocation, KeyView};
 use super::{ChunkSink, COMPACT_MIN_BYTES};
 use crate::record::{AllocationRecord, CompensationRecord};
+use crate::storage::Durable;
 use automerge::{sync, ActorId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -141,13 +142,13 @@ impl Group {
         epoch: u32,
         record: Arc<AllocationRecord>,
         arrival: u64,
-        durable_seq: u64,
+        durable: Durable,
         now_ms: u64,
     ) -> bool {
         let allocation = Allocation {
             epoch,
             arrival,
-            durable_seq,
+            durable,
             record,
         };
         let key = allocation.record.key.clone();

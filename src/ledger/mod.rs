@@ -22,6 +22,7 @@ pub use view::{Allocation, ConflictView, KeyState, KeyView};
 use crate::hlc::{Hlc, Observation, OffsetClock, PhysicalClock, Timestamp};
 use crate::key::{Fingerprint, IdempotencyKey};
 use crate::record::{AllocationRecord, CompensationRecord, RECORD_VERSION};
+use crate::storage::Durable;
 use automerge::{sync, ActorId};
 use document::{DocumentError, Entry, ShardDocument};
 use group::{EpochDoc, Group, Pending, NOT_ARRIVED};
@@ -39,7 +40,7 @@ pub trait ChunkSink: Send + Sync {
     /// for the durable journal and returns its durable sequence. The
     /// allocation is acknowledged once that sequence is durable, before it
     /// is in any automerge document.
-    fn journal(&self, epoch: u32, record: Vec<u8>) -> u64;
+    fn journal(&self, epoch: u32, record: Vec<u8>) -> Durable;
     /// Queues the removal of journal entries whose allocations are now in
     /// chunks handed to [`ChunkSink::persist`] before this call.
     fn forget_journal(&self, seqs: Vec<u64>);
@@ -62,8 +63,8 @@ pub const COMPACT_MIN_BYTES: usize = 4 * 1024 * 1024;
 pub struct DiscardSink;
 
 impl ChunkSink for DiscardSink {
-    fn journal(&self, _epoch: u32, _record: Vec<u8>) -> u64 {
-        0
+    fn journal(&self, _epoch: u32, _record: Vec<u8>) -> Durable {
+        Durable::Journal(0)
     }
     fn forget_journal(&self, _seqs: Vec<u64>) {}
     fn persist(&self, _doc: DocId, _bytes: Vec<u8>) -> u64 {
@@ -220,7 +221,7 @@ impl Ledger {
                         // Re-seed the clock so no stamp ever repeats after a restart.
                         hlc.observe_local(record.hlc);
                         let arrival = group.arrive(id.epoch);
-                        group.insert(id.epoch, Arc::new(record), arrival, 0, now);
+                        group.insert(id.epoch, Arc::new(record), arrival, Durable::Store(0), now);
                     }
                     Entry::Compensation(record) => {
                         group.compensations.insert(record.txn_id.clone(), record);
@@ -253,7 +254,8 @@ impl Ledger {
                 continue;
             }
             hlc.observe_local(record.hlc);
-            group.insert(entry.epoch, record.clone(), NOT_ARRIVED, entry.seq, now);
+            let durable = Durable::Journal(entry.seq);
+            group.insert(entry.epoch, record.clone(), NOT_ARRIVED, durable, now);
             group.pending.push(Pending {
                 epoch: entry.epoch,
                 text: String::from_utf8_lossy(&entry.bytes).into_owned(),
@@ -391,8 +393,15 @@ impl Ledger {
                 confidence: request.confidence.clamp(0.0, 1.0),
             });
             let text = document::record_json(&*record);
-            let journal_seq = self.sink.journal(epoch, text.as_bytes().to_vec());
-            group.insert(epoch, record.clone(), NOT_ARRIVED, journal_seq, 0);
+            let durable = self.sink.journal(epoch, text.as_bytes().to_vec());
+            let Durable::Journal(journal_seq) = durable else {
+                out.push(Err(AllocateError::Write {
+                    shard,
+                    reason: "the journal answered with a store sequence".into(),
+                }));
+                continue;
+            };
+            group.insert(epoch, record.clone(), NOT_ARRIVED, durable, 0);
             group.pending.push(Pending {
                 epoch,
                 record: record.clone(),
@@ -404,7 +413,7 @@ impl Ledger {
                     record,
                     epoch,
                     arrival: NOT_ARRIVED,
-                    durable_seq: journal_seq,
+                    durable,
                 },
                 replay: false,
             }));
@@ -530,7 +539,8 @@ impl Ledger {
                     // Every remote stamp advances our clock (and counts skew).
                     self.hlc().update(record.hlc);
                     let arrival = group.arrive(id.epoch);
-                    if group.insert(id.epoch, Arc::new(record.clone()), arrival, seq, now) {
+                    let durable = Durable::Store(seq);
+                    if group.insert(id.epoch, Arc::new(record.clone()), arrival, durable, now) {
                         outcome.conflicts_changed.push(record.key.clone());
                     }
                     outcome.new_allocations.push(record);

@@ -1,6 +1,7 @@
 //! Read-only views of the ledger handed to the API and the engines.
 
 use crate::record::{AllocationRecord, CompensationRecord};
+use crate::storage::Durable;
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -14,9 +15,9 @@ pub struct Allocation {
     /// Order of arrival on this node within its document; settlement compares
     /// it with how far each peer is known to be in sync.
     pub arrival: u64,
-    /// Storage sequence that makes it durable here; an answer that shows this
-    /// allocation waits until storage has reached it.
-    pub durable_seq: u64,
+    /// Where it becomes durable here; an answer that shows this allocation
+    /// waits until storage has reached it.
+    pub durable: Durable,
 }
 
 /// The lifecycle of a key, as `GET /v1/allocations/{key}` reports it.

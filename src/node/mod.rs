@@ -14,7 +14,7 @@ use crate::ledger::{
 };
 use crate::metrics::{Kind, Metrics};
 use crate::p2p::status::PeerTable;
-use crate::storage::{Storage, StorageError};
+use crate::storage::{Durable, Storage, StorageError};
 use libp2p::{Multiaddr, PeerId};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -101,7 +101,7 @@ struct StorageSink {
 }
 
 impl ChunkSink for StorageSink {
-    fn journal(&self, epoch: u32, record: Vec<u8>) -> u64 {
+    fn journal(&self, epoch: u32, record: Vec<u8>) -> Durable {
         self.storage.append_journal(epoch, record)
     }
 
@@ -382,9 +382,7 @@ impl Node {
             .submit(request)
             .await
             .ok_or(AllocationFailure::ShuttingDown)??;
-        self.storage
-            .wait_durable(allocated.allocation.durable_seq)
-            .await?;
+        self.storage.wait(allocated.allocation.durable).await?;
         let record = &allocated.allocation.record;
         if allocated.replay {
             if record.node != self.ledger.identity().node {

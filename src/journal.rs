@@ -1,0 +1,515 @@
+//! The allocation journal: an append-only log of new local allocations,
+//! made durable with one `fdatasync` per group of appends before any of them
+//! is acknowledged.
+//!
+//! Why a file of its own: an acknowledgement waits for this fsync and for
+//! nothing else, so its latency bounds throughput (clients wait one commit
+//! each). A sequential append costs one small write and one `fdatasync`; a
+//! commit of the copy-on-write B-tree store rewrites a dozen pages of its
+//! tables and allocator. The allocations reach the automerge documents (and
+//! the store) shortly after, in the background; once their chunks are
+//! durable, the store tells the journal to forget them, and a segment file
+//! whose entries are all forgotten is deleted.
+//!
+//! Format: files `journal/<first sequence, 20 digits>.wal`, each a run of
+//! entries `[len u32 LE][seq u64 LE][epoch u32 LE][check 8 bytes][record]`,
+//! where `check` is the first 8 bytes of blake3 over seq, epoch and record.
+//! Reading a file stops at the first entry that is short or fails its check
+//! (a torn tail after a crash). Every start opens a new segment, so nothing
+//! is ever appended after a torn tail.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use tokio::sync::watch;
+
+/// Directory of the journal inside the data dir.
+pub const JOURNAL_DIR: &str = "journal";
+/// A segment is sealed (and a new one started) past this size.
+const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest record an entry may hold; anything larger is read as corruption.
+const MAX_RECORD: usize = 1024 * 1024;
+/// Size of an entry header: len, seq, epoch, check.
+const HEADER: usize = 4 + 8 + 4 + 8;
+
+/// Journal failures; each names the file or step involved.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// A file operation failed.
+    #[error("allocation journal: {step} {path}: {source}")]
+    Io {
+        /// What was being done.
+        step: &'static str,
+        /// File or directory involved.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The writer has stopped (after an I/O error or at shutdown).
+    #[error("the allocation journal writer has stopped; nothing more can be made durable")]
+    WriterStopped,
+}
+
+fn io<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JournalError + 'a {
+    move |source| JournalError::Io {
+        step,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// One entry read back at open: a local allocation that was acknowledged and
+/// not yet known to be in a durable document chunk.
+#[derive(Clone, Debug)]
+pub struct JournalEntry {
+    /// Its journal sequence (the key to forget it by).
+    pub seq: u64,
+    /// Epoch of the document it belongs to.
+    pub epoch: u32,
+    /// The allocation record, JSON.
+    pub bytes: Vec<u8>,
+}
+
+struct Append {
+    seq: u64,
+    epoch: u32,
+    bytes: Vec<u8>,
+}
+
+/// Live (not yet forgotten) entries per segment, by first sequence.
+#[derive(Default)]
+struct Segments {
+    files: BTreeMap<u64, Segment>,
+}
+
+struct Segment {
+    path: PathBuf,
+    live: u64,
+    /// No more appends go here: it may be deleted once `live` is 0.
+    sealed: bool,
+}
+
+impl Segments {
+    fn forget(&mut self, seq: u64) {
+        let Some((&first, segment)) = self.files.range_mut(..=seq).next_back() else {
+            return;
+        };
+        segment.live = segment.live.saturating_sub(1);
+        if segment.live == 0 && segment.sealed {
+            self.remove(first);
+        }
+    }
+
+    fn seal(&mut self, first: u64) {
+        if let Some(segment) = self.files.get_mut(&first) {
+            segment.sealed = true;
+            if segment.live == 0 {
+                self.remove(first);
+            }
+        }
+    }
+
+    fn remove(&mut self, first: u64) {
+        if let Some(segment) = self.files.remove(&first) {
+            if let Err(e) = std::fs::remove_file(&segment.path) {
+                tracing::warn!(path = %segment.path.display(), error = %e, "could not delete a forgotten journal segment");
+            }
+        }
+    }
+}
+
+/// Handle to the journal; cheap to share.
+pub struct Journal {
+    queue: Mutex<(u64, Option<mpsc::Sender<Append>>)>,
+    durable: watch::Receiver<u64>,
+    segments: Arc<Mutex<Segments>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Journal {
+    /// Opens the journal under `data_dir`, reads back every entry still in
+    /// it (in sequence order) and starts the writer on a new segment.
+    pub fn open(data_dir: &Path) -> Result<(Arc<Self>, Vec<JournalEntry>), JournalError> {
+        let dir = data_dir.join(JOURNAL_DIR);
+        std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+        let mut segments = Segments::default();
+        let mut entries = Vec::new();
+        let mut files: Vec<(u64, PathBuf)> = Vec::new();
+        for item in std::fs::read_dir(&dir).map_err(io("listing", &dir))? {
+            let path = item.map_err(io("listing", &dir))?.path();
+            let first = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".wal"))
+                .and_then(|n| n.parse::<u64>().ok());
+            match first {
+                Some(first) => files.push((first, path)),
+                None => {
+                    tracing::warn!(path = %path.display(), "ignoring a file that is not a journal segment")
+                }
+            }
+        }
+        files.sort();
+        for (first, path) in files {
+            let read = read_segment(&path)?;
+            segments.files.insert(
+                first,
+                Segment {
+                    path,
+                    live: read.len() as u64,
+                    sealed: false,
+                },
+            );
+            entries.extend(read);
+        }
+        entries.sort_by_key(|e| e.seq);
+        let last = entries.last().map_or(0, |e| e.seq);
+        let first_segment = segments.files.keys().next_back().map_or(0, |f| *f);
+        let next = last.max(first_segment) + 1;
+        // Old segments take no more appends; empty ones go at once.
+        let old: Vec<u64> = segments.files.keys().copied().collect();
+        for first in old {
+            segments.seal(first);
+        }
+        let segments = Arc::new(Mutex::new(segments));
+        let (tx, rx) = mpsc::channel();
+        let (durable_tx, durable_rx) = watch::channel(next - 1);
+        let writer_segments = segments.clone();
+        let writer = std::thread::Builder::new()
+            .name("oncemesh-journal".into())
+            .spawn(move || write_loop(&dir, rx, durable_tx, writer_segments))
+            .map_err(io("starting the writer thread for", data_dir))?;
+        Ok((
+            Arc::new(Self {
+                queue: Mutex::new((next, Some(tx))),
+                durable: durable_rx,
+                segments,
+                writer: Mutex::new(Some(writer)),
+            }),
+            entries,
+        ))
+    }
+
+    /// Queues a record for the journal; returns the sequence that is
+    /// durable once [`Journal::wait_durable`] for it returns.
+    pub fn append(&self, epoch: u32, bytes: Vec<u8>) -> u64 {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = queue.0;
+        queue.0 += 1;
+        let sent = queue
+            .1
+            .as_ref()
+            .map(|tx| tx.send(Append { seq, epoch, bytes }).is_ok());
+        if sent != Some(true) {
+            tracing::error!(seq, "journal writer is gone; entry will never be durable");
+        }
+        seq
+    }
+
+    /// Forgets entries whose records are in durable document chunks; a
+    /// sealed segment with nothing left is deleted.
+    pub fn forget(&self, seqs: &[u64]) {
+        let mut segments = self.segments.lock().unwrap_or_else(|p| p.into_inner());
+        for &seq in seqs {
+            segments.forget(seq);
+        }
+    }
+
+    /// Waits until every entry up to `seq` is on disk.
+    pub async fn wait_durable(&self, seq: u64) -> Result<(), JournalError> {
+        let mut rx = self.durable.clone();
+        rx.wait_for(|&d| d >= seq)
+            .await
+            .map(|_| ())
+            .map_err(|_| JournalError::WriterStopped)
+    }
+
+    /// Highest durable sequence so far.
+    pub fn durable_seq(&self) -> u64 {
+        *self.durable.borrow()
+    }
+
+    /// Entries not yet forgotten, over every segment.
+    pub fn live_entries(&self) -> u64 {
+        let segments = self.segments.lock().unwrap_or_else(|p| p.into_inner());
+        segments.files.values().map(|s| s.live).sum()
+    }
+
+    /// Stops the writer after it has written everything queued so far.
+    pub fn close(&self) {
+        let sender = self
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .take();
+        drop(sender);
+        if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn check(seq: u64, epoch: u32, record: &[u8]) -> [u8; 8] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&seq.to_le_bytes());
+    hasher.update(&epoch.to_le_bytes());
+    hasher.update(record);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+    out
+}
+
+fn encode(entry: &Append, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(entry.bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(&entry.seq.to_le_bytes());
+    out.extend_from_slice(&entry.epoch.to_le_bytes());
+    out.extend_from_slice(&check(entry.seq, entry.epoch, &entry.bytes));
+    out.extend_from_slice(&entry.bytes);
+}
+
+/// Every whole, checked entry of a segment, up to the first that is not.
+fn read_segment(path: &Path) -> Result<Vec<JournalEntry>, JournalError> {
+    let mut data = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(io("reading", path))?;
+    let mut entries = Vec::new();
+    let mut at = 0;
+    while data.len() - at >= HEADER {
+        let field = |from: usize, len: usize| &data[at + from..at + from + len];
+        let len = u32::from_le_bytes(field(0, 4).try_into().unwrap_or_default()) as usize;
+        let seq = u64::from_le_bytes(field(4, 8).try_into().unwrap_or_default());
+        let epoch = u32::from_le_bytes(field(12, 4).try_into().unwrap_or_default());
+        let sum = field(16, 8);
+        if len > MAX_RECORD || data.len() - at - HEADER < len {
+            break;
+        }
+        let record = &data[at + HEADER..at + HEADER + len];
+        if check(seq, epoch, record) != sum {
+            break;
+        }
+        entries.push(JournalEntry {
+            seq,
+            epoch,
+            bytes: record.to_vec(),
+        });
+        at += HEADER + len;
+    }
+    if at < data.len() {
+        tracing::warn!(path = %path.display(), kept = entries.len(), ignored_bytes = data.len() - at, "journal segment ends in a torn entry; ignoring its tail");
+    }
+    Ok(entries)
+}
+
+/// The open segment the writer appends to.
+struct OpenSegment {
+    first: u64,
+    file: File,
+    len: u64,
+}
+
+fn start_segment(
+    dir: &Path,
+    first: u64,
+    segments: &Mutex<Segments>,
+) -> Result<OpenSegment, JournalError> {
+    let path = dir.join(format!("{first:020}.wal"));
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(io("creating", &path))?;
+    // The new name must be durable before any entry in it is acknowledged.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing", dir))?;
+    segments
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .files
+        .insert(
+            first,
+            Segment {
+                path,
+                live: 0,
+                sealed: false,
+            },
+        );
+    Ok(OpenSegment {
+        first,
+        file,
+        len: 0,
+    })
+}
+
+fn write_loop(
+    dir: &Path,
+    rx: mpsc::Receiver<Append>,
+    durable: watch::Sender<u64>,
+    segments: Arc<Mutex<Segments>>,
+) {
+    let mut open: Option<OpenSegment> = None;
+    let mut buffer = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter().take(8192));
+        match write_batch(dir, &mut open, &batch, &mut buffer, &segments) {
+            Ok(last) => {
+                durable.send_replace(last);
+            }
+            Err(e) => {
+                // Never acknowledge what is not on disk: stop, so every waiter
+                // sees the writer gone and answers with an error.
+                tracing::error!(error = %e, "allocation journal write failed; refusing further allocations");
+                return;
+            }
+        }
+    }
+    if let Some(segment) = open {
+        segments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seal(segment.first);
+    }
+}
+
+/// Appends a batch with one write and one fdatasync; returns its last sequence.
+fn write_batch(
+    dir: &Path,
+    open: &mut Option<OpenSegment>,
+    batch: &[Append],
+    buffer: &mut Vec<u8>,
+    segments: &Mutex<Segments>,
+) -> Result<u64, JournalError> {
+    let first_seq = batch[0].seq;
+    if open.as_ref().is_none_or(|s| s.len >= SEGMENT_BYTES) {
+        if let Some(full) = open.take() {
+            segments
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .seal(full.first);
+        }
+        *open = Some(start_segment(dir, first_seq, segments)?);
+    }
+    let Some(segment) = open.as_mut() else {
+        return Err(JournalError::WriterStopped);
+    };
+    buffer.clear();
+    for entry in batch {
+        encode(entry, buffer);
+    }
+    let path = dir.join(format!("{:020}.wal", segment.first));
+    segment
+        .file
+        .write_all(buffer)
+        .map_err(io("appending to", &path))?;
+    segment.file.sync_data().map_err(io("syncing", &path))?;
+    segment.len += buffer.len() as u64;
+    if let Some(s) = segments
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .files
+        .get_mut(&segment.first)
+    {
+        s.live += batch.len() as u64;
+    }
+    Ok(batch.iter().map(|e| e.seq).max().unwrap_or(first_seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(JOURNAL_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn entries_come_back_until_forgotten_and_segments_go_when_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, entries) = Journal::open(dir.path()).unwrap();
+        assert!(entries.is_empty());
+        let seqs: Vec<u64> = (0..5)
+            .map(|i| journal.append(7, format!("record-{i}").into_bytes()))
+            .collect();
+        rt().block_on(journal.wait_durable(seqs[4])).unwrap();
+        journal.forget(&seqs[..2]);
+        journal.close();
+
+        let (journal, entries) = Journal::open(dir.path()).unwrap();
+        // Forgotten entries may come back (their segment still had live
+        // ones); nothing unforgotten is ever missing, in order, intact.
+        let back: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+        assert_eq!(back, seqs);
+        assert!(entries.iter().all(|e| e.epoch == 7));
+        assert_eq!(entries[3].bytes, b"record-3");
+        // New sequences continue past everything on disk.
+        let next = journal.append(8, b"later".to_vec());
+        assert!(next > seqs[4]);
+        rt().block_on(journal.wait_durable(next)).unwrap();
+        // The old segment is sealed: once all of it is forgotten, it goes.
+        assert_eq!(segment_files(dir.path()).len(), 2);
+        journal.forget(&seqs);
+        assert_eq!(segment_files(dir.path()).len(), 1);
+        journal.close();
+    }
+
+    #[test]
+    fn a_torn_tail_is_ignored_and_appends_go_to_a_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        let a = journal.append(1, b"first".to_vec());
+        let b = journal.append(1, b"second".to_vec());
+        rt().block_on(journal.wait_durable(b)).unwrap();
+        journal.close();
+        // Tear the last entry: cut its final byte, as a crash mid-write would.
+        let file = segment_files(dir.path()).remove(0);
+        let len = std::fs::metadata(&file).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+        let (journal, entries) = Journal::open(dir.path()).unwrap();
+        assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [a]);
+        let c = journal.append(1, b"third".to_vec());
+        rt().block_on(journal.wait_durable(c)).unwrap();
+        journal.close();
+        let (_, entries) = Journal::open(dir.path()).unwrap();
+        assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [a, c]);
+    }
+
+    #[test]
+    fn a_corrupted_entry_is_not_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        let a = journal.append(1, b"kept".to_vec());
+        let b = journal.append(1, b"flipped".to_vec());
+        rt().block_on(journal.wait_durable(b)).unwrap();
+        journal.close();
+        let file = segment_files(dir.path()).remove(0);
+        let mut data = std::fs::read(&file).unwrap();
+        let last = data.len() - 1;
+        data[last] ^= 0x40;
+        std::fs::write(&file, data).unwrap();
+        let (_, entries) = Journal::open(dir.path()).unwrap();
+        assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [a]);
+    }
+}
