@@ -122,11 +122,14 @@ fn check_allocation_fields(a: &Value, key: &str, region: &str, node: &str) {
 /// an automerge library and docs/DATA_MODEL.md.
 #[derive(Debug, Clone)]
 struct DocRecord {
+    /// The batch's map key.
     map_key: String,
+    /// Position in its batch.
+    index: usize,
     record: Value,
 }
 
-/// Reads root map "allocations": txn_id -> JSON text of the record.
+/// Reads root map "allocations": batch id -> JSON text of an array of records.
 fn read_allocations(bytes: &[u8], what: &str) -> Vec<DocRecord> {
     let doc = Automerge::load(bytes)
         .unwrap_or_else(|e| panic!("{what}: automerge cannot load the bytes: {e}"));
@@ -148,10 +151,17 @@ fn read_allocations(bytes: &[u8], what: &str) -> Vec<DocRecord> {
             },
             other => panic!("{what}: allocations[{map_key}] is not text: {other:?}"),
         };
-        let record: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
-            panic!("{what}: allocations[{map_key}] is not JSON text ({e}): {text}")
+        let batch: Vec<Value> = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("{what}: allocations[{map_key}] is not a JSON array ({e}): {text}")
         });
-        out.push(DocRecord { map_key, record });
+        assert!(!batch.is_empty(), "{what}: allocations[{map_key}] is empty");
+        for (index, record) in batch.into_iter().enumerate() {
+            out.push(DocRecord {
+                map_key: map_key.clone(),
+                index,
+                record,
+            });
+        }
     }
     out
 }
@@ -681,7 +691,7 @@ async fn documents_are_plain_automerge_readable_from_the_data_model() {
         };
         assert_eq!(
             scalar("schema"),
-            ScalarValue::Str("oncemesh/1".into()),
+            ScalarValue::Str("oncemesh/2".into()),
             "{id}"
         );
         let (epoch, shard) = id
@@ -700,11 +710,13 @@ async fn documents_are_plain_automerge_readable_from_the_data_model() {
         );
         for r in read_allocations(&bytes, id) {
             let key = r.record["key"].as_str().expect("record key").to_string();
-            assert_eq!(
-                r.record["txn_id"],
-                r.map_key.as_str(),
-                "map key is the txn_id"
-            );
+            if r.index == 0 {
+                assert_eq!(
+                    r.record["txn_id"],
+                    r.map_key.as_str(),
+                    "a batch's id is its first record's txn_id"
+                );
+            }
             for field in ["key", "txn_id", "region", "node", "hlc", "fingerprint"] {
                 assert!(
                     r.record[field].is_string(),

@@ -6,10 +6,15 @@
 //! byte-identical documents and their root containers never conflict:
 //!
 //! ```text
-//! { "schema": "oncemesh/1", "shard": n, "epoch": e,
-//!   "allocations":   { txn_id: "<AllocationRecord JSON>" },
+//! { "schema": "oncemesh/2", "shard": n, "epoch": e,
+//!   "allocations":   { batch_id: "[<AllocationRecord JSON>, ...]" },
 //!   "compensations": { loser_txn_id: "<CompensationRecord JSON>" } }
 //! ```
+//!
+//! Allocations are written in batches, one op per batch: automerge's cost
+//! (CPU to insert and apply, memory per op) is per op, so a node folding
+//! hundreds of allocations a round pays it once. A batch's id is its first
+//! record's txn_id, which only that record's node ever writes.
 //!
 //! This type owns the automerge document and nothing else: it turns records
 //! into ops, remote bytes into records, and tracks what has not been handed to
@@ -28,7 +33,7 @@ pub const ALLOCATIONS: &str = "allocations";
 /// Name of the map of compensation records.
 pub const COMPENSATIONS: &str = "compensations";
 /// Schema tag stored in the genesis change.
-pub const SCHEMA: &str = "oncemesh/1";
+pub const SCHEMA: &str = "oncemesh/2";
 
 /// Failures of the document layer; each names the document involved.
 #[derive(Debug, thiserror::Error)]
@@ -142,14 +147,24 @@ impl ShardDocument {
         self.id
     }
 
-    /// Writes allocation records, given as (txn id, record JSON text), in
-    /// one automerge change: one op per allocation.
-    pub fn put_allocations<'a>(
+    /// Writes a batch of allocation records, given as their JSON texts, as
+    /// one op in one automerge change: `allocations[batch_id]` = the JSON
+    /// array of the records. `batch_id` must be the first record's txn_id.
+    pub fn put_allocation_batch<'a>(
         &mut self,
-        records: impl Iterator<Item = (&'a str, &'a str)>,
+        batch_id: &str,
+        records: impl Iterator<Item = &'a str>,
     ) -> Result<(), DocumentError> {
+        let mut batch = String::from("[");
+        for (i, text) in records.enumerate() {
+            if i > 0 {
+                batch.push(',');
+            }
+            batch.push_str(text);
+        }
+        batch.push(']');
         let obj = self.allocations.clone();
-        self.put_json(&obj, records)
+        self.put_json(&obj, [(batch_id, batch.as_str())].into_iter())
     }
 
     /// Writes (or overwrites: only the owner ever writes it) a compensation record.
@@ -188,13 +203,13 @@ impl ShardDocument {
         ] {
             for item in self.doc.map_range(obj, ..) {
                 let text = value_text(&Value::from(item.value));
-                out.push(parse_entry(map, item.key.as_ref(), text));
+                parse_entries(map, item.key.as_ref(), text, &mut out);
                 if item.conflict {
                     // Two writers on one map key would break the single-writer
                     // rule; keep every value rather than the one automerge shows.
                     if let Ok(values) = self.doc.get_all(obj, item.key.as_ref()) {
                         for (value, _) in values.into_iter().skip(1) {
-                            out.push(parse_entry(map, item.key.as_ref(), value_text(&value)));
+                            parse_entries(map, item.key.as_ref(), value_text(&value), &mut out);
                         }
                     }
                 }
@@ -235,11 +250,11 @@ impl ShardDocument {
                 conflict,
             } = patch.action
             {
-                out.push(parse_entry(map, &key, value_text(&value.0)));
+                parse_entries(map, &key, value_text(&value.0), &mut out);
                 if conflict {
                     if let Ok(values) = self.doc.get_all(&patch.obj, key.as_str()) {
                         for (v, _) in values.into_iter().filter(|(v, _)| *v != value.0) {
-                            out.push(parse_entry(map, &key, value_text(&v)));
+                            parse_entries(map, &key, value_text(&v), &mut out);
                         }
                     }
                 }
@@ -370,30 +385,101 @@ fn value_text(value: &Value<'_>) -> Option<String> {
     }
 }
 
-fn parse_entry(map: &'static str, key: &str, text: Option<String>) -> Entry {
+/// Reads the records of one map value: a batch (JSON array) of allocation
+/// records, or one compensation record. A value that is not valid, whole,
+/// is one malformed entry.
+fn parse_entries(map: &'static str, key: &str, text: Option<String>, out: &mut Vec<Entry>) {
     let malformed = |reason: String| Entry::Malformed {
         map,
         key: key.to_owned(),
         reason,
     };
     let Some(text) = text else {
-        return malformed("value is not a JSON text string".into());
+        out.push(malformed("value is not a JSON text string".into()));
+        return;
     };
-    let parsed = if map == ALLOCATIONS {
-        serde_json::from_str::<AllocationRecord>(&text).map(Entry::Allocation)
-    } else {
-        serde_json::from_str::<CompensationRecord>(&text).map(Entry::Compensation)
-    };
-    match parsed {
-        Ok(Entry::Allocation(r)) if r.txn_id != key => malformed(format!(
+    if map == ALLOCATIONS {
+        match serde_json::from_str::<Vec<AllocationRecord>>(&text) {
+            Ok(batch) if batch.first().is_none_or(|r| r.txn_id != key) => out.push(malformed(
+                "a batch's id must be the txn_id of its first record".into(),
+            )),
+            Ok(batch) => out.extend(batch.into_iter().map(Entry::Allocation)),
+            Err(e) => out.push(malformed(format!("invalid allocation batch JSON: {e}"))),
+        }
+        return;
+    }
+    out.push(match serde_json::from_str::<CompensationRecord>(&text) {
+        Ok(r) if r.txn_id != key => malformed(format!(
             "record txn_id {} differs from its map key",
             r.txn_id
         )),
-        Ok(Entry::Compensation(r)) if r.txn_id != key => malformed(format!(
-            "record txn_id {} differs from its map key",
-            r.txn_id
-        )),
-        Ok(entry) => entry,
+        Ok(r) => Entry::Compensation(r),
         Err(e) => malformed(format!("invalid record JSON: {e}")),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Timestamp;
+    use crate::record::RECORD_VERSION;
+
+    fn record(txn: &str) -> String {
+        record_json(&AllocationRecord {
+            v: RECORD_VERSION,
+            key: format!("key-{txn}"),
+            txn_id: txn.to_owned(),
+            region: "r".into(),
+            node: "n".into(),
+            hlc: Timestamp::new(1, 0),
+            fingerprint: "f".into(),
+            confidence: 1.0,
+        })
+    }
+
+    fn doc() -> ShardDocument {
+        ShardDocument::genesis(DocId { epoch: 1, shard: 0 })
+    }
+
+    #[test]
+    fn a_batch_reads_back_as_its_records_in_order() {
+        let mut d = doc();
+        let texts = [record("tx_a"), record("tx_b"), record("tx_c")];
+        d.put_allocation_batch("tx_a", texts.iter().map(String::as_str))
+            .unwrap();
+        let txns: Vec<String> = d
+            .entries()
+            .into_iter()
+            .map(|e| match e {
+                Entry::Allocation(r) => r.txn_id,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(txns, ["tx_a", "tx_b", "tx_c"]);
+    }
+
+    #[test]
+    fn bad_batches_are_malformed_entries_not_errors() {
+        let mut d = doc();
+        // Id that is not the first record's txn_id.
+        d.put_allocation_batch("tx_other", [record("tx_x").as_str()].into_iter())
+            .unwrap();
+        // Not JSON.
+        d.put_allocation_batch("tx_y", ["{not json"].into_iter())
+            .unwrap();
+        // Empty batch.
+        d.put_allocation_batch("tx_z", std::iter::empty()).unwrap();
+        let entries = d.entries();
+        assert_eq!(entries.len(), 3, "{entries:?}");
+        assert!(
+            entries.iter().all(|e| matches!(
+                e,
+                Entry::Malformed {
+                    map: ALLOCATIONS,
+                    ..
+                }
+            )),
+            "{entries:?}"
+        );
     }
 }

@@ -447,11 +447,10 @@ impl Ledger {
             }
             for (epoch, entries) in by_epoch {
                 let doc = group.doc_mut(epoch, &self.actor);
-                let written = doc.doc.put_allocations(
-                    entries
-                        .iter()
-                        .map(|e| (e.record.txn_id.as_str(), e.text.as_str())),
-                );
+                let batch_id = entries[0].record.txn_id.clone();
+                let written = doc
+                    .doc
+                    .put_allocation_batch(&batch_id, entries.iter().map(|e| e.text.as_str()));
                 if let Err(e) = written {
                     // Still durable in the journal: try again next round.
                     tracing::error!(shard, epoch, error = %e, "could not fold allocations into their document; will retry");
