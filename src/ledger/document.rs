@@ -295,7 +295,15 @@ impl ShardDocument {
         message: sync::Message,
     ) -> Result<Vec<Entry>, DocumentError> {
         use automerge::sync::SyncDoc;
-        self.apply_remote(|doc| doc.receive_sync_message(state, message))
+        let applied = self.apply_remote(|doc| doc.receive_sync_message(state, message));
+        // Answer with changes, never with the whole document: automerge
+        // sends a full, DEFLATE-compressed save to a peer that advertises
+        // v2 messages and lacks a third of the changes, which after a
+        // partition is every document, every time, and compressing them was
+        // most of the CPU of converging. Changes are few here (one per
+        // folding round), so sending them as they are is cheaper.
+        state.their_capabilities = None;
+        applied
     }
 
     /// The next sync message for a peer, if it needs one.
@@ -319,6 +327,13 @@ impl ShardDocument {
     /// The whole document as `Automerge::save` writes it.
     pub fn save(&self) -> Vec<u8> {
         self.doc.save()
+    }
+
+    /// The whole document for local compaction: like [`ShardDocument::save`]
+    /// but without DEFLATE, which was most of the CPU of a full save (the
+    /// disk pays a few times the bytes; the wire and exports stay compressed).
+    pub fn save_uncompressed(&self) -> Vec<u8> {
+        self.doc.save_nocompress()
     }
 
     /// Current heads.

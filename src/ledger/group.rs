@@ -52,7 +52,7 @@ impl EpochDoc {
         self.bytes_since_snapshot += bytes.len();
         let seq = sink.persist(id, bytes);
         if self.bytes_since_snapshot >= self.snapshot_bytes.max(COMPACT_MIN_BYTES) {
-            let saved = self.doc.save();
+            let saved = self.doc.save_uncompressed();
             self.snapshot_bytes = saved.len();
             self.bytes_since_snapshot = 0;
             return sink.snapshot(id, saved).max(seq);

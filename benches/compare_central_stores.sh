@@ -1,0 +1,543 @@
+#!/usr/bin/env bash
+# Compares oncemesh with the two central stores people would put in its
+# place, on the same workload: allocate a fresh idempotency key, durably
+# (fsync before the answer), as fast as C concurrent clients can.
+#
+#   oncemesh    POST /v1/allocations with a fresh key, over HTTP
+#               (examples/loadgen, closed loop) to one node without peers; a
+#               fresh node and data dir per run.
+#   oncemesh-3  the same load against node 0 of three nodes on loopback, each
+#               connected to the other two and replicating to them (the
+#               project's target: >= 3x PostgreSQL's allocations/s in the same
+#               run). Per run: three fresh data dirs, peer ids from
+#               `oncemesh id`, nodes started with --listen and a --peer for
+#               each other node, load once every node reports 2 connected
+#               peers. After the load the script waits (up to 30 s) until
+#               nodes 1 and 2 hold as many keys as node 0 and reports that
+#               catch-up time.
+#   postgresql  INSERT INTO tokens(key) VALUES ('pg-' || :random) ON CONFLICT
+#               DO NOTHING, pgbench -M prepared over TCP, default durable
+#               config (fsync=on, synchronous_commit=on); TRUNCATE and
+#               CHECKPOINT before each run.
+#   redis       SET key:<random> v NX, redis-benchmark, AOF with
+#               appendfsync always (an fsync before each batch of replies),
+#               no RDB snapshots; FLUSHALL before each run.
+#
+# All servers and their load generators run on this machine, in this one
+# invocation, interleaved run by run (oncemesh, oncemesh-3, postgresql,
+# redis, oncemesh, ...), so they share the same cores, disk and background
+# noise. The load generators share the CPU with the server they drive (and
+# for oncemesh-3, with the two followers). Figures are throughput (answered
+# allocations/s) and p99 latency; the table gives every run, the median of
+# each system and each oncemesh row's median as a ratio of the central
+# stores'. Ports on 127.0.0.1: oncemesh HTTP 7700 (oncemesh-3: 7700-7702,
+# libp2p 7800-7802), throwaway PostgreSQL 5433 and Redis 6380 instances that
+# live in a temporary directory removed on exit.
+#
+# Run from anywhere (as root: PostgreSQL runs as user postgres, missing
+# Debian packages are installed with apt-get):
+#
+#   benches/compare_central_stores.sh
+#   CLIENTS=50 SECONDS=10 RUNS=3 benches/compare_central_stores.sh   # the defaults
+#   benches/compare_central_stores.sh --systems oncemesh-3,postgresql
+#
+# Options: --clients N, --seconds N, --runs N (same as the env variables),
+# --systems LIST (env SYSTEMS; comma-separated, in run order, from
+# oncemesh,oncemesh-3,postgresql,redis; default all four), --replicating
+# (env REPLICATING=1: the replicating node only, same as --systems
+# oncemesh-3,postgresql,redis), --node-bin PATH, --loadgen-bin PATH (default
+# target/release/oncemesh and target/release/examples/loadgen, built with
+# cargo if missing).
+# Progress goes to stderr, the table and the closing summary to stdout.
+
+# SECONDS is bash's own clock (seconds since the shell started): read the
+# caller's value before it moves. Unset, it reads 0 here.
+duration_env=$SECONDS
+
+set -euo pipefail
+export LC_ALL=C # decimal points in printf, awk and $EPOCHREALTIME
+
+ALL_SYSTEMS=(oncemesh oncemesh-3 postgresql redis)
+CLIENTS=${CLIENTS:-50}
+DURATION=$duration_env
+[[ $DURATION == 0 ]] && DURATION=10
+RUNS=${RUNS:-3}
+SYSTEMS_ARG=${SYSTEMS:-}
+[[ ${REPLICATING:-0} == 1 && -z $SYSTEMS_ARG ]] && SYSTEMS_ARG=oncemesh-3,postgresql,redis
+NODE_BIN=""
+LOADGEN_BIN=""
+PG_PORT=5433
+REDIS_PORT=6380
+NODE_HTTP_PORT=7700 # node i of oncemesh-3: +i
+NODE_P2P_PORT=7800  # node i of oncemesh-3: +i
+CLUSTER_SIZE=3
+CATCH_UP_TIMEOUT=30
+
+die() { echo "compare_central_stores: $*" >&2; exit 1; }
+say() { echo "$*" >&2; }
+
+abspath() { [[ $1 == /* ]] && echo "$1" || echo "$PWD/$1"; }
+while (($#)); do
+    case $1 in
+        --clients) CLIENTS=${2:?}; shift 2 ;;
+        --seconds) DURATION=${2:?}; shift 2 ;;
+        --runs) RUNS=${2:?}; shift 2 ;;
+        --systems) SYSTEMS_ARG=${2:?}; shift 2 ;;
+        --replicating) SYSTEMS_ARG=oncemesh-3,postgresql,redis; shift ;;
+        --node-bin) NODE_BIN=$(abspath "${2:?}"); shift 2 ;;
+        --loadgen-bin) LOADGEN_BIN=$(abspath "${2:?}"); shift 2 ;;
+        -h | --help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+done
+for v in CLIENTS DURATION RUNS; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
+done
+SYSTEMS=()
+if [[ -n $SYSTEMS_ARG ]]; then
+    IFS=, read -r -a requested <<<"$SYSTEMS_ARG"
+    for s in "${requested[@]}"; do
+        [[ " ${ALL_SYSTEMS[*]} " == *" $s "* ]] || die "unknown system '$s' (choose from ${ALL_SYSTEMS[*]})"
+        [[ " ${SYSTEMS[*]} " == *" $s "* ]] || SYSTEMS+=("$s")
+    done
+    ((${#SYSTEMS[@]})) || die "--systems is empty"
+else
+    SYSTEMS=("${ALL_SYSTEMS[@]}")
+fi
+selected() { [[ " ${SYSTEMS[*]} " == *" $1 "* ]]; }
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+
+# ---------------------------------------------------------------- tools
+
+pg_bindir() {
+    local d
+    for d in $(printf "%s\n" /usr/lib/postgresql/*/bin | sort -t/ -k5,5n -r); do
+        [[ -x $d/initdb && -x $d/pg_ctl && -x $d/pgbench && -x $d/psql ]] && { echo "$d"; return 0; }
+    done
+    return 1
+}
+
+missing=()
+if selected postgresql; then
+    pg_bindir >/dev/null || missing+=(postgresql)
+fi
+if selected redis; then
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v redis-benchmark >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-tools)
+fi
+if ((${#missing[@]})); then
+    ((EUID == 0)) || die "missing ${missing[*]}: run as root to install them, or install them first"
+    say "installing missing Debian packages: ${missing[*]} (apt-get update && apt-get install -y ${missing[*]})"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+fi
+if selected postgresql; then
+    PGBIN=$(pg_bindir) || die "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin"
+fi
+command -v curl >/dev/null || die "curl is needed"
+
+NODE_BIN=${NODE_BIN:-$REPO/target/release/oncemesh}
+LOADGEN_BIN=${LOADGEN_BIN:-$REPO/target/release/examples/loadgen}
+if selected oncemesh || selected oncemesh-3; then
+    if [[ ! -x $NODE_BIN || ! -x $LOADGEN_BIN ]]; then
+        [[ $NODE_BIN == "$REPO"/target/* && $LOADGEN_BIN == "$REPO"/target/* ]] ||
+            die "$NODE_BIN or $LOADGEN_BIN is missing"
+        say "building: cargo build --release --bin oncemesh --example loadgen"
+        cargo build --release --bin oncemesh --example loadgen >&2
+    fi
+fi
+
+# PostgreSQL refuses to run as root: as root it runs as user postgres.
+if selected postgresql; then
+    if ((EUID == 0)); then
+        id postgres >/dev/null 2>&1 || die "no user 'postgres' (it comes with the postgresql package)"
+        PGSUPER=postgres
+        as_pg() { runuser -u postgres -- "$@"; }
+    else
+        PGSUPER=$(id -un)
+        as_pg() { "$@"; }
+    fi
+fi
+
+ports=()
+selected postgresql && ports+=("$PG_PORT")
+selected redis && ports+=("$REDIS_PORT")
+selected oncemesh && ports+=("$NODE_HTTP_PORT")
+if selected oncemesh-3; then
+    for ((i = 0; i < CLUSTER_SIZE; i++)); do
+        ports+=("$((NODE_HTTP_PORT + i))" "$((NODE_P2P_PORT + i))")
+    done
+fi
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for port in $(printf '%s\n' "${ports[@]}" | sort -nu); do
+    listening "$port" && die "something already listens on 127.0.0.1:$port"
+done
+
+# ---------------------------------------------------------------- cleanup
+
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
+NODE_PIDS=()
+REDIS_PID=""
+PG_STARTED=""
+stop_nodes() {
+    local pid
+    for pid in "${NODE_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${NODE_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    NODE_PIDS=()
+}
+cleanup() {
+    set +e
+    stop_nodes
+    if [[ -n $REDIS_PID ]]; then
+        kill "$REDIS_PID" 2>/dev/null
+        wait "$REDIS_PID" 2>/dev/null
+    fi
+    if [[ -n $PG_STARTED ]]; then
+        as_pg "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m immediate -w stop >/dev/null 2>&1
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- helpers
+
+# Thousands separators: 21192.4 -> 21,192
+fmt() { printf '%.0f' "$1" | sed ':a;s/\B[0-9]\{3\}\>/,&/;ta'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
+# p-th percentile (nearest rank) of the numbers on stdin
+percentile() { sort -n | awk -v p="$1" '{v[NR]=$1} END {r=int(p/100*NR); if (r<p/100*NR) r++; if (r<1) r=1; print v[r]}'; }
+# A field of one-line JSON by name, wherever it is nested (the names looked up
+# here occur once in their document: "connected", "keys", ...).
+json_field() { sed -n "s/.*\"$1\":\([^,}]*\).*/\1/p" <<<"$2"; }
+ms() { [[ $1 =~ ^[0-9.eE+-]+$ ]] && printf '%.2f' "$1" || echo "-"; }
+now() { echo "$EPOCHREALTIME"; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
+
+# ---------------------------------------------------------------- PostgreSQL
+
+if selected postgresql; then
+    say "starting PostgreSQL ($PGBIN) on 127.0.0.1:$PG_PORT in $WORK/pg"
+    mkdir -p "$WORK/pg"
+    chown "$PGSUPER" "$WORK/pg" 2>/dev/null || true
+    as_pg "$PGBIN/initdb" -D "$WORK/pg/data" -A trust -U "$PGSUPER" >"$WORK/pg/initdb.log" 2>&1 ||
+        { cat "$WORK/pg/initdb.log" >&2; die "initdb failed"; }
+    max_conn=$((CLIENTS + 10 > 100 ? CLIENTS + 10 : 100))
+    PG_STARTED=1
+    as_pg "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w -t 60 \
+        -o "-p $PG_PORT -k $WORK/pg -c listen_addresses=127.0.0.1 -c max_connections=$max_conn" start >/dev/null ||
+        { cat "$WORK/pg/log" >&2; die "PostgreSQL did not start"; }
+    psql_q() { "$PGBIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PGSUPER" -X -q -v ON_ERROR_STOP=1 "$@"; }
+    psql_q -d postgres -c 'CREATE DATABASE bench'
+    psql_q -d bench -c 'CREATE TABLE tokens(key text PRIMARY KEY)'
+    pg_settings=$(psql_q -d bench -At -c "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings
+        WHERE name IN ('fsync', 'synchronous_commit', 'wal_sync_method', 'full_page_writes')")
+    pg_version=$(psql_q -d bench -At -c 'SHOW server_version')
+    cat >"$WORK/pg/insert.sql" <<'EOF'
+\set k random(1, 9000000000000000000)
+INSERT INTO tokens(key) VALUES ('pg-' || :k) ON CONFLICT DO NOTHING;
+EOF
+fi
+
+# ---------------------------------------------------------------- Redis
+
+# redis-benchmark has no time limit, only a request count: each run is sized
+# from a ~1 s probe just before it (the first probe from a calibration here).
+redis_bench() { # N -> CSV on stdout
+    redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$CLIENTS" -n "$1" -r 1000000000 --csv \
+        SET key:__rand_int__ v NX 2>/dev/null
+}
+csv_col() { # CSV text, column name -> value of the last row
+    awk -F, -v col="$2" '{gsub(/"/, "")} NR == 1 {for (i = 1; i <= NF; i++) if ($i == col) c = i} END {if (c) print $c}' <<<"$1"
+}
+# Empty the store and its AOF (like TRUNCATE + CHECKPOINT for PostgreSQL), so
+# no run pays for an earlier run's data or triggers a rewrite because of it.
+redis_reset() {
+    redis-cli -p "$REDIS_PORT" flushall >/dev/null
+    redis-cli -p "$REDIS_PORT" bgrewriteaof >/dev/null 2>&1 || true
+    for _ in $(seq 600); do
+        redis-cli -p "$REDIS_PORT" info persistence | grep -q '^aof_rewrite_in_progress:0' &&
+            redis-cli -p "$REDIS_PORT" info persistence | grep -q '^aof_rewrite_scheduled:0' && return 0
+        sleep 0.1
+    done
+    die "Redis's AOF rewrite did not finish"
+}
+requests_for() { # rate, seconds -> request count (at least 100 per client)
+    awk -v r="$1" -v t="$2" -v c="$CLIENTS" 'BEGIN {n = int(r * t); if (n < c * 100) n = c * 100; print n}'
+}
+
+if selected redis; then
+    say "starting Redis on 127.0.0.1:$REDIS_PORT in $WORK/redis"
+    mkdir -p "$WORK/redis"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK/redis" \
+        --appendonly yes --appendfsync always --save '' \
+        --daemonize no --logfile "$WORK/redis/log" >/dev/null 2>&1 &
+    REDIS_PID=$!
+    for _ in $(seq 100); do
+        [[ $(redis-cli -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]] && break
+        kill -0 "$REDIS_PID" 2>/dev/null || { cat "$WORK/redis/log" >&2; die "redis-server exited"; }
+        sleep 0.1
+    done
+    [[ $(redis-cli -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]] || die "redis-server did not answer"
+    redis_version=$(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')
+    redis_settings=$(redis-cli -p "$REDIS_PORT" config get appendfsync | paste -sd= -)
+    say "calibrating redis-benchmark's request count"
+    redis_reset
+    redis_rate=$(csv_col "$(redis_bench $((CLIENTS * 100)))" rps)
+    [[ -n $redis_rate ]] || die "could not read redis-benchmark's CSV output"
+fi
+
+# ---------------------------------------------------------------- the runs
+
+# Per system: space-separated figures, one per run.
+declare -A TPUT P99
+CATCH_UP=() # oncemesh-3: followers' catch-up after each run's load, seconds or "-"
+
+health() { curl -sf --max-time 2 "http://127.0.0.1:$1/v1/health"; }
+
+start_node() { # index (for the log name), then `oncemesh run` arguments
+    local log=$WORK/node$1.log
+    shift
+    "$NODE_BIN" run "$@" >"$log" 2>&1 &
+    NODE_PIDS+=("$!")
+}
+
+# Waits until node i (HTTP port, pid) answers /v1/health with at least the
+# given number of connected peers.
+wait_node() { # http port, pid, log, peers wanted
+    local h c
+    for _ in $(seq 300); do
+        if h=$(health "$1"); then
+            c=$(json_field connected "$h")
+            ((${c:-0} >= $4)) && return 0
+        fi
+        kill -0 "$2" 2>/dev/null || { cat "$3" >&2; die "the node on port $1 exited"; }
+        sleep 0.1
+    done
+    [[ -n ${h:-} ]] || die "the node on port $1 did not answer /v1/health in 30 s"
+    die "the node on port $1 has ${c:-0} connected peers after 30 s, wanted $4: $h"
+}
+
+# Runs loadgen against the node on this HTTP port; sets LAST (its JSON line).
+loadgen() {
+    local out
+    out=$("$LOADGEN_BIN" --node "http://127.0.0.1:$1" --clients "$CLIENTS" --seconds "$DURATION" --json 2>"$WORK/loadgen.err") ||
+        { cat "$WORK/loadgen.err" >&2; die "loadgen failed"; }
+    LAST=$(tail -n 1 <<<"$out")
+    LOADGEN_ERROR=$(grep -m1 'error:' <<<"$out" || true)
+}
+
+record_node() { # system name
+    local errors
+    TPUT[$1]+="$(json_field allocations_per_s "$LAST") "
+    P99[$1]+="$(json_field p99_ms "$LAST") "
+    errors=$(json_field errors "$LAST")
+    say "  $1: $(fmt "$(json_field allocations_per_s "$LAST")")/s, p50 $(ms "$(json_field p50_ms "$LAST")") ms, p99 $(ms "$(json_field p99_ms "$LAST")") ms, errors $errors"
+    [[ $errors == 0 ]] || say "  WARNING: $errors failed requests: $LOADGEN_ERROR"
+}
+
+run_oncemesh() {
+    local data
+    data=$(mktemp -d -p "$WORK" node.XXXXXX)
+    start_node 0 --data-dir "$data" --http "127.0.0.1:$NODE_HTTP_PORT"
+    wait_node "$NODE_HTTP_PORT" "${NODE_PIDS[0]}" "$WORK/node0.log" 0
+    loadgen "$NODE_HTTP_PORT"
+    stop_nodes
+    rm -rf "$data"
+    record_node oncemesh
+}
+
+run_oncemesh3() {
+    local i j t0 created h k0 k caught data=() ids=() args=()
+    for ((i = 0; i < CLUSTER_SIZE; i++)); do
+        data+=("$(mktemp -d -p "$WORK" node3-$i.XXXXXX)")
+        ids+=("$("$NODE_BIN" id --data-dir "${data[i]}" | tail -n 1)")
+        [[ ${ids[i]} =~ ^[1-9A-HJ-NP-Za-km-z]{40,}$ ]] || die "'oncemesh id' printed '${ids[i]}', not a peer id"
+    done
+    t0=$(now)
+    for ((i = 0; i < CLUSTER_SIZE; i++)); do
+        args=(--region "r$i" --data-dir "${data[i]}" --http "127.0.0.1:$((NODE_HTTP_PORT + i))"
+            --listen "/ip4/127.0.0.1/tcp/$((NODE_P2P_PORT + i))")
+        for ((j = 0; j < CLUSTER_SIZE; j++)); do
+            ((j == i)) || args+=(--peer "/ip4/127.0.0.1/tcp/$((NODE_P2P_PORT + j))/p2p/${ids[j]}")
+        done
+        start_node "3-$i" "${args[@]}"
+    done
+    for ((i = 0; i < CLUSTER_SIZE; i++)); do
+        wait_node $((NODE_HTTP_PORT + i)) "${NODE_PIDS[i]}" "$WORK/node3-$i.log" $((CLUSTER_SIZE - 1))
+    done
+    say "  $CLUSTER_SIZE nodes up, each with $((CLUSTER_SIZE - 1)) peers connected ($(since "$t0") s); load on node 0"
+    loadgen "$NODE_HTTP_PORT"
+    t0=$(now)
+    created=$(json_field created "$LAST")
+    caught=""
+    while :; do
+        h=$(health "$NODE_HTTP_PORT") && k0=$(json_field keys "$h") || k0=""
+        if [[ -n $k0 ]] && ((k0 >= created)); then
+            caught=1
+            for ((i = 1; i < CLUSTER_SIZE; i++)); do
+                h=$(health $((NODE_HTTP_PORT + i))) && k=$(json_field keys "$h") || k=""
+                [[ $k == "$k0" ]] || { caught=""; break; }
+            done
+        fi
+        [[ -n $caught ]] && break
+        awk -v a="$t0" -v b="$(now)" -v m="$CATCH_UP_TIMEOUT" 'BEGIN {exit !(b - a > m)}' && break
+        sleep 0.1
+    done
+    record_node oncemesh-3
+    if [[ -n $caught ]]; then
+        CATCH_UP+=("$(since "$t0")")
+        say "  followers caught up ${CATCH_UP[-1]} s after the load ($k0 keys on every node, $created allocations answered)"
+    else
+        CATCH_UP+=("-")
+        local counts=""
+        for ((i = 0; i < CLUSTER_SIZE; i++)); do
+            h=$(health $((NODE_HTTP_PORT + i))) && counts+=" node $i: $(json_field keys "$h") keys," || counts+=" node $i: no answer,"
+        done
+        say "  WARNING: followers did not catch up within $CATCH_UP_TIMEOUT s after the load ($created allocations answered;${counts%,})"
+    fi
+    stop_nodes
+    rm -rf "${data[@]}"
+}
+
+run_postgresql() {
+    local out tps avg failed
+    psql_q -d bench -c 'TRUNCATE tokens' -c 'CHECKPOINT'
+    rm -f "$WORK"/pg/txlog*
+    out=$(cd "$WORK/pg" && "$PGBIN/pgbench" -h 127.0.0.1 -p "$PG_PORT" -U "$PGSUPER" -n -M prepared \
+        -c "$CLIENTS" -j 2 -T "$DURATION" -l --log-prefix="$WORK/pg/txlog" -f "$WORK/pg/insert.sql" bench 2>&1) ||
+        { echo "$out" >&2; die "pgbench failed"; }
+    tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | tail -n 1)
+    avg=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out")
+    failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
+    [[ -n $tps ]] || { echo "$out" >&2; die "could not read pgbench's tps"; }
+    TPUT[postgresql]+="$tps "
+    # column 3 of pgbench's per-transaction log: latency in microseconds
+    P99[postgresql]+="$(cat "$WORK"/pg/txlog* | awk '{print $3 / 1000}' | percentile 99) "
+    rm -f "$WORK"/pg/txlog*
+    say "  postgresql: $(fmt "$tps")/s, latency average $(ms "$avg") ms, p99 $(ms "$(awk '{print $NF}' <<<"${P99[postgresql]}")") ms, failed ${failed:-0}"
+}
+
+run_redis() {
+    local n csv rps p99
+    redis_reset
+    rps=$(csv_col "$(redis_bench "$(requests_for "$redis_rate" 1)")" rps)
+    [[ -n $rps ]] && redis_rate=$rps
+    redis_reset
+    n=$(requests_for "$redis_rate" "$DURATION")
+    csv=$(redis_bench "$n")
+    rps=$(csv_col "$csv" rps)
+    [[ -n $rps ]] || { echo "$csv" >&2; die "could not read redis-benchmark's rps"; }
+    redis_rate=$rps
+    p99=$(csv_col "$csv" p99_latency_ms)
+    TPUT[redis]+="$rps "
+    P99[redis]+="${p99:--} "
+    say "  redis: $(fmt "$rps")/s over $n requests ($(awk -v n="$n" -v r="$rps" 'BEGIN {printf "%.1f", n / r}') s), avg $(ms "$(csv_col "$csv" avg_latency_ms)") ms, p99 $(ms "$p99") ms"
+}
+
+say "$CLIENTS clients, $DURATION s per run, $RUNS runs of each of ${SYSTEMS[*]}, interleaved"
+for ((r = 1; r <= RUNS; r++)); do
+    for s in "${SYSTEMS[@]}"; do
+        say "run $r/$RUNS: $s ..."
+        case $s in
+            oncemesh) run_oncemesh ;;
+            oncemesh-3) run_oncemesh3 ;;
+            postgresql) run_postgresql ;;
+            redis) run_redis ;;
+        esac
+    done
+done
+
+# ---------------------------------------------------------------- report
+
+declare -A MED
+for s in "${SYSTEMS[@]}"; do
+    read -r -a v <<<"${TPUT[$s]}"
+    MED[$s]=$(median "${v[@]}")
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {r = a / b; printf (r < 10 ? "%.2f" : "%.0f"), r}'; }
+
+row() { # name, median, values...
+    local name=$1 med=$2 v
+    shift 2
+    printf '%-12s' "$name"
+    for v in "$@"; do printf ' %10s' "$v"; done
+    printf ' %10s\n' "$med"
+}
+header() {
+    local i
+    printf '%-12s' "$1"
+    for ((i = 1; i <= RUNS; i++)); do printf ' %10s' "run $i"; done
+    printf ' %10s\n' "${2:-median}"
+}
+fmt_all() { local v; for v in "$@"; do fmt "$v"; echo; done; }
+ms_all() { local v; for v in "$@"; do ms "$v"; echo; done; }
+numbers() { local v; for v in "$@"; do [[ $v =~ ^[0-9.eE+-]+$ ]] && echo "$v"; done; }
+
+echo
+echo "oncemesh vs central stores: $CLIENTS clients, $DURATION s per run, $RUNS runs each, interleaved, same machine ($(nproc) cores)"
+if selected oncemesh || selected oncemesh-3; then
+    echo "  oncemesh $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD -- src 2>/dev/null || echo ' (src/ modified)'), fresh nodes and data dirs per run"
+fi
+selected oncemesh && echo "  oncemesh:   one node, no peers"
+selected oncemesh-3 && echo "  oncemesh-3: load on node 0 of $CLUSTER_SIZE nodes on loopback, each connected to the other $((CLUSTER_SIZE - 1)) and replicating"
+selected postgresql && echo "  PostgreSQL $pg_version: $pg_settings"
+selected redis && echo "  Redis $redis_version: appendonly=yes $redis_settings save=''"
+echo
+header "allocs/s"
+for s in "${SYSTEMS[@]}"; do
+    read -r -a v <<<"${TPUT[$s]}"
+    mapfile -t a < <(fmt_all "${v[@]}")
+    row "$s" "$(fmt "${MED[$s]}")" "${a[@]}"
+done
+echo
+header "p99 ms"
+for s in "${SYSTEMS[@]}"; do
+    read -r -a v <<<"${P99[$s]}"
+    mapfile -t a < <(ms_all "${v[@]}")
+    mapfile -t n < <(numbers "${v[@]}")
+    if ((${#n[@]})); then med=$(ms "$(median "${n[@]}")"); else med=-; fi
+    row "$s" "$med" "${a[@]}"
+done
+if selected oncemesh-3; then
+    echo
+    header "catch-up s" max
+    mapfile -t n < <(numbers "${CATCH_UP[@]}")
+    if ((${#n[@]} == ${#CATCH_UP[@]})); then
+        med=$(printf '%s\n' "${n[@]}" | sort -g | tail -n 1)
+    else
+        med="> $CATCH_UP_TIMEOUT"
+    fi
+    row "oncemesh-3" "$med" "${CATCH_UP[@]}"
+    echo "  (time from the end of the load until nodes 1 and 2 held as many keys as node 0; - = not within $CATCH_UP_TIMEOUT s)"
+fi
+echo
+for s in oncemesh oncemesh-3; do
+    selected "$s" || continue
+    for c in postgresql redis; do
+        selected "$c" || continue
+        printf '%-40s %sx\n' "$s median / $c median:" "$(ratio "${MED[$s]}" "${MED[$c]}")"
+    done
+done
+for s in oncemesh oncemesh-3; do
+    selected "$s" || continue
+    line="$s $(fmt "${MED[$s]}")/s"
+    sep=" ="
+    for c in postgresql redis; do
+        selected "$c" || continue
+        line+="$sep $(ratio "${MED[$s]}" "${MED[$c]}")x $c ($(fmt "${MED[$c]}")/s)"
+        sep=","
+    done
+    if [[ $s == oncemesh-3 ]] && selected postgresql; then
+        if awk -v a="${MED[$s]}" -v b="${MED[postgresql]}" 'BEGIN {exit !(a >= 3 * b)}'; then
+            line+="; target >= 3x postgresql: met"
+        else
+            line+="; target >= 3x postgresql: NOT met"
+        fi
+    fi
+    echo "$line"
+done
