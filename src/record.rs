@@ -9,25 +9,30 @@
 use crate::hlc::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 /// Version tag written into every record, so a future schema can be told apart.
 pub const RECORD_VERSION: u32 = 1;
 
 /// One region's allocation of an idempotency key: what every region must see
 /// to detect a duplicate and agree on the winner.
+///
+/// `key`, `region` and `node` are shared strings: a node holds every live
+/// record in memory, the key index shares the record's key, and a ledger
+/// interns region and node names, which repeat across every record of a node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AllocationRecord {
     /// Schema version of this record.
     pub v: u32,
     /// The idempotency key.
-    pub key: String,
+    pub key: Arc<str>,
     /// Transaction id, unique across the cluster.
     pub txn_id: String,
     /// Region name of the node that allocated.
-    pub region: String,
+    pub region: Arc<str>,
     /// libp2p peer id of the node that allocated; the only node that may
     /// compensate this allocation.
-    pub node: String,
+    pub node: Arc<str>,
     /// HLC timestamp of the allocation; with `node` it orders competing allocations.
     pub hlc: Timestamp,
     /// blake3 of the payload's canonical JSON, to tell replays from misuse.

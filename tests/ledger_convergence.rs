@@ -194,10 +194,10 @@ fn winner_is_smallest_hlc_then_node_even_when_a_third_allocation_arrives_late() 
     // Node 2 allocated first (smallest HLC). Nodes 0 and 1 meet first.
     merge_bytes(&nodes, 0, 1);
     let before = nodes[1].key("late").unwrap();
-    assert_eq!(before.winner().unwrap().record.node, "node-1");
+    assert_eq!(&*before.winner().unwrap().record.node, "node-1");
     merge_bytes(&nodes, 2, 1);
     let after = nodes[1].key("late").unwrap();
     assert_eq!(after.allocations.len(), 3);
-    assert_eq!(after.winner().unwrap().record.node, "node-2");
+    assert_eq!(&*after.winner().unwrap().record.node, "node-2");
     assert_eq!(after.winner().unwrap().record.txn_id, made[0].txn_id);
 }

@@ -298,7 +298,7 @@ async fn schedule_new_losers(node: &Node, conflicts: Vec<KeyView>) {
         };
         for loser in conflict.allocations.iter().skip(1) {
             let txn = &loser.record.txn_id;
-            if loser.record.node != me {
+            if *loser.record.node != *me {
                 continue;
             }
             // A later arrival can beat the winner seen so far; keep the
@@ -325,7 +325,7 @@ async fn schedule_new_losers(node: &Node, conflicts: Vec<KeyView>) {
             tracing::warn!(key = %loser.record.key, loser = %txn, winner = %winner.txn_id, "our allocation lost a conflict; compensating it");
             let tracked = Tracked {
                 machine,
-                key: loser.record.key.clone(),
+                key: loser.record.key.to_string(),
                 winner_txn: winner.txn_id.clone(),
             };
             publish(node, &tracked);

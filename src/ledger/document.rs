@@ -442,7 +442,7 @@ mod tests {
     fn record(txn: &str) -> String {
         record_json(&AllocationRecord {
             v: RECORD_VERSION,
-            key: format!("key-{txn}"),
+            key: format!("key-{txn}").into(),
             txn_id: txn.to_owned(),
             region: "r".into(),
             node: "n".into(),

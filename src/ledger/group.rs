@@ -80,7 +80,7 @@ pub(super) struct Pending {
 pub(super) struct Group {
     pub shard: u8,
     pub docs: BTreeMap<u32, EpochDoc>,
-    pub keys: HashMap<String, Vec<Allocation>>,
+    pub keys: HashMap<Arc<str>, Vec<Allocation>>,
     pub compensations: HashMap<String, CompensationRecord>,
     pub conflicts: BTreeMap<String, u64>,
     /// Local allocations waiting to be folded into documents, oldest first.
@@ -159,7 +159,7 @@ impl Group {
             .unwrap_or(list.len());
         list.insert(at, allocation);
         if list.len() > 1 {
-            self.conflicts.entry(key).or_insert(now_ms);
+            self.conflicts.entry(key.to_string()).or_insert(now_ms);
             true
         } else {
             false
@@ -236,7 +236,7 @@ impl Group {
                 !gone
             });
             if allocations.len() <= 1 {
-                conflicts.remove(key);
+                conflicts.remove(&**key);
             }
             !allocations.is_empty()
         });

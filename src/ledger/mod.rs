@@ -132,7 +132,7 @@ pub enum AllocateError {
 #[derive(Debug, Default)]
 pub struct MergeOutcome {
     /// Allocations new to this node.
-    pub new_allocations: Vec<AllocationRecord>,
+    pub new_allocations: Vec<Arc<AllocationRecord>>,
     /// Keys that became conflicted, or whose conflict gained an allocation.
     pub conflicts_changed: Vec<String>,
     /// Records that could not be read (counted, logged, skipped).
@@ -181,6 +181,9 @@ pub struct Ledger {
     malformed_total: AtomicU64,
     expired_total: AtomicU64,
     recovered_from_journal: usize,
+    names: Names,
+    my_region: Arc<str>,
+    my_node: Arc<str>,
 }
 
 impl Ledger {
@@ -203,6 +206,7 @@ impl Ledger {
         let now = clock.now_ms();
         let mut groups: Vec<Group> = (0..SHARD_COUNT).map(|s| Group::new(s as u8)).collect();
         let mut malformed = 0;
+        let names = Names::default();
         for (id, stored) in stored.documents {
             if windows.expired(id.epoch, now) || usize::from(id.shard) >= SHARD_COUNT {
                 sink.drop_document(id);
@@ -221,7 +225,8 @@ impl Ledger {
                         // Re-seed the clock so no stamp ever repeats after a restart.
                         hlc.observe_local(record.hlc);
                         let arrival = group.arrive(id.epoch);
-                        group.insert(id.epoch, Arc::new(record), arrival, Durable::Store(0), now);
+                        let record = Arc::new(names.intern(record));
+                        group.insert(id.epoch, record, arrival, Durable::Store(0), now);
                     }
                     Entry::Compensation(record) => {
                         group.compensations.insert(record.txn_id.clone(), record);
@@ -240,7 +245,7 @@ impl Ledger {
         let mut recovered = 0;
         for entry in stored.journal {
             let record = match serde_json::from_slice::<AllocationRecord>(&entry.bytes) {
-                Ok(record) => Arc::new(record),
+                Ok(record) => Arc::new(names.intern(record)),
                 Err(e) => {
                     malformed += 1;
                     tracing::error!(seq = entry.seq, error = %e, "skipping unreadable journal entry");
@@ -267,8 +272,12 @@ impl Ledger {
         if !forget.is_empty() {
             sink.forget_journal(forget);
         }
+        let my_region = names.shared(&me.region);
+        let my_node = names.shared(&me.node);
         Ok(Self {
             me,
+            my_region,
+            my_node,
             peers,
             groups: groups.into_iter().map(Mutex::new).collect(),
             hlc: Mutex::new(hlc),
@@ -279,6 +288,7 @@ impl Ledger {
             malformed_total: AtomicU64::new(malformed),
             expired_total: AtomicU64::new(0),
             recovered_from_journal: recovered,
+            names,
         })
     }
 
@@ -384,10 +394,10 @@ impl Ledger {
             let epoch = self.windows.epoch_of(hlc.physical_ms);
             let record = Arc::new(AllocationRecord {
                 v: RECORD_VERSION,
-                key: key.to_owned(),
+                key: key.into(),
                 txn_id: AllocationRecord::derive_txn_id(&self.me.node, hlc, key),
-                region: self.me.region.clone(),
-                node: self.me.node.clone(),
+                region: self.my_region.clone(),
+                node: self.my_node.clone(),
                 hlc,
                 fingerprint: request.fingerprint.0.clone(),
                 confidence: request.confidence.clamp(0.0, 1.0),
@@ -539,8 +549,9 @@ impl Ledger {
                     self.hlc().update(record.hlc);
                     let arrival = group.arrive(id.epoch);
                     let durable = Durable::Store(seq);
-                    if group.insert(id.epoch, Arc::new(record.clone()), arrival, durable, now) {
-                        outcome.conflicts_changed.push(record.key.clone());
+                    let record = Arc::new(self.names.intern(record));
+                    if group.insert(id.epoch, record.clone(), arrival, durable, now) {
+                        outcome.conflicts_changed.push(record.key.to_string());
                     }
                     outcome.new_allocations.push(record);
                 }
@@ -566,7 +577,7 @@ impl Ledger {
         let group = &mut *guard;
         let epoch = group
             .keys
-            .get(&record.key)
+            .get(&*record.key)
             .and_then(|l| l.iter().find(|a| a.record.txn_id == record.txn_id))
             .map(|a| a.epoch)
             .unwrap_or_else(|| self.windows.epoch_of(self.wall_ms()));
@@ -802,5 +813,37 @@ fn match_existing(
                 .map(|a| a.record.txn_id.clone())
                 .unwrap_or_default(),
         }),
+    }
+}
+
+/// Most distinct region and node names a ledger shares.
+const MAX_NAMES: usize = 4096;
+
+/// Region and node names, shared: every record of a node repeats them, and a
+/// ledger holds every live record in memory.
+#[derive(Default)]
+struct Names(Mutex<std::collections::HashSet<Arc<str>>>);
+
+impl Names {
+    /// The shared copy of `name`. Past [`MAX_NAMES`] distinct names (a
+    /// peer writing made-up ones) a name is no longer kept, so the set
+    /// stays bounded whatever peers send.
+    fn shared(&self, name: &str) -> Arc<str> {
+        let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = names.get(name) {
+            return known.clone();
+        }
+        let name: Arc<str> = name.into();
+        if names.len() < MAX_NAMES {
+            names.insert(name.clone());
+        }
+        name
+    }
+
+    /// `record` with its region and node names shared.
+    fn intern(&self, mut record: AllocationRecord) -> AllocationRecord {
+        record.region = self.shared(&record.region);
+        record.node = self.shared(&record.node);
+        record
     }
 }

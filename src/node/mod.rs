@@ -385,7 +385,7 @@ impl Node {
         self.storage.wait(allocated.allocation.durable).await?;
         let record = &allocated.allocation.record;
         if allocated.replay {
-            if record.node != self.ledger.identity().node {
+            if *record.node != self.ledger.identity().node {
                 self.metrics.cross_region_replays.inc();
                 let delay = self.ledger.wall_ms().saturating_sub(record.hlc.physical_ms);
                 self.confidence_model()
@@ -472,11 +472,11 @@ impl Node {
                 tracing::warn!(key, allocations = view.allocations.len(), winner = %view.allocations[0].record.txn_id, "conflict detected");
                 // The model learns from conflicts involving our allocations,
                 // once per competing allocation that just arrived.
-                let Some(ours) = view.allocations.iter().find(|a| &a.record.node == me) else {
+                let Some(ours) = view.allocations.iter().find(|a| *a.record.node == **me) else {
                     continue;
                 };
                 for arrived in &outcome.new_allocations {
-                    if arrived.key == *key && &arrived.node != me {
+                    if *arrived.key == **key && *arrived.node != **me {
                         let delay = ours
                             .record
                             .hlc
