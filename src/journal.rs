@@ -83,6 +83,12 @@ struct Append {
 #[derive(Default)]
 struct Segments {
     files: BTreeMap<u64, Segment>,
+    /// Every entry up to here is written and counted in its segment.
+    written_through: u64,
+    /// Forgotten before the writer had counted them: an allocation can be
+    /// folded into its document (and that chunk made durable) before its
+    /// own journal write finishes. Applied once the writer has counted them.
+    early: Vec<u64>,
 }
 
 struct Segment {
@@ -94,6 +100,10 @@ struct Segment {
 
 impl Segments {
     fn forget(&mut self, seq: u64) {
+        if seq > self.written_through {
+            self.early.push(seq);
+            return;
+        }
         let Some((&first, segment)) = self.files.range_mut(..=seq).next_back() else {
             return;
         };
@@ -108,6 +118,21 @@ impl Segments {
             segment.sealed = true;
             if segment.live == 0 {
                 self.remove(first);
+            }
+        }
+    }
+
+    /// Counts a batch the writer has just made durable in segment `first`,
+    /// then applies the forgets that arrived before it.
+    fn written(&mut self, first: u64, entries: u64, through: u64) {
+        if let Some(segment) = self.files.get_mut(&first) {
+            segment.live += entries;
+        }
+        self.written_through = through;
+        if self.early.iter().any(|&seq| seq <= through) {
+            let early = std::mem::take(&mut self.early);
+            for seq in early {
+                self.forget(seq);
             }
         }
     }
@@ -174,6 +199,7 @@ impl Journal {
         for first in old {
             segments.seal(first);
         }
+        segments.written_through = next - 1;
         let segments = Arc::new(Mutex::new(segments));
         let (tx, rx) = mpsc::channel();
         let (durable_tx, durable_rx) = watch::channel(next - 1);
@@ -409,15 +435,13 @@ fn write_batch(
         .map_err(io("appending to", &path))?;
     segment.file.sync_data().map_err(io("syncing", &path))?;
     segment.len += buffer.len() as u64;
-    if let Some(s) = segments
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .files
-        .get_mut(&segment.first)
-    {
-        s.live += batch.len() as u64;
-    }
-    Ok(batch.iter().map(|e| e.seq).max().unwrap_or(first_seq))
+    let last = batch.iter().map(|e| e.seq).max().unwrap_or(first_seq);
+    segments.lock().unwrap_or_else(|p| p.into_inner()).written(
+        segment.first,
+        batch.len() as u64,
+        last,
+    );
+    Ok(last)
 }
 
 #[cfg(test)]
@@ -468,6 +492,25 @@ mod tests {
         journal.forget(&seqs);
         assert_eq!(segment_files(dir.path()).len(), 1);
         journal.close();
+    }
+
+    #[test]
+    fn forgetting_before_the_write_is_counted_never_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        // The folder may forget an entry whose own write has not finished.
+        let a = journal.append(1, b"a".to_vec());
+        journal.forget(&[a]);
+        rt().block_on(journal.wait_durable(a)).unwrap();
+        assert_eq!(journal.live_entries(), 0);
+        let b = journal.append(1, b"b".to_vec());
+        rt().block_on(journal.wait_durable(b)).unwrap();
+        assert_eq!(journal.live_entries(), 1);
+        journal.forget(&[b]);
+        assert_eq!(journal.live_entries(), 0);
+        journal.close();
+        // Closed with nothing live: the sealed segment is gone.
+        assert!(segment_files(dir.path()).is_empty());
     }
 
     #[test]

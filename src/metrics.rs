@@ -63,6 +63,10 @@ pub struct Metrics {
     /// Acknowledged allocations found only in the journal at start (the
     /// previous process stopped before folding them into a document).
     pub journal_recovered: Gauge,
+    /// Journal entries whose allocations are not yet in durable document
+    /// chunks (stays near one folding round's worth; growth means the
+    /// folder or the store is falling behind).
+    pub journal_backlog: Gauge,
     /// Remote HLC stamps further ahead than `max_clock_offset`.
     pub skew_violations: Gauge,
     /// Largest offset of a remote clock ahead of ours, milliseconds.
@@ -119,6 +123,7 @@ impl Metrics {
             commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             fold_batch: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             journal_recovered: Gauge::default(),
+            journal_backlog: Gauge::default(),
             skew_violations: Gauge::default(),
             max_clock_offset_ms: Gauge::default(),
             refused_peers: Counter::default(),
@@ -202,6 +207,11 @@ impl Metrics {
             "journal_recovered_allocations",
             "Acknowledged allocations recovered from the journal at start",
             m.journal_recovered.clone(),
+        );
+        r.register(
+            "journal_backlog_entries",
+            "Journal entries not yet in durable document chunks",
+            m.journal_backlog.clone(),
         );
         r.register(
             "clock_skew_violations",

@@ -268,6 +268,22 @@ async fn acknowledged_allocations_survive_sigkill() {
             node.describe()
         );
         println!("cycle {cycle}: {recovered} acknowledged allocations recovered from the journal");
+        // Once folded and durable in the store, journal entries are
+        // forgotten, and journal segments with nothing live are deleted:
+        // only the segment this process appends to stays.
+        let drained = support::wait_until_async(Duration::from_secs(10), async || {
+            node.metric("oncemesh_journal_backlog_entries").await == 0.0
+        })
+        .await;
+        let segments = std::fs::read_dir(node.data_dir().join("journal"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert!(
+            drained && segments <= 1,
+            "cycle {cycle}: journal not drained after restart (backlog {}, {segments} segments)\n{}",
+            node.metric("oncemesh_journal_backlog_entries").await,
+            node.describe()
+        );
         let (status, health) = node.get_json("/v1/health").await;
         assert_eq!(status, 200, "{health}");
         let count = health["ledger"]["allocations"].as_u64().unwrap_or(0);
@@ -335,6 +351,41 @@ async fn acknowledged_allocations_survive_sigkill() {
     assert!(
         recovered_total > 0.0,
         "no kill caught an allocation still only in the journal"
+    );
+
+    // Under concurrent load (no kill) the journal drains once the load
+    // stops: every entry is forgotten after its chunk is durable, even one
+    // folded before its own journal write finished.
+    let burst: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let node_url = node.url("/v1/allocations");
+            let http = client();
+            tokio::spawn(async move {
+                for i in 0..60 {
+                    let key = format!("drain-t{task}-{i}");
+                    let sent = http
+                        .post(&node_url)
+                        .json(&json!({"key": key, "payload": {}}))
+                        .send()
+                        .await
+                        .expect("allocation during the drain burst");
+                    assert_eq!(sent.status().as_u16(), 201, "{key}");
+                }
+            })
+        })
+        .collect();
+    for task in burst {
+        task.await.expect("burst task");
+    }
+    let drained = support::wait_until_async(Duration::from_secs(10), async || {
+        node.metric("oncemesh_journal_backlog_entries").await == 0.0
+    })
+    .await;
+    assert!(
+        drained,
+        "journal backlog {} entries 10 s after the load stopped\n{}",
+        node.metric("oncemesh_journal_backlog_entries").await,
+        node.describe()
     );
 
     // Every transaction id is unique across the three process lifetimes.

@@ -102,6 +102,7 @@ pub fn refresh_gauges(node: &Node) {
     m.keys.set(stats.keys as i64);
     m.documents.set(stats.documents as i64);
     m.expired_allocations.set(stats.expired_allocations as i64);
+    m.journal_backlog.set(node.storage.journal_backlog() as i64);
     m.conflicts_open.set(stats.conflicts as i64);
     m.provisional.set(stats.provisional as i64);
     m.oldest_provisional_seconds.set(
