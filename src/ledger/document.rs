@@ -23,7 +23,7 @@
 use super::doc_id::DocId;
 use crate::record::{AllocationRecord, CompensationRecord};
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{patches::PatchAction, ObjId};
+use automerge::{patches::PatchAction, ObjId, PatchLog};
 use automerge::{sync, ActorId, Automerge, ChangeHash, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 
 /// Actor of the genesis change; the same on every node, forever.
@@ -219,24 +219,26 @@ impl ShardDocument {
     }
 
     /// Applies remote changes through `apply` (sync message, bytes merge) and
-    /// returns the records they added or changed, found by diffing the heads
-    /// before and after: the cost follows what changed, not the document size.
+    /// returns the records they added or changed, from the patches automerge
+    /// logs while applying them: the cost follows what changed, not the
+    /// document size (`Automerge::diff` of the heads walks the whole map,
+    /// which made each apply slower as the document grew).
     pub fn apply_remote<F>(&mut self, apply: F) -> Result<Vec<Entry>, DocumentError>
     where
-        F: FnOnce(&mut Automerge) -> Result<(), automerge::AutomergeError>,
+        F: FnOnce(&mut Automerge, &mut PatchLog) -> Result<(), automerge::AutomergeError>,
     {
         let doc = self.id;
         let before = self.doc.get_heads();
-        apply(&mut self.doc).map_err(|source| DocumentError::Decode {
+        let mut log = PatchLog::active();
+        apply(&mut self.doc, &mut log).map_err(|source| DocumentError::Decode {
             doc,
             source: Box::new(source),
         })?;
-        let after = self.doc.get_heads();
-        if before == after {
+        if self.doc.get_heads() == before {
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
-        for patch in self.doc.diff(&before, &after) {
+        for patch in self.doc.make_patches(&mut log) {
             let map = if patch.obj == self.allocations {
                 ALLOCATIONS
             } else if patch.obj == self.compensations {
@@ -285,7 +287,7 @@ impl ShardDocument {
             });
         }
         let mut incoming = incoming;
-        self.apply_remote(|doc| doc.merge(&mut incoming).map(|_| ()))
+        self.apply_remote(|doc, log| doc.merge_and_log_patches(&mut incoming, log).map(|_| ()))
     }
 
     /// Handles one automerge sync message from a peer.
@@ -295,7 +297,8 @@ impl ShardDocument {
         message: sync::Message,
     ) -> Result<Vec<Entry>, DocumentError> {
         use automerge::sync::SyncDoc;
-        let applied = self.apply_remote(|doc| doc.receive_sync_message(state, message));
+        let applied =
+            self.apply_remote(|doc, log| doc.receive_sync_message_log_patches(state, message, log));
         // Answer with changes, never with the whole document: automerge
         // sends a full, DEFLATE-compressed save to a peer that advertises
         // v2 messages and lacks a third of the changes, which after a
