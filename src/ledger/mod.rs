@@ -6,7 +6,7 @@
 //! its keys sit behind one mutex: one key always lives in one shard on every
 //! node, so the conflict check for a key needs one lock and one look-up,
 //! whichever epochs its allocations landed in. Remote changes update the
-//! index from what changed (a diff of heads), never from a rescan. Epochs
+//! index from what changed (automerge's patch log), never from a rescan. Epochs
 //! past the retention are dropped whole. The ledger does no I/O: new
 //! automerge changes go to a [`ChunkSink`], which makes them durable and
 //! returns a sequence number the caller waits on before acknowledging.
