@@ -158,7 +158,7 @@ fn bench_allocate_durable(c: &mut Criterion) {
             .prefix("oncemesh-bench-")
             .tempdir_in(std::env::temp_dir())
             .expect("temp dir");
-        let (storage, _loaded) = Storage::open(dir.path(), Box::new(|_| {})).expect("storage");
+        let (storage, _loaded) = Storage::open(dir.path(), Arc::new(|_| {})).expect("storage");
         let ledger = Ledger::open(
             identity("disk"),
             Vec::new(),

@@ -18,12 +18,14 @@
 //! (a torn tail after a crash). Every start opens a new segment, so nothing
 //! is ever appended after a torn tail.
 
+use crate::storage::{CommitStats, OnCommit};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 use tokio::sync::watch;
 
 /// Directory of the journal inside the data dir.
@@ -157,7 +159,11 @@ pub struct Journal {
 impl Journal {
     /// Opens the journal under `data_dir`, reads back every entry still in
     /// it (in sequence order) and starts the writer on a new segment.
-    pub fn open(data_dir: &Path) -> Result<(Arc<Self>, Vec<JournalEntry>), JournalError> {
+    /// `on_commit` is called by the writer after each group of appends.
+    pub fn open(
+        data_dir: &Path,
+        on_commit: OnCommit,
+    ) -> Result<(Arc<Self>, Vec<JournalEntry>), JournalError> {
         let dir = data_dir.join(JOURNAL_DIR);
         std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
         let mut segments = Segments::default();
@@ -206,7 +212,7 @@ impl Journal {
         let writer_segments = segments.clone();
         let writer = std::thread::Builder::new()
             .name("oncemesh-journal".into())
-            .spawn(move || write_loop(&dir, rx, durable_tx, writer_segments))
+            .spawn(move || write_loop(&dir, rx, durable_tx, writer_segments, on_commit))
             .map_err(io("starting the writer thread for", data_dir))?;
         Ok((
             Arc::new(Self {
@@ -377,14 +383,21 @@ fn write_loop(
     rx: mpsc::Receiver<Append>,
     durable: watch::Sender<u64>,
     segments: Arc<Mutex<Segments>>,
+    on_commit: OnCommit,
 ) {
     let mut open: Option<OpenSegment> = None;
     let mut buffer = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter().take(8192));
+        let started = Instant::now();
         match write_batch(dir, &mut open, &batch, &mut buffer, &segments) {
             Ok(last) => {
+                on_commit(CommitStats {
+                    journal: true,
+                    jobs: batch.len(),
+                    duration: started.elapsed(),
+                });
                 durable.send_replace(last);
             }
             Err(e) => {
@@ -467,7 +480,7 @@ mod tests {
     #[test]
     fn entries_come_back_until_forgotten_and_segments_go_when_empty() {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, entries) = Journal::open(dir.path()).unwrap();
+        let (journal, entries) = Journal::open(dir.path(), Arc::new(|_| {})).unwrap();
         assert!(entries.is_empty());
         let seqs: Vec<u64> = (0..5)
             .map(|i| journal.append(7, format!("record-{i}").into_bytes()))
@@ -476,7 +489,7 @@ mod tests {
         journal.forget(&seqs[..2]);
         journal.close();
 
-        let (journal, entries) = Journal::open(dir.path()).unwrap();
+        let (journal, entries) = Journal::open(dir.path(), Arc::new(|_| {})).unwrap();
         // Forgotten entries may come back (their segment still had live
         // ones); nothing unforgotten is ever missing, in order, intact.
         let back: Vec<u64> = entries.iter().map(|e| e.seq).collect();
@@ -497,7 +510,7 @@ mod tests {
     #[test]
     fn forgetting_before_the_write_is_counted_never_lost() {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = Journal::open(dir.path()).unwrap();
+        let (journal, _) = Journal::open(dir.path(), Arc::new(|_| {})).unwrap();
         // The folder may forget an entry whose own write has not finished.
         let a = journal.append(1, b"a".to_vec());
         journal.forget(&[a]);
@@ -516,7 +529,7 @@ mod tests {
     #[test]
     fn a_torn_tail_is_ignored_and_appends_go_to_a_new_segment() {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = Journal::open(dir.path()).unwrap();
+        let (journal, _) = Journal::open(dir.path(), Arc::new(|_| {})).unwrap();
         let a = journal.append(1, b"first".to_vec());
         let b = journal.append(1, b"second".to_vec());
         rt().block_on(journal.wait_durable(b)).unwrap();
@@ -530,19 +543,19 @@ mod tests {
             .unwrap()
             .set_len(len - 1)
             .unwrap();
-        let (journal, entries) = Journal::open(dir.path()).unwrap();
+        let (journal, entries) = Journal::open(dir.path(), Arc::new(|_| {})).unwrap();
         assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [a]);
         let c = journal.append(1, b"third".to_vec());
         rt().block_on(journal.wait_durable(c)).unwrap();
         journal.close();
-        let (_, entries) = Journal::open(dir.path()).unwrap();
+        let (_, entries) = Journal::open(dir.path(), Arc::new(|_| {})).unwrap();
         assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [a, c]);
     }
 
     #[test]
     fn a_corrupted_entry_is_not_read_back() {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = Journal::open(dir.path()).unwrap();
+        let (journal, _) = Journal::open(dir.path(), Arc::new(|_| {})).unwrap();
         let a = journal.append(1, b"kept".to_vec());
         let b = journal.append(1, b"flipped".to_vec());
         rt().block_on(journal.wait_durable(b)).unwrap();
@@ -552,7 +565,7 @@ mod tests {
         let last = data.len() - 1;
         data[last] ^= 0x40;
         std::fs::write(&file, data).unwrap();
-        let (_, entries) = Journal::open(dir.path()).unwrap();
+        let (_, entries) = Journal::open(dir.path(), Arc::new(|_| {})).unwrap();
         assert_eq!(entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [a]);
     }
 }

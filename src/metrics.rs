@@ -58,6 +58,11 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Jobs per group commit.
     pub commit_batch: Histogram,
+    /// Duration of each journal group commit (write + fdatasync), seconds:
+    /// what every new allocation waits for.
+    pub journal_commit_seconds: Histogram,
+    /// Entries per journal group commit.
+    pub journal_commit_batch: Histogram,
     /// Allocations written into automerge documents per folding round.
     pub fold_batch: Histogram,
     /// Acknowledged allocations found only in the journal at start (the
@@ -122,6 +127,8 @@ impl Metrics {
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             fold_batch: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            journal_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            journal_commit_batch: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             journal_recovered: Gauge::default(),
             journal_backlog: Gauge::default(),
             skew_violations: Gauge::default(),
@@ -197,6 +204,16 @@ impl Metrics {
             "commit_batch_jobs",
             "Jobs per group commit",
             m.commit_batch.clone(),
+        );
+        r.register(
+            "journal_commit_seconds",
+            "Journal group commit duration (write and fdatasync)",
+            m.journal_commit_seconds.clone(),
+        );
+        r.register(
+            "journal_commit_batch_entries",
+            "Entries per journal group commit",
+            m.journal_commit_batch.clone(),
         );
         r.register(
             "fold_batch_allocations",

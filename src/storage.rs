@@ -102,14 +102,19 @@ enum Job {
     Folded { seq: u64, journal: Vec<u64> },
 }
 
-/// What the writer thread reports after each group commit.
+/// What a writer thread reports after each group commit.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CommitStats {
-    /// Jobs in the commit.
+    /// True for the allocation journal, false for the document store.
+    pub journal: bool,
+    /// Jobs (journal: entries) in the commit.
     pub jobs: usize,
     /// Time of the commit (write + fsync).
     pub duration: Duration,
 }
+
+/// Called by the writer threads after each group commit.
+pub type OnCommit = Arc<dyn Fn(CommitStats) + Send + Sync>;
 
 /// Handle to the durable store. Cheap to share; writes go through one
 /// background thread, reads open their own read transactions.
@@ -135,11 +140,8 @@ pub struct Loaded {
 
 impl Storage {
     /// Opens (or creates) the database in `dir` and reads back every shard.
-    /// `on_commit` is called by the writer thread after each group commit.
-    pub fn open(
-        dir: &Path,
-        on_commit: Box<dyn Fn(CommitStats) + Send>,
-    ) -> Result<(Arc<Self>, Loaded), StorageError> {
+    /// `on_commit` is called by the writer threads after each group commit.
+    pub fn open(dir: &Path, on_commit: OnCommit) -> Result<(Arc<Self>, Loaded), StorageError> {
         let path = dir.join(DB_FILE);
         let db = Database::builder()
             .set_cache_size(64 * 1024 * 1024)
@@ -150,7 +152,7 @@ impl Storage {
             })?;
         let db = Arc::new(db);
         let (mut loaded, max_seq) = read_documents(&db)?;
-        let (journal, entries) = Journal::open(dir)?;
+        let (journal, entries) = Journal::open(dir, on_commit.clone())?;
         loaded.journal = entries;
         let next_seq = max_seq + 1;
         let (tx, rx) = mpsc::channel();
@@ -333,7 +335,7 @@ fn write_loop(
     journal: &Journal,
     rx: mpsc::Receiver<Job>,
     durable: watch::Sender<u64>,
-    on_commit: Box<dyn Fn(CommitStats) + Send>,
+    on_commit: OnCommit,
 ) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
@@ -348,6 +350,7 @@ fn write_loop(
                     }
                 }
                 on_commit(CommitStats {
+                    journal: false,
                     jobs: jobs.len(),
                     duration: started.elapsed(),
                 });

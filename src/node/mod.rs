@@ -221,11 +221,17 @@ impl Node {
         let commit_metrics = metrics.clone();
         let (storage, loaded) = Storage::open(
             &config.data_dir,
-            Box::new(move |stats| {
-                commit_metrics
-                    .commit_seconds
-                    .observe(stats.duration.as_secs_f64());
-                commit_metrics.commit_batch.observe(stats.jobs as f64);
+            Arc::new(move |stats| {
+                let (seconds, batch) = if stats.journal {
+                    (
+                        &commit_metrics.journal_commit_seconds,
+                        &commit_metrics.journal_commit_batch,
+                    )
+                } else {
+                    (&commit_metrics.commit_seconds, &commit_metrics.commit_batch)
+                };
+                seconds.observe(stats.duration.as_secs_f64());
+                batch.observe(stats.jobs as f64);
             }),
         )?;
         let changes = Arc::new(ChangeFeed::default());
