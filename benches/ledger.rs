@@ -27,7 +27,7 @@ use oncemesh::ledger::{
     AllocateRequest, ChunkSink, DiscardSink, DocId, Ledger, NodeIdentity, Stored, StoredDocument,
     Windows, SHARD_COUNT,
 };
-use oncemesh::storage::{Durable, Storage};
+use oncemesh::storage::Storage;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,7 +129,7 @@ fn bench_allocate_memory(c: &mut Criterion) {
 struct StorageSink(Arc<Storage>);
 
 impl ChunkSink for StorageSink {
-    fn journal(&self, epoch: u32, record: Vec<u8>) -> Durable {
+    fn journal(&self, epoch: u32, record: Vec<u8>) -> u64 {
         self.0.append_journal(epoch, record)
     }
     fn forget_journal(&self, seqs: Vec<u64>) {

@@ -219,9 +219,9 @@ impl Storage {
     }
 
     /// Queues a new local allocation record for the journal; returns its
-    /// journal sequence.
-    pub fn append_journal(&self, epoch: u32, bytes: Vec<u8>) -> Durable {
-        Durable::Journal(self.journal.append(epoch, bytes))
+    /// journal sequence (wait for it with [`Durable::Journal`]).
+    pub fn append_journal(&self, epoch: u32, bytes: Vec<u8>) -> u64 {
+        self.journal.append(epoch, bytes)
     }
 
     /// Has the journal forget entries whose records are in document chunks

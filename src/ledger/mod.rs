@@ -7,9 +7,14 @@
 //! node, so the conflict check for a key needs one lock and one look-up,
 //! whichever epochs its allocations landed in. Remote changes update the
 //! index from what changed (automerge's patch log), never from a rescan. Epochs
-//! past the retention are dropped whole. The ledger does no I/O: new
-//! automerge changes go to a [`ChunkSink`], which makes them durable and
-//! returns a sequence number the caller waits on before acknowledging.
+//! past the retention are dropped whole.
+//!
+//! A new local allocation enters the index and a per-shard pending list at
+//! once, and its record goes to the journal; [`Ledger::fold_pending`] later
+//! writes pending allocations into their documents, one automerge op per
+//! document and round. The ledger does no I/O: records and new automerge
+//! changes go to a [`ChunkSink`], which makes them durable and returns a
+//! sequence number the caller waits on before acknowledging.
 
 pub mod doc_id;
 pub mod document;
@@ -40,7 +45,7 @@ pub trait ChunkSink: Send + Sync {
     /// for the durable journal and returns its durable sequence. The
     /// allocation is acknowledged once that sequence is durable, before it
     /// is in any automerge document.
-    fn journal(&self, epoch: u32, record: Vec<u8>) -> Durable;
+    fn journal(&self, epoch: u32, record: Vec<u8>) -> u64;
     /// Queues the removal of journal entries whose allocations are now in
     /// chunks handed to [`ChunkSink::persist`] before this call.
     fn forget_journal(&self, seqs: Vec<u64>);
@@ -63,8 +68,8 @@ pub const COMPACT_MIN_BYTES: usize = 4 * 1024 * 1024;
 pub struct DiscardSink;
 
 impl ChunkSink for DiscardSink {
-    fn journal(&self, _epoch: u32, _record: Vec<u8>) -> Durable {
-        Durable::Journal(0)
+    fn journal(&self, _epoch: u32, _record: Vec<u8>) -> u64 {
+        0
     }
     fn forget_journal(&self, _seqs: Vec<u64>) {}
     fn persist(&self, _doc: DocId, _bytes: Vec<u8>) -> u64 {
@@ -403,14 +408,8 @@ impl Ledger {
                 confidence: request.confidence.clamp(0.0, 1.0),
             });
             let text = document::record_json(&*record);
-            let durable = self.sink.journal(epoch, text.as_bytes().to_vec());
-            let Durable::Journal(journal_seq) = durable else {
-                out.push(Err(AllocateError::Write {
-                    shard,
-                    reason: "the journal answered with a store sequence".into(),
-                }));
-                continue;
-            };
+            let journal_seq = self.sink.journal(epoch, text.as_bytes().to_vec());
+            let durable = Durable::Journal(journal_seq);
             group.insert(epoch, record.clone(), NOT_ARRIVED, durable, 0);
             group.pending.push(Pending {
                 epoch,

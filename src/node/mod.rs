@@ -14,7 +14,7 @@ use crate::ledger::{
 };
 use crate::metrics::{Kind, Metrics};
 use crate::p2p::status::PeerTable;
-use crate::storage::{Durable, Storage, StorageError};
+use crate::storage::{Storage, StorageError};
 use libp2p::{Multiaddr, PeerId};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -101,7 +101,7 @@ struct StorageSink {
 }
 
 impl ChunkSink for StorageSink {
-    fn journal(&self, epoch: u32, record: Vec<u8>) -> Durable {
+    fn journal(&self, epoch: u32, record: Vec<u8>) -> u64 {
         self.storage.append_journal(epoch, record)
     }
 
