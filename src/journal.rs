@@ -259,11 +259,6 @@ impl Journal {
             .map_err(|_| JournalError::WriterStopped)
     }
 
-    /// Highest durable sequence so far.
-    pub fn durable_seq(&self) -> u64 {
-        *self.durable.borrow()
-    }
-
     /// Entries not yet forgotten, over every segment.
     pub fn live_entries(&self) -> u64 {
         let segments = self.segments.lock().unwrap_or_else(|p| p.into_inner());
