@@ -41,6 +41,10 @@
 #   CLIENTS=50 SECONDS=10 RUNS=3 benches/compare_central_stores.sh   # the defaults
 #   benches/compare_central_stores.sh --systems oncemesh-3,postgresql
 #
+# Env LOADGEN_ARGS adds arguments to every oncemesh load generator run, e.g.
+# LOADGEN_ARGS='--rate 4200' --systems oncemesh-3 for the latency of a node at
+# a fixed offered load (no coordinated omission: see examples/loadgen.rs).
+#
 # Options: --clients N, --seconds N, --runs N (same as the env variables),
 # --systems LIST (env SYSTEMS; comma-separated, in run order, from
 # oncemesh,oncemesh-3,postgresql,redis; default all four), --replicating
@@ -325,7 +329,9 @@ wait_node() { # http port, pid, log, peers wanted
 # Runs loadgen against the node on this HTTP port; sets LAST (its JSON line).
 loadgen() {
     local out
-    out=$("$LOADGEN_BIN" --node "http://127.0.0.1:$1" --clients "$CLIENTS" --seconds "$DURATION" --json 2>"$WORK/loadgen.err") ||
+    local extra
+    read -r -a extra <<<"${LOADGEN_ARGS:-}"
+    out=$("$LOADGEN_BIN" --node "http://127.0.0.1:$1" --clients "$CLIENTS" --seconds "$DURATION" --json "${extra[@]}" 2>"$WORK/loadgen.err") ||
         { cat "$WORK/loadgen.err" >&2; die "loadgen failed"; }
     LAST=$(tail -n 1 <<<"$out")
     LOADGEN_ERROR=$(grep -m1 'error:' <<<"$out" || true)
