@@ -18,13 +18,13 @@
 //! (a torn tail after a crash). Every start opens a new segment, so nothing
 //! is ever appended after a torn tail.
 
+use crate::group_commit::GroupCommit;
 use crate::storage::{CommitStats, OnCommit};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 use tokio::sync::watch;
 
@@ -150,10 +150,8 @@ impl Segments {
 
 /// Handle to the journal; cheap to share.
 pub struct Journal {
-    queue: Mutex<(u64, Option<mpsc::Sender<Append>>)>,
-    durable: watch::Receiver<u64>,
+    writer: GroupCommit<Append>,
     segments: Arc<Mutex<Segments>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Journal {
@@ -207,38 +205,18 @@ impl Journal {
         }
         segments.written_through = next - 1;
         let segments = Arc::new(Mutex::new(segments));
-        let (tx, rx) = mpsc::channel();
-        let (durable_tx, durable_rx) = watch::channel(next - 1);
         let writer_segments = segments.clone();
-        let writer = std::thread::Builder::new()
-            .name("oncemesh-journal".into())
-            .spawn(move || write_loop(&dir, rx, durable_tx, writer_segments, on_commit))
-            .map_err(io("starting the writer thread for", data_dir))?;
-        Ok((
-            Arc::new(Self {
-                queue: Mutex::new((next, Some(tx))),
-                durable: durable_rx,
-                segments,
-                writer: Mutex::new(Some(writer)),
-            }),
-            entries,
-        ))
+        let writer = GroupCommit::start("oncemesh-journal", next - 1, move |rx, durable| {
+            write_loop(&dir, rx, durable, writer_segments, on_commit)
+        })
+        .map_err(io("starting the writer thread for", data_dir))?;
+        Ok((Arc::new(Self { writer, segments }), entries))
     }
 
     /// Queues a record for the journal; returns the sequence that is
     /// durable once [`Journal::wait_durable`] for it returns.
     pub fn append(&self, epoch: u32, bytes: Vec<u8>) -> u64 {
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = queue.0;
-        queue.0 += 1;
-        let sent = queue
-            .1
-            .as_ref()
-            .map(|tx| tx.send(Append { seq, epoch, bytes }).is_ok());
-        if sent != Some(true) {
-            tracing::error!(seq, "journal writer is gone; entry will never be durable");
-        }
-        seq
+        self.writer.enqueue(|seq| Append { seq, epoch, bytes })
     }
 
     /// Forgets entries whose records are in durable document chunks; a
@@ -252,10 +230,9 @@ impl Journal {
 
     /// Waits until every entry up to `seq` is on disk.
     pub async fn wait_durable(&self, seq: u64) -> Result<(), JournalError> {
-        let mut rx = self.durable.clone();
-        rx.wait_for(|&d| d >= seq)
+        self.writer
+            .wait_durable(seq)
             .await
-            .map(|_| ())
             .map_err(|_| JournalError::WriterStopped)
     }
 
@@ -267,16 +244,7 @@ impl Journal {
 
     /// Stops the writer after it has written everything queued so far.
     pub fn close(&self) {
-        let sender = self
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .take();
-        drop(sender);
-        if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = handle.join();
-        }
+        self.writer.close();
     }
 }
 

@@ -28,6 +28,7 @@ pub mod cli;
 pub mod compensation;
 pub mod confidence;
 pub mod config;
+pub mod group_commit;
 pub mod hlc;
 pub mod http;
 pub mod journal;

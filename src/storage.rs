@@ -9,12 +9,12 @@
 //! publishes a watermark: every job with a sequence at or below it is on
 //! disk. Callers acknowledge only once the watermark has reached their job.
 
+use crate::group_commit::GroupCommit;
 pub use crate::journal::JournalEntry;
 use crate::journal::{Journal, JournalError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -121,9 +121,7 @@ pub type OnCommit = Arc<dyn Fn(CommitStats) + Send + Sync>;
 pub struct Storage {
     db: Arc<Database>,
     journal: Arc<Journal>,
-    queue: Mutex<(u64, Option<mpsc::Sender<Job>>)>,
-    durable: watch::Receiver<u64>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: GroupCommit<Job>,
 }
 
 /// The compensation log entries of one transaction, in order.
@@ -154,36 +152,24 @@ impl Storage {
         let (mut loaded, max_seq) = read_documents(&db)?;
         let (journal, entries) = Journal::open(dir, on_commit.clone())?;
         loaded.journal = entries;
-        let next_seq = max_seq + 1;
-        let (tx, rx) = mpsc::channel();
-        let (durable_tx, durable_rx) = watch::channel(next_seq - 1);
         let writer_db = db.clone();
         let writer_journal = journal.clone();
-        let writer = std::thread::Builder::new()
-            .name("oncemesh-storage".into())
-            .spawn(move || write_loop(&writer_db, &writer_journal, rx, durable_tx, on_commit))
-            .map_err(io("starting the writer thread"))?;
+        let writer = GroupCommit::start("oncemesh-storage", max_seq, move |rx, durable| {
+            write_loop(&writer_db, &writer_journal, rx, durable, on_commit)
+        })
+        .map_err(io("starting the writer thread"))?;
         Ok((
             Arc::new(Self {
                 db,
                 journal,
-                queue: Mutex::new((next_seq, Some(tx))),
-                durable: durable_rx,
-                writer: Mutex::new(Some(writer)),
+                writer,
             }),
             loaded,
         ))
     }
 
     fn enqueue(&self, make: impl FnOnce(u64) -> Job) -> u64 {
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = queue.0;
-        queue.0 += 1;
-        let sent = queue.1.as_ref().map(|tx| tx.send(make(seq)).is_ok());
-        if sent != Some(true) {
-            tracing::error!(seq, "storage writer is gone; write will never be durable");
-        }
-        seq
+        self.writer.enqueue(make)
     }
 
     /// Queues change chunks of a document; returns their durable sequence.
@@ -245,21 +231,20 @@ impl Storage {
 
     /// Waits until everything up to `seq` is on disk.
     pub async fn wait_durable(&self, seq: u64) -> Result<(), StorageError> {
-        let mut rx = self.durable.clone();
-        rx.wait_for(|&d| d >= seq)
+        self.writer
+            .wait_durable(seq)
             .await
-            .map(|_| ())
             .map_err(|_| StorageError::WriterStopped)
     }
 
     /// Whether the writer has stopped (after an I/O error or at shutdown).
     pub fn is_stopped(&self) -> bool {
-        self.durable.has_changed().is_err()
+        self.writer.is_stopped()
     }
 
     /// Highest durable sequence so far.
     pub fn durable_seq(&self) -> u64 {
-        *self.durable.borrow()
+        self.writer.durable_seq()
     }
 
     /// Every compensation log entry, grouped by transaction, in order.
@@ -285,18 +270,10 @@ impl Storage {
         Ok(out)
     }
 
-    /// Stops the writer after it has written everything queued so far.
+    /// Stops the writer after it has written everything queued so far,
+    /// then the journal's.
     pub fn close(&self) {
-        let sender = self
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .1
-            .take();
-        drop(sender);
-        if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = handle.join();
-        }
+        self.writer.close();
         self.journal.close();
     }
 }
