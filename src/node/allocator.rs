@@ -9,6 +9,7 @@
 
 use crate::ledger::{AllocateError, AllocateRequest, Allocated, Ledger};
 use crate::metrics::Metrics;
+use crate::p2p::status::PeerTable;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -19,10 +20,16 @@ use tokio_util::task::TaskTracker;
 const MAX_BATCH: usize = 512;
 /// Requests that may wait for one shard before callers are slowed down.
 const QUEUE_DEPTH: usize = 8192;
-/// Least time between two folding rounds: under load, allocations gather
-/// for this long into one change per document; when idle, the first new
-/// allocation is folded (and pushed to peers) at once.
+/// Least time between two folding rounds while a peer is connected: under
+/// load, allocations gather for this long into one change per document; when
+/// idle, the first new allocation is folded (and pushed to peers) at once.
 const FOLD_INTERVAL: Duration = Duration::from_millis(10);
+/// Time between folding rounds while no peer is connected. Nobody can
+/// receive a change then, and every change costs each peer a fixed price
+/// (hashing, decoding, applying) when the partition heals, so rounds gather
+/// a second of allocations: about a hundred times fewer changes to catch up
+/// on. The journal keeps them durable meanwhile.
+const ALONE_FOLD_INTERVAL: Duration = Duration::from_secs(1);
 
 type Reply = oneshot::Sender<Result<Allocated, AllocateError>>;
 
@@ -88,11 +95,13 @@ pub fn spawn(
 
 /// Starts the folder: whenever allocations are pending, writes them into
 /// their documents ([`Ledger::fold_pending`]), at most once per
-/// [`FOLD_INTERVAL`]. At shutdown it folds what is left, so a clean stop
-/// leaves an empty journal (a crash leaves it to the next start).
+/// [`FOLD_INTERVAL`] while a peer is connected and once per
+/// [`ALONE_FOLD_INTERVAL`] otherwise. At shutdown it folds what is left, so a
+/// clean stop leaves an empty journal (a crash leaves it to the next start).
 pub fn spawn_folder(
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
+    peers: Arc<PeerTable>,
     fold_wanted: Arc<Notify>,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
@@ -115,9 +124,17 @@ pub fn spawn_folder(
             if stopping {
                 break;
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(FOLD_INTERVAL) => {}
+            let round_started = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(FOLD_INTERVAL) => {}
+                }
+                // A peer that connects meanwhile gets the pending allocations
+                // within one short interval.
+                if peers.any_connected() || round_started.elapsed() >= ALONE_FOLD_INTERVAL {
+                    break;
+                }
             }
         }
     });

@@ -283,6 +283,7 @@ impl Node {
         allocator::spawn_folder(
             ledger.clone(),
             metrics.clone(),
+            peers.clone(),
             fold_wanted.clone(),
             &tasks,
             shutdown.clone(),

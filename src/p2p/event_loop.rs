@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 /// Redial backoff: quick first, and capped low, so a healed link is back
 /// within a second (a failed dial on a dead link costs next to nothing).
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
 /// A request not answered within this is failed and the session reset.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -72,6 +72,11 @@ impl PeerTable {
         self.lock().values().cloned().collect()
     }
 
+    /// Whether any peer is connected now: someone can receive a change.
+    pub fn any_connected(&self) -> bool {
+        self.lock().values().any(|p| p.connected)
+    }
+
     /// Changes one peer's status (no-op for an unknown peer).
     pub fn update(&self, peer: &str, change: impl FnOnce(&mut PeerStatus)) {
         if let Some(status) = self.lock().get_mut(peer) {
