@@ -92,6 +92,9 @@ pub struct ShardDocument {
     allocations: ObjId,
     compensations: ObjId,
     persisted_heads: Vec<ChangeHash>,
+    /// Change chunks received from peers, as they came, not yet handed to
+    /// durable storage. They are already counted in `persisted_heads`.
+    received_unpersisted: Vec<u8>,
 }
 
 impl ShardDocument {
@@ -119,6 +122,7 @@ impl ShardDocument {
             allocations,
             compensations,
             persisted_heads: Vec::new(),
+            received_unpersisted: Vec::new(),
         }
     }
 
@@ -297,8 +301,28 @@ impl ShardDocument {
         message: sync::Message,
     ) -> Result<Vec<Entry>, DocumentError> {
         use automerge::sync::SyncDoc;
+        // When every change of the message is new and applied, the message's
+        // own bytes are what storage needs: keeping them saves re-encoding
+        // and re-hashing the same changes for the chunk (`save_after`).
+        let chunks = message.changes.len() as u64;
+        let changes_before = self.doc.stats().num_changes;
+        let as_received = (chunks > 0 && self.fully_persisted()).then(|| {
+            message
+                .changes
+                .iter()
+                .flatten()
+                .copied()
+                .collect::<Vec<u8>>()
+        });
         let applied =
             self.apply_remote(|doc, log| doc.receive_sync_message_log_patches(state, message, log));
+        if let Some(bytes) = as_received {
+            let added = self.doc.stats().num_changes - changes_before;
+            if applied.is_ok() && added == chunks && self.doc.get_missing_deps(&[]).is_empty() {
+                self.received_unpersisted.extend(bytes);
+                self.persisted_heads = self.doc.get_heads();
+            }
+        }
         // Answer with changes, never with the whole document: automerge
         // sends a full, DEFLATE-compressed save to a peer that advertises
         // v2 messages and lacks a third of the changes, which after a
@@ -318,13 +342,20 @@ impl ShardDocument {
     /// Changes not yet handed to durable storage, as automerge change chunks;
     /// marks them handed over. `None` when there is nothing new.
     pub fn take_unpersisted(&mut self) -> Option<Vec<u8>> {
+        let mut bytes = std::mem::take(&mut self.received_unpersisted);
         let heads = self.doc.get_heads();
-        if heads == self.persisted_heads {
-            return None;
+        if heads != self.persisted_heads {
+            bytes.extend(self.doc.save_after(&self.persisted_heads));
+            self.persisted_heads = heads;
         }
-        let bytes = self.doc.save_after(&self.persisted_heads);
-        self.persisted_heads = heads;
-        Some(bytes)
+        (!bytes.is_empty()).then_some(bytes)
+    }
+
+    /// Whether every applied change is persisted or held as received, and
+    /// none waits for a missing dependency: then the changes a message adds
+    /// are exactly its own chunks.
+    fn fully_persisted(&self) -> bool {
+        self.doc.get_heads() == self.persisted_heads && self.doc.get_missing_deps(&[]).is_empty()
     }
 
     /// The whole document as `Automerge::save` writes it.
@@ -499,5 +530,58 @@ mod tests {
             )),
             "{entries:?}"
         );
+    }
+
+    /// Syncs `from` into `to` until `from` has nothing more to send.
+    fn sync_into(from: &mut ShardDocument, to: &mut ShardDocument) {
+        let (mut from_state, mut to_state) = (sync::State::new(), sync::State::new());
+        for _ in 0..10 {
+            let there = from.generate_sync(&mut from_state);
+            if let Some(m) = there {
+                to.receive_sync(&mut to_state, m).unwrap();
+            }
+            match to.generate_sync(&mut to_state) {
+                Some(back) => {
+                    from.receive_sync(&mut from_state, back).unwrap();
+                }
+                None if from.heads() == to.heads() => return,
+                None => {}
+            }
+        }
+    }
+
+    #[test]
+    fn changes_received_by_sync_persist_as_they_came_and_load_back() {
+        let mut a = doc();
+        a.set_actor(ActorId::from(&[1u8; 16][..]));
+        let mut b = doc();
+        b.set_actor(ActorId::from(&[2u8; 16][..]));
+        let mut stored = b.take_unpersisted().unwrap();
+        for round in 0..3 {
+            let texts = [
+                record(&format!("tx_a{round}")),
+                record(&format!("tx_b{round}")),
+            ];
+            a.put_allocation_batch(&format!("tx_a{round}"), texts.iter().map(String::as_str))
+                .unwrap();
+            sync_into(&mut a, &mut b);
+            assert!(
+                !b.received_unpersisted.is_empty(),
+                "round {round}: the received chunks are kept for storage"
+            );
+            stored.extend(b.take_unpersisted().unwrap());
+            assert!(b.received_unpersisted.is_empty());
+            // A local change after received ones is saved the usual way.
+            b.put_allocation_batch(
+                &format!("tx_c{round}"),
+                [record(&format!("tx_c{round}")).as_str()].into_iter(),
+            )
+            .unwrap();
+            stored.extend(b.take_unpersisted().unwrap());
+        }
+        assert_eq!(b.take_unpersisted(), None, "nothing left to persist");
+        let loaded = ShardDocument::load(b.id(), &stored).unwrap();
+        assert_eq!(loaded.heads(), b.heads());
+        assert_eq!(loaded.entries().len(), 9);
     }
 }
