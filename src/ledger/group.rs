@@ -25,6 +25,8 @@ pub(super) struct EpochDoc {
     pub bytes_since_snapshot: usize,
     /// Size of the last full save (or of what was loaded).
     pub snapshot_bytes: usize,
+    /// `bytes_since_snapshot` at the previous compaction check.
+    bytes_at_last_check: usize,
 }
 
 impl EpochDoc {
@@ -36,30 +38,50 @@ impl EpochDoc {
             sync_states: HashMap::new(),
             bytes_since_snapshot: 0,
             snapshot_bytes: stored_bytes,
+            bytes_at_last_check: 0,
         }
     }
 
-    /// Hands new changes to the sink. Once the chunks appended since the
-    /// last full save outweigh it (and at least [`COMPACT_MIN_BYTES`]), the
-    /// document is saved whole in their place: the work of compaction stays
-    /// proportional to what was written, and loading reads at most about
-    /// twice the document. Returns the sequence to wait for.
+    /// Hands new changes to the sink as one more chunk; returns the
+    /// sequence to wait for. Compaction is left to
+    /// [`EpochDoc::compact_if_due`], off the write path.
     pub fn persist(&mut self, sink: &dyn ChunkSink) -> u64 {
         let Some(bytes) = self.doc.take_unpersisted() else {
             return 0;
         };
-        let id = self.doc.id();
         self.bytes_since_snapshot += bytes.len();
-        let seq = sink.persist(id, bytes);
-        if self.bytes_since_snapshot >= self.snapshot_bytes.max(COMPACT_MIN_BYTES) {
-            let saved = self.doc.save_uncompressed();
-            self.snapshot_bytes = saved.len();
-            self.bytes_since_snapshot = 0;
-            return sink.snapshot(id, saved).max(seq);
+        sink.persist(self.doc.id(), bytes)
+    }
+
+    /// Saves the document whole in place of its chunks once they outweigh
+    /// the last full save (and at least [`COMPACT_MIN_BYTES`]), so the work
+    /// of compaction stays proportional to what was written and loading
+    /// reads about twice the document. Called periodically, it waits for a
+    /// quiet period (nothing written since the previous call) so that the
+    /// full save, which holds the shard lock, does not land in the middle of
+    /// a burst such as catching up after a partition; under unbroken writes
+    /// it compacts at [`OVERDUE_FACTOR`] times that. Returns the sequence to
+    /// wait for, or 0 when nothing was done.
+    pub fn compact_if_due(&mut self, sink: &dyn ChunkSink) -> u64 {
+        let threshold = self.snapshot_bytes.max(COMPACT_MIN_BYTES);
+        let quiet = self.bytes_since_snapshot == self.bytes_at_last_check;
+        self.bytes_at_last_check = self.bytes_since_snapshot;
+        let due = self.bytes_since_snapshot >= threshold;
+        let overdue = self.bytes_since_snapshot >= threshold.saturating_mul(OVERDUE_FACTOR);
+        if !(due && quiet || overdue) {
+            return 0;
         }
-        seq
+        let saved = self.doc.save_uncompressed();
+        self.snapshot_bytes = saved.len();
+        self.bytes_since_snapshot = 0;
+        self.bytes_at_last_check = 0;
+        sink.snapshot(self.doc.id(), saved)
     }
 }
+
+/// How many times the compaction threshold a document's chunks may reach
+/// under unbroken writes before it is compacted anyway.
+const OVERDUE_FACTOR: usize = 4;
 
 /// Arrival of an allocation that is not in its document yet: later than
 /// any peer can have seen, so it is never settled before it is folded in.
@@ -248,5 +270,63 @@ impl Group {
                 .collect(),
             dropped,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts full saves; everything else is discarded.
+    #[derive(Default)]
+    struct SnapshotCounter(AtomicUsize);
+
+    impl ChunkSink for SnapshotCounter {
+        fn journal(&self, _epoch: u32, _record: Vec<u8>) -> u64 {
+            0
+        }
+        fn forget_journal(&self, _seqs: Vec<u64>) {}
+        fn persist(&self, _doc: DocId, _bytes: Vec<u8>) -> u64 {
+            0
+        }
+        fn snapshot(&self, _doc: DocId, _bytes: Vec<u8>) -> u64 {
+            self.0.fetch_add(1, Ordering::Relaxed) as u64 + 1
+        }
+        fn drop_document(&self, _doc: DocId) {}
+    }
+
+    fn epoch_doc() -> EpochDoc {
+        EpochDoc::new(ShardDocument::genesis(DocId { epoch: 1, shard: 0 }), 0)
+    }
+
+    #[test]
+    fn compaction_waits_for_a_quiet_period_unless_overdue() {
+        let sink = SnapshotCounter::default();
+        let mut doc = epoch_doc();
+        doc.bytes_since_snapshot = COMPACT_MIN_BYTES - 1;
+        assert_eq!(doc.compact_if_due(&sink), 0, "not due");
+        assert_eq!(doc.compact_if_due(&sink), 0, "quiet but still not due");
+
+        doc.bytes_since_snapshot = COMPACT_MIN_BYTES;
+        assert_eq!(
+            doc.compact_if_due(&sink),
+            0,
+            "due, but written to since the last check"
+        );
+        assert!(doc.compact_if_due(&sink) > 0, "due and quiet");
+        assert_eq!(sink.0.load(Ordering::Relaxed), 1);
+        assert_eq!(doc.bytes_since_snapshot, 0);
+        assert!(
+            doc.snapshot_bytes > 0,
+            "the threshold follows the saved size"
+        );
+
+        doc.bytes_since_snapshot = COMPACT_MIN_BYTES * OVERDUE_FACTOR;
+        assert!(
+            doc.compact_if_due(&sink) > 0,
+            "overdue: compacted while busy"
+        );
+        assert_eq!(sink.0.load(Ordering::Relaxed), 2);
     }
 }

@@ -686,6 +686,22 @@ impl Ledger {
         guard.docs.get(&doc.epoch).map(|d| d.doc.save())
     }
 
+    /// Compacts every document whose chunks are due for it (see
+    /// `EpochDoc::compact_if_due`); called about once a second.
+    /// Returns how many documents were compacted.
+    pub fn compact_due(&self) -> usize {
+        let mut compacted = 0;
+        for shard in 0..SHARD_COUNT {
+            let mut group = self.group(shard);
+            for doc in group.docs.values_mut() {
+                if doc.compact_if_due(&*self.sink) > 0 {
+                    compacted += 1;
+                }
+            }
+        }
+        compacted
+    }
+
     /// Drops every document past the retention, with its allocations,
     /// conflicts and compensations, here and on disk. Returns the dropped
     /// documents.

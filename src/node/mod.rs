@@ -208,6 +208,27 @@ fn spawn_retention(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationT
     });
 }
 
+/// Compacts documents whose stored chunks are due for a full save, once a
+/// second (the check is cheap; the save happens only when due).
+fn spawn_compaction(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) {
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let ledger = node.ledger.clone();
+            if let Ok(compacted @ 1..) =
+                tokio::task::spawn_blocking(move || ledger.compact_due()).await
+            {
+                tracing::debug!(compacted, "compacted documents");
+            }
+        }
+    });
+}
+
 impl Node {
     /// Opens the data dir, loads the ledger and starts every task. Tasks stop
     /// when `shutdown` is cancelled; then call [`Started::wait`].
@@ -319,6 +340,7 @@ impl Node {
             crate::p2p::spawn(node.clone(), keypair, &tasks, shutdown.clone()).await?;
         crate::compensation::spawn(node.clone(), &tasks, shutdown.clone());
         spawn_retention(node.clone(), &tasks, shutdown.clone());
+        spawn_compaction(node.clone(), &tasks, shutdown.clone());
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(|e| StartError::Http {
