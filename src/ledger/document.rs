@@ -13,8 +13,13 @@
 //!
 //! Allocations are written in batches, one op per batch: automerge's cost
 //! (CPU to insert and apply, memory per op) is per op, so a node folding
-//! hundreds of allocations a round pays it once. A batch's id is its first
-//! record's txn_id, which only that record's node ever writes.
+//! hundreds of allocations a round pays it once. A batch's id
+//! ([`batch_id`]) is its first record's stamp, inverted so that newer
+//! batches sort first, and that record's txn_id, which only that record's
+//! node ever writes. The order matters for speed: automerge 0.12 applies a
+//! remote op into a map by walking (and copying the value of) every op whose
+//! key sorts before it, so a fresh batch that sorts first costs the same
+//! however large the document has grown.
 //!
 //! This type owns the automerge document and nothing else: it turns records
 //! into ops, remote bytes into records, and tracks what has not been handed to
@@ -153,7 +158,8 @@ impl ShardDocument {
 
     /// Writes a batch of allocation records, given as their JSON texts, as
     /// one op in one automerge change: `allocations[batch_id]` = the JSON
-    /// array of the records. `batch_id` must be the first record's txn_id.
+    /// array of the records. `batch_id` must be [`batch_id`] of the first
+    /// record.
     pub fn put_allocation_batch<'a>(
         &mut self,
         batch_id: &str,
@@ -419,6 +425,21 @@ fn map_id(doc: &Automerge, name: &str) -> Option<ObjId> {
     }
 }
 
+/// The map key of a batch whose first record is `first`: its stamp with
+/// every bit inverted (so newer batches sort first), then its txn_id.
+pub fn batch_id(first: &AllocationRecord) -> String {
+    format!(
+        "{:016x}{:08x}.{}",
+        !first.hlc.physical_ms, !first.hlc.logical, first.txn_id
+    )
+}
+
+/// Whether `key` names a batch whose first record is `first`: its
+/// [`batch_id`], or its bare txn_id as documents of earlier versions have it.
+fn is_batch_id_of(key: &str, first: &AllocationRecord) -> bool {
+    key == first.txn_id || key == batch_id(first)
+}
+
 /// A record as the JSON text the documents (and the journal) hold.
 pub fn record_json<T: serde::Serialize>(record: &T) -> String {
     serde_json::to_string(record).unwrap_or_default()
@@ -449,9 +470,9 @@ fn parse_entries(map: &'static str, key: &str, text: Option<String>, out: &mut V
     };
     if map == ALLOCATIONS {
         match serde_json::from_str::<Vec<AllocationRecord>>(&text) {
-            Ok(batch) if batch.first().is_none_or(|r| r.txn_id != key) => out.push(malformed(
-                "a batch's id must be the txn_id of its first record".into(),
-            )),
+            Ok(batch) if batch.first().is_none_or(|r| !is_batch_id_of(key, r)) => out.push(
+                malformed("a batch's id must be made from its first record".into()),
+            ),
             Ok(batch) => out.extend(batch.into_iter().map(Entry::Allocation)),
             Err(e) => out.push(malformed(format!("invalid allocation batch JSON: {e}"))),
         }
@@ -490,11 +511,22 @@ mod tests {
         ShardDocument::genesis(DocId { epoch: 1, shard: 0 })
     }
 
+    fn parsed(text: &str) -> AllocationRecord {
+        serde_json::from_str(text).unwrap()
+    }
+
     #[test]
     fn a_batch_reads_back_as_its_records_in_order() {
         let mut d = doc();
         let texts = [record("tx_a"), record("tx_b"), record("tx_c")];
-        d.put_allocation_batch("tx_a", texts.iter().map(String::as_str))
+        d.put_allocation_batch(
+            &batch_id(&parsed(&texts[0])),
+            texts.iter().map(String::as_str),
+        )
+        .unwrap();
+        // Documents of earlier versions key a batch by its bare txn_id.
+        let legacy = record("tx_d");
+        d.put_allocation_batch("tx_d", [legacy.as_str()].into_iter())
             .unwrap();
         let txns: Vec<String> = d
             .entries()
@@ -504,7 +536,30 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
-        assert_eq!(txns, ["tx_a", "tx_b", "tx_c"]);
+        assert_eq!(txns, ["tx_a", "tx_b", "tx_c", "tx_d"]);
+    }
+
+    #[test]
+    fn newer_batches_sort_first_and_a_wrong_stamp_is_malformed() {
+        let at = |physical_ms, logical| {
+            let mut r = parsed(&record("tx_x"));
+            r.hlc = Timestamp::new(physical_ms, logical);
+            r
+        };
+        let ids = [at(1, 0), at(1, 1), at(2, 0), at(u64::MAX, u32::MAX)].map(|r| batch_id(&r));
+        assert!(ids.windows(2).all(|w| w[0] > w[1]), "{ids:?}");
+
+        let mut d = doc();
+        let text = record("tx_y");
+        let mut wrong = parsed(&text);
+        wrong.hlc = Timestamp::new(2, 0);
+        d.put_allocation_batch(&batch_id(&wrong), [text.as_str()].into_iter())
+            .unwrap();
+        assert!(
+            matches!(d.entries().as_slice(), [Entry::Malformed { .. }]),
+            "{:?}",
+            d.entries()
+        );
     }
 
     #[test]

@@ -456,7 +456,7 @@ impl Ledger {
             }
             for (epoch, entries) in by_epoch {
                 let doc = group.doc_mut(epoch, &self.actor);
-                let batch_id = entries[0].record.txn_id.clone();
+                let batch_id = document::batch_id(&entries[0].record);
                 let written = doc
                     .doc
                     .put_allocation_batch(&batch_id, entries.iter().map(|e| e.text.as_str()));
