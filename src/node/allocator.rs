@@ -23,7 +23,7 @@ const QUEUE_DEPTH: usize = 8192;
 /// Least time between two folding rounds while a peer is connected: under
 /// load, allocations gather for this long into one change per document; when
 /// idle, the first new allocation is folded (and pushed to peers) at once.
-const FOLD_INTERVAL: Duration = Duration::from_millis(10);
+const FOLD_INTERVAL: Duration = Duration::from_millis(25);
 /// Time between folding rounds while no peer is connected. Nobody can
 /// receive a change then, and every change costs each peer a fixed price
 /// (hashing, decoding, applying) when the partition heals, so rounds gather
