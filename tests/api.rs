@@ -711,10 +711,18 @@ async fn documents_are_plain_automerge_readable_from_the_data_model() {
         for r in read_allocations(&bytes, id) {
             let key = r.record["key"].as_str().expect("record key").to_string();
             if r.index == 0 {
+                // docs/DATA_MODEL.md: <!physical ms, 16 hex><!logical, 8 hex>.<txn_id>
+                let hlc = r.record["hlc"].as_str().expect("record hlc");
+                let (physical, logical) = hlc.split_once('.').expect("hlc ms.logical");
+                let expected = format!(
+                    "{:016x}{:08x}.{}",
+                    !physical.parse::<u64>().unwrap(),
+                    !logical.parse::<u32>().unwrap(),
+                    r.record["txn_id"].as_str().expect("txn_id")
+                );
                 assert_eq!(
-                    r.record["txn_id"],
-                    r.map_key.as_str(),
-                    "a batch's id is its first record's txn_id"
+                    r.map_key, expected,
+                    "a batch's id is its first record's inverted stamp and txn_id"
                 );
             }
             for field in ["key", "txn_id", "region", "node", "hlc", "fingerprint"] {
