@@ -23,6 +23,10 @@ const QUEUE_DEPTH: usize = 8192;
 /// Least time between two folding rounds while a peer is connected: under
 /// load, allocations gather for this long into one change per document; when
 /// idle, the first new allocation is folded (and pushed to peers) at once.
+/// Each round costs every document touched one change and one sync
+/// exchange per peer, whatever it carries; 25 ms (against 10 ms) lifted a
+/// replicating node's throughput by about a sixth, and stays far below a
+/// client's cross-region retry delay.
 const FOLD_INTERVAL: Duration = Duration::from_millis(25);
 /// Time between folding rounds while no peer is connected. Nobody can
 /// receive a change then, and every change costs each peer a fixed price
