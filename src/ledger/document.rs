@@ -306,7 +306,6 @@ impl ShardDocument {
         state: &mut sync::State,
         message: sync::Message,
     ) -> Result<Vec<Entry>, DocumentError> {
-        use automerge::sync::SyncDoc;
         // When every change of the message is new and applied, the message's
         // own bytes are what storage needs: keeping them saves re-encoding
         // and re-hashing the same changes for the chunk (`save_after`).
@@ -321,7 +320,7 @@ impl ShardDocument {
                 .collect::<Vec<u8>>()
         });
         let applied =
-            self.apply_remote(|doc, log| doc.receive_sync_message_log_patches(state, message, log));
+            self.apply_remote(|doc, log| super::sync_receive::receive(doc, state, message, log));
         if let Some(bytes) = as_received {
             let added = self.doc.stats().num_changes - changes_before;
             if applied.is_ok() && added == chunks && self.doc.get_missing_deps(&[]).is_empty() {

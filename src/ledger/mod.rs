@@ -19,6 +19,7 @@
 pub mod doc_id;
 pub mod document;
 mod group;
+mod sync_receive;
 mod view;
 
 pub use doc_id::{DocId, Windows};
