@@ -3,6 +3,7 @@
 
 pub mod allocator;
 pub mod health;
+mod heap;
 pub mod identity;
 
 use crate::confidence::{ConfidenceModel, ConfidenceParams, PeerView};
@@ -209,25 +210,38 @@ fn spawn_retention(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationT
 }
 
 /// Compacts documents whose stored chunks are due for a full save, once a
-/// second (the check is cheap; the save happens only when due).
+/// second (the check is cheap; the save happens only when due), and hands
+/// freed heap memory back to the kernel every [`HEAP_TRIM_TICKS`] seconds.
 fn spawn_compaction(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) {
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
+            ticks = ticks.wrapping_add(1);
+            let trim = ticks % HEAP_TRIM_TICKS == 0;
             let ledger = node.ledger.clone();
-            if let Ok(compacted @ 1..) =
-                tokio::task::spawn_blocking(move || ledger.compact_due()).await
-            {
+            let compacted = tokio::task::spawn_blocking(move || {
+                let compacted = ledger.compact_due();
+                if trim {
+                    heap::release_free_memory();
+                }
+                compacted
+            })
+            .await;
+            if let Ok(compacted @ 1..) = compacted {
                 tracing::debug!(compacted, "compacted documents");
             }
         }
     });
 }
+
+/// Seconds between two releases of freed heap memory ([`heap`]).
+const HEAP_TRIM_TICKS: u32 = 10;
 
 impl Node {
     /// Opens the data dir, loads the ledger and starts every task. Tasks stop
