@@ -223,7 +223,7 @@ fn spawn_compaction(node: Arc<Node>, tasks: &TaskTracker, shutdown: Cancellation
                 _ = tick.tick() => {}
             }
             ticks = ticks.wrapping_add(1);
-            let trim = ticks % HEAP_TRIM_TICKS == 0;
+            let trim = ticks.is_multiple_of(HEAP_TRIM_TICKS);
             let ledger = node.ledger.clone();
             let compacted = tokio::task::spawn_blocking(move || {
                 let compacted = ledger.compact_due();
