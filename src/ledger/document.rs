@@ -289,7 +289,7 @@ impl ShardDocument {
             .doc
             .get_heads()
             .iter()
-            .all(|h| incoming.get_change_by_hash(h).is_some())
+            .all(|h| incoming.get_change_meta_by_hash(h).is_some())
         {
             return Err(DocumentError::MissingContainer {
                 doc,
@@ -390,7 +390,7 @@ impl ShardDocument {
     pub fn changes_missing_from(&self, their_heads: &[ChangeHash]) -> usize {
         let known: Vec<ChangeHash> = their_heads
             .iter()
-            .filter(|h| self.doc.get_change_by_hash(h).is_some())
+            .filter(|h| self.doc.get_change_meta_by_hash(h).is_some())
             .copied()
             .collect();
         self.doc.get_changes_meta(&known).len()
@@ -401,7 +401,7 @@ impl ShardDocument {
     pub fn unknown_heads(&self, their_heads: &[ChangeHash]) -> usize {
         their_heads
             .iter()
-            .filter(|h| self.doc.get_change_by_hash(h).is_none())
+            .filter(|h| self.doc.get_change_meta_by_hash(h).is_none())
             .count()
     }
 }
