@@ -312,12 +312,8 @@ impl ShardDocument {
         let chunks = message.changes.len() as u64;
         let changes_before = self.doc.stats().num_changes;
         let as_received = (chunks > 0 && self.fully_persisted()).then(|| {
-            message
-                .changes
-                .iter()
-                .flatten()
-                .copied()
-                .collect::<Vec<u8>>()
+            let chunks: Vec<&[u8]> = message.changes.iter().collect();
+            chunks.concat()
         });
         let applied =
             self.apply_remote(|doc, log| super::sync_receive::receive(doc, state, message, log));
