@@ -5,7 +5,7 @@
 //! no acknowledged allocation is lost.
 
 use oncemesh::key::{fingerprint, IdempotencyKey};
-use oncemesh::ledger::{AllocateRequest, DocId, Ledger, NodeIdentity, SHARD_COUNT};
+use oncemesh::ledger::{AllocateRequest, DocId, Ledger, NodeIdentity, Withhold, SHARD_COUNT};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -65,12 +65,12 @@ fn sync(ledgers: &[Ledger], a: usize, b: usize) {
     docs.dedup();
     for doc in docs {
         for _ in 0..20 {
-            let ab = ledgers[a].generate_sync(doc, &idb, false);
+            let ab = ledgers[a].generate_sync(doc, &idb, false, &Withhold::nothing());
             if let Some(m) = &ab {
                 let msg = automerge::sync::Message::decode(m).unwrap();
                 ledgers[b].receive_sync(doc, &ida, msg).unwrap();
             }
-            let ba = ledgers[b].generate_sync(doc, &ida, false);
+            let ba = ledgers[b].generate_sync(doc, &ida, false, &Withhold::nothing());
             if let Some(m) = &ba {
                 let msg = automerge::sync::Message::decode(m).unwrap();
                 ledgers[a].receive_sync(doc, &idb, msg).unwrap();

@@ -254,3 +254,48 @@ async fn three_regions_converge_after_each_was_cut_off_in_turn() {
         assert!(conflict_keys(&c, node).await.is_empty());
     }
 }
+
+/// A node leaves a change to its author while the author reaches the third
+/// region itself (no copy crosses twice), and relays it once that link is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_its_author_cannot_deliver_is_relayed_by_the_third_region() {
+    let c = Cluster::start(3, ClusterOptions::default()).await;
+    assert!(
+        c.wait_until_async(CONVERGE, async || {
+            let mut all = true;
+            for node in 0..3 {
+                let (_, peers) = c.node(node).get_json("/v1/peers").await;
+                all &= peers["peers"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().all(|p| p["connected"] == true));
+            }
+            all
+        })
+        .await,
+        "peers never connected\n{}",
+        c.logs(30)
+    );
+    // Two anti-entropy rounds: every node has heard whom the others reach.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.set_link_delay(0, 2, Duration::from_secs(4));
+    assert_eq!(allocate(&c, 0, "relayed-1", json!({})).await.0, 201);
+    let holds = async |node: usize| {
+        c.wait_until_async(CONVERGE, async || {
+            c.node(node).get_json("/v1/allocations/relayed-1").await.0 == 200
+        })
+        .await
+    };
+    assert!(holds(1).await, "node 1 never got it\n{}", c.logs(30));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        c.node(2).get_json("/v1/allocations/relayed-1").await.0,
+        404,
+        "node 1 relayed a change its author was still sending"
+    );
+    c.cut_link(0, 2);
+    assert!(
+        holds(2).await,
+        "node 2 never got it through node 1\n{}",
+        c.logs(30)
+    );
+}

@@ -26,10 +26,12 @@
 //! durable storage yet.
 
 use super::doc_id::DocId;
+use super::relay::{HeldBack, Withhold};
 use crate::record::{AllocationRecord, CompensationRecord};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{patches::PatchAction, ObjId, PatchLog};
 use automerge::{sync, ActorId, Automerge, ChangeHash, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use std::time::Instant;
 
 /// Actor of the genesis change; the same on every node, forever.
 const GENESIS_ACTOR: &[u8; 16] = b"oncemesh-genesis";
@@ -334,10 +336,43 @@ impl ShardDocument {
         applied
     }
 
-    /// The next sync message for a peer, if it needs one.
-    pub fn generate_sync(&self, state: &mut sync::State) -> Option<sync::Message> {
+    /// The next sync message for a peer, if it needs one, leaving out the
+    /// changes `withhold` leaves to their authors (within the grace `held`
+    /// keeps; see [`super::relay`]).
+    pub fn generate_sync(
+        &self,
+        state: &mut sync::State,
+        withhold: &Withhold,
+        held: &mut HeldBack,
+    ) -> Option<sync::Message> {
         use automerge::sync::SyncDoc;
-        self.doc.generate_sync_message(state)
+        let mut held_back =
+            held.within_grace(self.left_to_authors(state, withhold), Instant::now());
+        // automerge sends no change already in `sent_hashes`: listing the
+        // held-back ones there for this one call leaves them out of the
+        // message without marking them sent.
+        held_back.retain(|h| state.sent_hashes.insert(*h));
+        let message = self.doc.generate_sync_message(state);
+        for hash in &held_back {
+            state.sent_hashes.remove(hash);
+        }
+        message
+    }
+
+    /// Changes the peer of `state` may lack, by authors `withhold` names.
+    fn left_to_authors(&self, state: &sync::State, withhold: &Withhold) -> Vec<ChangeHash> {
+        if withhold.authors.is_empty() || state.their_have.is_none() {
+            return Vec::new();
+        }
+        let Some(their_heads) = &state.their_heads else {
+            return Vec::new();
+        };
+        self.doc
+            .get_changes_meta(their_heads)
+            .into_iter()
+            .filter(|m| withhold.covers(&m.actor))
+            .map(|m| m.hash)
+            .collect()
     }
 
     /// Changes not yet handed to durable storage, as automerge change chunks;
@@ -487,6 +522,7 @@ fn parse_entries(map: &'static str, key: &str, text: Option<String>, out: &mut V
 mod tests {
     use super::*;
     use crate::hlc::Timestamp;
+    use crate::ledger::relay::NodeTag;
     use crate::record::RECORD_VERSION;
 
     fn record(txn: &str) -> String {
@@ -585,12 +621,13 @@ mod tests {
     /// Syncs `from` into `to` until `from` has nothing more to send.
     fn sync_into(from: &mut ShardDocument, to: &mut ShardDocument) {
         let (mut from_state, mut to_state) = (sync::State::new(), sync::State::new());
+        let mut held = HeldBack::default();
         for _ in 0..10 {
-            let there = from.generate_sync(&mut from_state);
+            let there = from.generate_sync(&mut from_state, &Withhold::nothing(), &mut held);
             if let Some(m) = there {
                 to.receive_sync(&mut to_state, m).unwrap();
             }
-            match to.generate_sync(&mut to_state) {
+            match to.generate_sync(&mut to_state, &Withhold::nothing(), &mut held) {
                 Some(back) => {
                     from.receive_sync(&mut from_state, back).unwrap();
                 }
@@ -598,6 +635,69 @@ mod tests {
                 None => {}
             }
         }
+    }
+
+    /// Runs B → C sync rounds with `withhold`; returns the changes B sent.
+    fn relay_rounds(b: &mut ShardDocument, c: &mut ShardDocument, withhold: &Withhold) -> usize {
+        let (mut bc, mut cb) = (sync::State::new(), sync::State::new());
+        let mut held = HeldBack::default();
+        let mut sent = 0;
+        for _ in 0..6 {
+            if let Some(m) = b.generate_sync(&mut bc, withhold, &mut held) {
+                sent += m.changes.len();
+                c.receive_sync(&mut cb, m).unwrap();
+            }
+            if let Some(back) = c.generate_sync(&mut cb, &Withhold::nothing(), &mut held) {
+                b.receive_sync(&mut bc, back).unwrap();
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn a_change_left_to_its_author_is_not_relayed_even_when_asked_for() {
+        let (ta, tb, tc) = (NodeTag::of("a"), NodeTag::of("b"), NodeTag::of("c"));
+        let mut a = doc();
+        a.set_actor(ta.new_actor());
+        a.put_allocation_batch("tx_a", [record("tx_a").as_str()].into_iter())
+            .unwrap();
+        let mut b = doc();
+        b.set_actor(tb.new_actor());
+        b.put_allocation_batch("tx_b", [record("tx_b").as_str()].into_iter())
+            .unwrap();
+        sync_into(&mut a, &mut b);
+        let mut c = doc();
+        c.set_actor(tc.new_actor());
+
+        // B holds A's change back (C asks for it by hash: it is one of B's
+        // heads) and sends its own.
+        let left_to_a = Withhold { authors: vec![ta] };
+        assert_eq!(relay_rounds(&mut b, &mut c, &left_to_a), 1);
+        let keys = |d: &ShardDocument| {
+            let mut ids: Vec<String> = d
+                .entries()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Entry::Allocation(r) => Some(r.txn_id.to_string()),
+                    _ => None,
+                })
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(keys(&c), vec!["tx_b"]);
+
+        // A delivers it itself; then B and C agree with nothing more sent.
+        sync_into(&mut a, &mut c);
+        assert_eq!(keys(&c), vec!["tx_a", "tx_b"]);
+        assert_eq!(relay_rounds(&mut b, &mut c, &left_to_a), 0);
+        assert_eq!(b.heads(), c.heads());
+
+        // Without the author connected, B relays it.
+        let mut d = doc();
+        d.set_actor(NodeTag::of("d").new_actor());
+        assert_eq!(relay_rounds(&mut b, &mut d, &Withhold::nothing()), 2);
+        assert_eq!(keys(&d), vec!["tx_a", "tx_b"]);
     }
 
     #[test]

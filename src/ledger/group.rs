@@ -3,6 +3,7 @@
 
 use super::doc_id::{DocId, Windows};
 use super::document::ShardDocument;
+use super::relay::HeldBack;
 use super::view::{Allocation, KeyView};
 use super::{ChunkSink, COMPACT_MIN_BYTES};
 use crate::record::{AllocationRecord, CompensationRecord};
@@ -21,6 +22,8 @@ pub(super) struct EpochDoc {
     pub synced_arrival: HashMap<String, u64>,
     /// Per peer, the automerge sync state of this document.
     pub sync_states: HashMap<String, sync::State>,
+    /// Per peer, how long changes have been left to their authors.
+    pub held_back: HashMap<String, HeldBack>,
     /// Bytes appended since the last full save (or since load).
     pub bytes_since_snapshot: usize,
     /// Size of the last full save (or of what was loaded).
@@ -36,6 +39,7 @@ impl EpochDoc {
             arrivals: 0,
             synced_arrival: HashMap::new(),
             sync_states: HashMap::new(),
+            held_back: HashMap::new(),
             bytes_since_snapshot: 0,
             snapshot_bytes: stored_bytes,
             bytes_at_last_check: 0,

@@ -19,10 +19,12 @@
 pub mod doc_id;
 pub mod document;
 mod group;
+pub mod relay;
 mod sync_receive;
 mod view;
 
 pub use doc_id::{DocId, Windows};
+pub use relay::{NodeTag, Withhold};
 pub use view::{Allocation, ConflictView, KeyState, KeyView};
 
 use crate::hlc::{Hlc, Observation, OffsetClock, PhysicalClock, Timestamp};
@@ -206,8 +208,9 @@ impl Ledger {
         stored: Stored,
         sink: Arc<dyn ChunkSink>,
     ) -> Result<Self, DocumentError> {
-        // A fresh actor per process: a crash can never reuse a sequence number.
-        let actor = ActorId::random();
+        // A fresh actor per process (a crash can never reuse a sequence
+        // number) that names this node to its peers.
+        let actor = NodeTag::of(&me.node).new_actor();
         let mut hlc = Hlc::new(clock, max_clock_offset_ms);
         let now = clock.now_ms();
         let mut groups: Vec<Group> = (0..SHARD_COUNT).map(|s| Group::new(s as u8)).collect();
@@ -593,15 +596,26 @@ impl Ledger {
     /// The next sync message of `doc` for `peer`, encoded, if it needs one.
     /// `unstick` clears the "message in flight" flag first: used when the
     /// peer's digest shows it still differs although nothing is under way
-    /// (a message was lost with a connection).
-    pub fn generate_sync(&self, doc: DocId, peer: &str, unstick: bool) -> Option<Vec<u8>> {
+    /// (a message was lost with a connection). Changes by the authors in
+    /// `withhold` are left to them (see [`relay`]).
+    pub fn generate_sync(
+        &self,
+        doc: DocId,
+        peer: &str,
+        unstick: bool,
+        withhold: &Withhold,
+    ) -> Option<Vec<u8>> {
         let mut guard = self.group(usize::from(doc.shard));
         let state = guard.docs.get_mut(&doc.epoch)?;
         let sync_state = state.sync_states.entry(peer.to_owned()).or_default();
         if unstick {
             sync_state.in_flight = false;
         }
-        state.doc.generate_sync(sync_state).map(|m| m.encode())
+        let held = state.held_back.entry(peer.to_owned()).or_default();
+        state
+            .doc
+            .generate_sync(sync_state, withhold, held)
+            .map(|m| m.encode())
     }
 
     /// Starts a new sync session with `peer` (after a reconnect or a failed

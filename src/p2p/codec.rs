@@ -1,14 +1,16 @@
 //! Wire format of `/oncemesh/sync/1`, the only application protocol between
-//! nodes. A request carries the sender's clock and time window, the heads
-//! digest of every live document, and automerge sync messages for the
-//! documents that need one; the response carries the responder's clock,
-//! window and digests after applying them.
+//! nodes. A request carries the sender's clock and time window, the peers
+//! it is connected to, the heads digest of every live document, and
+//! automerge sync messages for the documents that need one; the response
+//! carries the same of the responder after applying them, without messages.
+//! The connected peers let a node leave a change to its author
+//! ([`crate::ledger::relay`]).
 //!
 //! ```text
 //! frame    = len:u32be body                  (len <= MAX_FRAME)
-//! request  = version:u8=2 header count:u32be { doc digest:[32] msg_len:u32be msg }*
-//! response = version:u8=2 header count:u32be { doc digest:[32] }*
-//! header   = hlc window_ms:u64be
+//! request  = version:u8=3 header count:u32be { doc digest:[32] msg_len:u32be msg }*
+//! response = version:u8=3 header count:u32be { doc digest:[32] }*
+//! header   = hlc window_ms:u64be peers:u8 { node_tag:[8] }*
 //! hlc      = physical_ms:u64be logical:u32be
 //! doc      = epoch:u32be shard:u8
 //! ```
@@ -19,7 +21,7 @@
 //! count it and log it with the sender's peer id; the node keeps serving.
 
 use crate::hlc::Timestamp;
-use crate::ledger::DocId;
+use crate::ledger::{DocId, NodeTag};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use std::io;
@@ -30,7 +32,7 @@ pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/oncemesh/sync/1");
 /// carry catches up over several rounds only if automerge splits its
 /// message, which it does not: the limit is sized for ~1M allocations.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 /// Most documents one frame may list.
 const MAX_DOCS: usize = 1 << 16;
 
@@ -52,6 +54,8 @@ pub struct SyncRequest {
     pub hlc: Timestamp,
     /// Sender's document time window, ms (must equal ours).
     pub window_ms: u64,
+    /// The peers the sender is connected to.
+    pub connected: Vec<NodeTag>,
     /// Every live document's digest, with a sync message where one is due.
     pub docs: Vec<DocMessage>,
 }
@@ -63,6 +67,8 @@ pub struct SyncResponse {
     pub hlc: Timestamp,
     /// Responder's document time window, ms.
     pub window_ms: u64,
+    /// The peers the responder is connected to.
+    pub connected: Vec<NodeTag>,
     /// (document, digest) for every live document.
     pub digests: Vec<(DocId, [u8; 32])>,
 }
@@ -82,6 +88,14 @@ pub struct SyncCodec;
 
 fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
+}
+
+/// The fields every frame starts with.
+struct Header {
+    hlc: Timestamp,
+    window_ms: u64,
+    connected: Vec<NodeTag>,
+    count: usize,
 }
 
 /// A cursor over a frame body that fails instead of panicking.
@@ -114,17 +128,29 @@ impl<'a> Reader<'a> {
         d.copy_from_slice(self.take(32)?);
         Ok(d)
     }
-    fn header(&mut self) -> io::Result<(Timestamp, u64, usize)> {
+    fn header(&mut self) -> io::Result<Header> {
         if self.u8()? != VERSION {
             return Err(invalid("unknown sync protocol version"));
         }
         let hlc = Timestamp::new(self.u64()?, self.u32()?);
         let window_ms = self.u64()?;
+        let peers = usize::from(self.u8()?);
+        let mut connected = Vec::with_capacity(peers);
+        for _ in 0..peers {
+            let mut tag = [0u8; 8];
+            tag.copy_from_slice(self.take(8)?);
+            connected.push(NodeTag(tag));
+        }
         let count = self.u32()? as usize;
         if count > MAX_DOCS {
             return Err(invalid("too many documents in one frame"));
         }
-        Ok((hlc, window_ms, count))
+        Ok(Header {
+            hlc,
+            window_ms,
+            connected,
+            count,
+        })
     }
     fn doc(&mut self) -> io::Result<DocId> {
         Ok(DocId {
@@ -144,9 +170,9 @@ impl<'a> Reader<'a> {
 /// Decodes a request body.
 pub fn decode_request(body: &[u8]) -> io::Result<SyncRequest> {
     let mut r = Reader(body);
-    let (hlc, window_ms, count) = r.header()?;
-    let mut docs = Vec::with_capacity(count.min(1024));
-    for _ in 0..count {
+    let header = r.header()?;
+    let mut docs = Vec::with_capacity(header.count.min(1024));
+    for _ in 0..header.count {
         let doc = r.doc()?;
         let digest = r.digest()?;
         let len = r.u32()? as usize;
@@ -158,8 +184,9 @@ pub fn decode_request(body: &[u8]) -> io::Result<SyncRequest> {
     }
     r.finish()?;
     Ok(SyncRequest {
-        hlc,
-        window_ms,
+        hlc: header.hlc,
+        window_ms: header.window_ms,
+        connected: header.connected,
         docs,
     })
 }
@@ -167,24 +194,30 @@ pub fn decode_request(body: &[u8]) -> io::Result<SyncRequest> {
 /// Decodes a response body.
 pub fn decode_response(body: &[u8]) -> io::Result<SyncResponse> {
     let mut r = Reader(body);
-    let (hlc, window_ms, count) = r.header()?;
-    let mut digests = Vec::with_capacity(count.min(1024));
-    for _ in 0..count {
+    let header = r.header()?;
+    let mut digests = Vec::with_capacity(header.count.min(1024));
+    for _ in 0..header.count {
         digests.push((r.doc()?, r.digest()?));
     }
     r.finish()?;
     Ok(SyncResponse {
-        hlc,
-        window_ms,
+        hlc: header.hlc,
+        window_ms: header.window_ms,
+        connected: header.connected,
         digests,
     })
 }
 
-fn header(hlc: Timestamp, window_ms: u64, count: usize) -> Vec<u8> {
+fn header(hlc: Timestamp, window_ms: u64, connected: &[NodeTag], count: usize) -> Vec<u8> {
     let mut out = vec![VERSION];
     out.extend_from_slice(&hlc.physical_ms.to_be_bytes());
     out.extend_from_slice(&hlc.logical.to_be_bytes());
     out.extend_from_slice(&window_ms.to_be_bytes());
+    let connected = &connected[..connected.len().min(usize::from(u8::MAX))];
+    out.push(connected.len() as u8);
+    for tag in connected {
+        out.extend_from_slice(&tag.0);
+    }
     out.extend_from_slice(&(count.min(MAX_DOCS) as u32).to_be_bytes());
     out
 }
@@ -196,7 +229,12 @@ fn put_doc(out: &mut Vec<u8>, doc: DocId) {
 
 /// Encodes a request body.
 pub fn encode_request(request: &SyncRequest) -> Vec<u8> {
-    let mut out = header(request.hlc, request.window_ms, request.docs.len());
+    let mut out = header(
+        request.hlc,
+        request.window_ms,
+        &request.connected,
+        request.docs.len(),
+    );
     for d in request.docs.iter().take(MAX_DOCS) {
         put_doc(&mut out, d.doc);
         out.extend_from_slice(&d.digest);
@@ -208,7 +246,12 @@ pub fn encode_request(request: &SyncRequest) -> Vec<u8> {
 
 /// Encodes a response body.
 pub fn encode_response(response: &SyncResponse) -> Vec<u8> {
-    let mut out = header(response.hlc, response.window_ms, response.digests.len());
+    let mut out = header(
+        response.hlc,
+        response.window_ms,
+        &response.connected,
+        response.digests.len(),
+    );
     for (doc, digest) in response.digests.iter().take(MAX_DOCS) {
         put_doc(&mut out, *doc);
         out.extend_from_slice(digest);
@@ -307,6 +350,7 @@ mod tests {
         let request = SyncRequest {
             hlc: Timestamp::new(7, 3),
             window_ms: 6000,
+            connected: vec![NodeTag([4; 8]), NodeTag([5; 8])],
             docs: vec![DocMessage {
                 doc: DocId {
                     epoch: 12,
@@ -320,6 +364,7 @@ mod tests {
         let response = SyncResponse {
             hlc: Timestamp::new(8, 0),
             window_ms: 6000,
+            connected: vec![],
             digests: vec![
                 (DocId { epoch: 1, shard: 0 }, [1; 32]),
                 (DocId { epoch: 1, shard: 7 }, [2; 32]),

@@ -1,7 +1,7 @@
 //! The task that owns the swarm. See the module docs of [`crate::p2p`].
 
 use super::codec::{DocMessage, InboundRequest, SyncCodec, SyncRequest, SyncResponse, PROTOCOL};
-use crate::ledger::{DocId, MergeError, SHARD_COUNT};
+use crate::ledger::{DocId, MergeError, NodeTag, Withhold, SHARD_COUNT};
 use crate::metrics::Kind;
 use crate::node::{Node, StartError};
 use futures::StreamExt;
@@ -56,6 +56,9 @@ enum Outbound {
 
 struct Peer {
     key: String,
+    tag: NodeTag,
+    /// The peers this peer said it is connected to, in its last message.
+    reports: Vec<NodeTag>,
     addr: Multiaddr,
     connections: usize,
     outbound: Outbound,
@@ -144,6 +147,8 @@ impl EventLoop {
                     p.peer_id,
                     Peer {
                         key: p.peer_id.to_string(),
+                        tag: NodeTag::of(&p.peer_id.to_string()),
+                        reports: Vec::new(),
                         addr: p.addr.clone(),
                         connections: 0,
                         outbound: Outbound::Idle,
@@ -300,6 +305,8 @@ impl EventLoop {
         peer.outbound = Outbound::Building;
         let their = peer.their_digests.clone();
         let key = peer.key.clone();
+        let withhold = self.withhold_for(id);
+        let connected = self.connected_tags();
         let node = self.node.clone();
         let tx = self.internal_tx.clone();
         tokio::task::spawn_blocking(move || {
@@ -311,7 +318,7 @@ impl EventLoop {
                     // lost a message with a connection: send again.
                     let unstick = heartbeat && their.get(&doc).is_some_and(|d| *d != digest);
                     node.ledger
-                        .generate_sync(doc, &key, unstick)
+                        .generate_sync(doc, &key, unstick, &withhold)
                         .unwrap_or_default()
                 } else {
                     Vec::new()
@@ -326,6 +333,7 @@ impl EventLoop {
             let request = (any_message || heartbeat).then(|| SyncRequest {
                 hlc: node.ledger.stamp(),
                 window_ms: node.ledger.windows().window_ms,
+                connected,
                 docs,
             });
             let _ = tx.send(Internal::Built { peer: id, request });
@@ -392,11 +400,14 @@ impl EventLoop {
                     if num_established == 0 {
                         tracing::warn!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected; will redial");
                         p.outbound = Outbound::Idle;
+                        p.reports.clear();
                         let key = p.key.clone();
                         self.node.peers.update(&key, |s| s.connected = false);
                         self.node.ledger.reset_sync(&key);
                         self.node.metrics.peers_connected.dec();
                         self.schedule_redial(peer_id);
+                        // Changes it authored were left to it: relay them now.
+                        self.resend_to_all();
                     }
                 }
             }
@@ -559,6 +570,8 @@ impl EventLoop {
             p.their_digests.insert(d.doc, d.digest);
         }
         self.observe_clock(&key, request.hlc);
+        self.record_reports(peer, &request.connected);
+        let connected = self.connected_tags();
         let node = self.node.clone();
         let tx = self.internal_tx.clone();
         tokio::spawn(async move {
@@ -586,6 +599,7 @@ impl EventLoop {
             let response = SyncResponse {
                 hlc: node.ledger.stamp(),
                 window_ms: node.ledger.windows().window_ms,
+                connected,
                 digests: node.ledger.digests(),
             };
             let _ = tx.send(Internal::Respond {
@@ -640,7 +654,64 @@ impl EventLoop {
                 .observe_peer_resync(Duration::from_millis(now.saturating_sub(since)));
         }
         self.observe_clock(&key, response.hlc);
+        self.record_reports(peer, &response.connected);
         self.kick(peer);
+    }
+
+    /// Tags of the peers we are connected to, as our messages report them.
+    fn connected_tags(&self) -> Vec<NodeTag> {
+        let mut tags: Vec<NodeTag> = self
+            .peers
+            .values()
+            .filter(|p| p.connections > 0)
+            .map(|p| p.tag)
+            .collect();
+        tags.sort_unstable();
+        tags
+    }
+
+    /// The authors whose changes `target` gets from them directly: peers
+    /// we are connected to that say they are connected to `target`, while
+    /// `target` says the same of them. See [`crate::ledger::relay`].
+    fn withhold_for(&self, target: PeerId) -> Withhold {
+        let Some(t) = self.peers.get(&target) else {
+            return Withhold::nothing();
+        };
+        let authors = self
+            .peers
+            .iter()
+            .filter(|(id, a)| {
+                **id != target
+                    && a.connections > 0
+                    && a.reports.contains(&t.tag)
+                    && t.reports.contains(&a.tag)
+            })
+            .map(|(_, a)| a.tag)
+            .collect();
+        Withhold { authors }
+    }
+
+    /// Keeps what `peer` says it is connected to. When that changes, what
+    /// may be left to authors changes too: every peer gets a fresh round.
+    fn record_reports(&mut self, peer: PeerId, connected: &[NodeTag]) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.reports != connected {
+            p.reports = connected.to_vec();
+            self.resend_to_all();
+        }
+    }
+
+    /// Marks every document dirty for every peer and starts their rounds.
+    fn resend_to_all(&mut self) {
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.dirty_all = true;
+            }
+            self.kick(id);
+        }
     }
 }
 
