@@ -8,11 +8,46 @@
 
 use crate::hlc::Timestamp;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::sync::Arc;
 
 /// Version tag written into every record, so a future schema can be told apart.
 pub const RECORD_VERSION: u32 = 1;
+
+/// One record of a batch as it is read: strings borrowed from the batch
+/// text where they need no unescaping.
+#[derive(Deserialize)]
+struct BorrowedRecord<'a> {
+    v: u32,
+    #[serde(borrow)]
+    key: Cow<'a, str>,
+    #[serde(borrow)]
+    txn_id: Cow<'a, str>,
+    #[serde(borrow)]
+    region: Cow<'a, str>,
+    #[serde(borrow)]
+    node: Cow<'a, str>,
+    hlc: Timestamp,
+    #[serde(borrow)]
+    fingerprint: Cow<'a, str>,
+    confidence: f64,
+}
+
+/// The region and node names of the record read last, reused while the
+/// next record has the same ones (every record of a batch does).
+#[derive(Default)]
+struct LastNames {
+    region: Option<Arc<str>>,
+    node: Option<Arc<str>>,
+}
+
+fn reuse(last: &mut Option<Arc<str>>, name: &str) -> Arc<str> {
+    match last {
+        Some(known) if **known == *name => known.clone(),
+        _ => last.insert(Arc::from(name)).clone(),
+    }
+}
 
 /// One region's allocation of an idempotency key: what every region must see
 /// to detect a duplicate and agree on the winner.
@@ -47,6 +82,27 @@ impl AllocationRecord {
     /// order is total and every node picks the same winner.
     pub fn precedence(&self, other: &Self) -> Ordering {
         (self.hlc, &self.node, &self.txn_id).cmp(&(other.hlc, &other.node, &other.txn_id))
+    }
+
+    /// Reads a batch: a JSON array of records, as the documents hold them.
+    /// Records of one batch share their region and node strings, so reading
+    /// costs three string allocations per record, not five.
+    pub fn parse_batch(text: &str) -> serde_json::Result<Vec<Self>> {
+        let borrowed: Vec<BorrowedRecord<'_>> = serde_json::from_str(text)?;
+        let mut last = LastNames::default();
+        Ok(borrowed
+            .into_iter()
+            .map(|r| Self {
+                v: r.v,
+                key: Arc::from(r.key.as_ref()),
+                txn_id: r.txn_id.into_owned(),
+                region: reuse(&mut last.region, &r.region),
+                node: reuse(&mut last.node, &r.node),
+                hlc: r.hlc,
+                fingerprint: r.fingerprint.into_owned(),
+                confidence: r.confidence,
+            })
+            .collect())
     }
 
     /// Derives a transaction id that is unique because the (node, HLC) pair is:
@@ -114,6 +170,22 @@ mod tests {
     fn earlier_hlc_wins_then_node_id() {
         assert_eq!(rec(1, "b").precedence(&rec(2, "a")), Ordering::Less);
         assert_eq!(rec(2, "a").precedence(&rec(2, "b")), Ordering::Less);
+    }
+
+    #[test]
+    fn a_batch_reads_like_its_records_and_shares_names() {
+        let mut escaped = rec(7, "n");
+        escaped.key = "quote\"d\\key".into();
+        let records = vec![rec(5, "n"), escaped, rec(9, "m")];
+        let text = serde_json::to_string(&records).unwrap();
+        let batch = AllocationRecord::parse_batch(&text).unwrap();
+        assert_eq!(batch, records);
+        assert!(Arc::ptr_eq(&batch[0].node, &batch[1].node));
+        assert!(!Arc::ptr_eq(&batch[1].node, &batch[2].node));
+        assert!(Arc::ptr_eq(&batch[0].region, &batch[2].region));
+        for bad in ["", "[{}]", "[1]", "{\"v\":1}", "[{\"v\":1,\"key\":2}]"] {
+            assert!(AllocationRecord::parse_batch(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

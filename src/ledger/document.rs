@@ -214,8 +214,8 @@ impl ShardDocument {
             (COMPENSATIONS, &self.compensations),
         ] {
             for item in self.doc.map_range(obj, ..) {
-                let text = value_text(&Value::from(item.value));
-                parse_entries(map, item.key.as_ref(), text, &mut out);
+                let value = Value::from(item.value);
+                parse_entries(map, item.key.as_ref(), value_text(&value), &mut out);
                 if item.conflict {
                     // Two writers on one map key would break the single-writer
                     // rule; keep every value rather than the one automerge shows.
@@ -475,10 +475,10 @@ pub fn record_json<T: serde::Serialize>(record: &T) -> String {
     serde_json::to_string(record).unwrap_or_default()
 }
 
-fn value_text(value: &Value<'_>) -> Option<String> {
+fn value_text<'a>(value: &'a Value<'_>) -> Option<&'a str> {
     match value {
         Value::Scalar(s) => match s.as_ref() {
-            ScalarValue::Str(text) => Some(text.to_string()),
+            ScalarValue::Str(text) => Some(text.as_str()),
             _ => None,
         },
         Value::Object(_) => None,
@@ -488,7 +488,7 @@ fn value_text(value: &Value<'_>) -> Option<String> {
 /// Reads the records of one map value: a batch (JSON array) of allocation
 /// records, or one compensation record. A value that is not valid, whole,
 /// is one malformed entry.
-fn parse_entries(map: &'static str, key: &str, text: Option<String>, out: &mut Vec<Entry>) {
+fn parse_entries(map: &'static str, key: &str, text: Option<&str>, out: &mut Vec<Entry>) {
     let malformed = |reason: String| Entry::Malformed {
         map,
         key: key.to_owned(),
@@ -499,7 +499,7 @@ fn parse_entries(map: &'static str, key: &str, text: Option<String>, out: &mut V
         return;
     };
     if map == ALLOCATIONS {
-        match serde_json::from_str::<Vec<AllocationRecord>>(&text) {
+        match AllocationRecord::parse_batch(text) {
             Ok(batch) if batch.first().is_none_or(|r| !is_batch_id_of(key, r)) => out.push(
                 malformed("a batch's id must be made from its first record".into()),
             ),
@@ -508,7 +508,7 @@ fn parse_entries(map: &'static str, key: &str, text: Option<String>, out: &mut V
         }
         return;
     }
-    out.push(match serde_json::from_str::<CompensationRecord>(&text) {
+    out.push(match serde_json::from_str::<CompensationRecord>(text) {
         Ok(r) if r.txn_id != key => malformed(format!(
             "record txn_id {} differs from its map key",
             r.txn_id

@@ -540,6 +540,7 @@ impl Ledger {
         if entries.is_empty() {
             return Ok(outcome);
         }
+        let mut last_names = LastInterned::default();
         let seq = state.persist(&*self.sink);
         outcome.durable_seq = seq;
         for entry in entries {
@@ -552,7 +553,7 @@ impl Ledger {
                     self.hlc().update(record.hlc);
                     let arrival = group.arrive(id.epoch);
                     let durable = Durable::Store(seq);
-                    let record = Arc::new(self.names.intern(record));
+                    let record = Arc::new(self.names.intern_after(record, &mut last_names));
                     if group.insert(id.epoch, record.clone(), arrival, durable, now) {
                         outcome.conflicts_changed.push(record.key.to_string());
                     }
@@ -871,9 +872,38 @@ impl Names {
     }
 
     /// `record` with its region and node names shared.
-    fn intern(&self, mut record: AllocationRecord) -> AllocationRecord {
-        record.region = self.shared(&record.region);
-        record.node = self.shared(&record.node);
+    fn intern(&self, record: AllocationRecord) -> AllocationRecord {
+        self.intern_after(record, &mut LastInterned::default())
+    }
+
+    /// Like [`Names::intern`], but a name that is the very string of the
+    /// previous record's (records of one batch share theirs) is shared
+    /// without a look-up.
+    fn intern_after(
+        &self,
+        mut record: AllocationRecord,
+        last: &mut LastInterned,
+    ) -> AllocationRecord {
+        record.region = self.shared_after(&record.region, &mut last.region);
+        record.node = self.shared_after(&record.node, &mut last.node);
         record
     }
+
+    fn shared_after(&self, name: &Arc<str>, last: &mut Option<(Arc<str>, Arc<str>)>) -> Arc<str> {
+        match last {
+            Some((read, shared)) if Arc::ptr_eq(read, name) => shared.clone(),
+            _ => {
+                let shared = self.shared(name);
+                *last = Some((name.clone(), shared.clone()));
+                shared
+            }
+        }
+    }
+}
+
+/// The names of the previous record: (as read, shared copy).
+#[derive(Default)]
+struct LastInterned {
+    region: Option<(Arc<str>, Arc<str>)>,
+    node: Option<(Arc<str>, Arc<str>)>,
 }
