@@ -37,6 +37,7 @@ use group::{EpochDoc, Group, Pending, NOT_ARRIVED};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Number of shards the key space is split over. Part of the data model:
 /// every node must use the same number.
@@ -192,6 +193,8 @@ pub struct Ledger {
     names: Names,
     my_region: Arc<str>,
     my_node: Arc<str>,
+    /// The last settlement scan and when it ran.
+    scan: Mutex<Option<(Instant, SettlementScan)>>,
 }
 
 impl Ledger {
@@ -298,6 +301,7 @@ impl Ledger {
             expired_total: AtomicU64::new(0),
             recovered_from_journal: recovered,
             names,
+            scan: Mutex::new(None),
         })
     }
 
@@ -759,7 +763,10 @@ impl Ledger {
         out
     }
 
-    /// Counts for health and metrics.
+    /// Counts for health and metrics. Keys, allocations, conflicts and
+    /// documents are counted now; whether each key is settled (a look at
+    /// every peer's sync state per key, the costly part) comes from a shared
+    /// scan at most a second old.
     pub fn stats(&self) -> LedgerStats {
         let mut stats = LedgerStats {
             malformed_records: self.malformed_total.load(Ordering::Relaxed),
@@ -771,21 +778,51 @@ impl Ledger {
             stats.documents += guard.docs.len() as u64;
             stats.keys += guard.keys.len() as u64;
             stats.conflicts += guard.conflicts.len() as u64;
+            stats.allocations += guard.keys.values().map(|a| a.len() as u64).sum::<u64>();
+        }
+        let scan = self.settlement_scan();
+        stats.provisional = scan.provisional;
+        stats.oldest_provisional_ms = scan.oldest_provisional_ms;
+        stats
+    }
+
+    /// The settlement of every key, from a scan at most [`SCAN_MAX_AGE`]
+    /// old: the scan visits every key, so health checks and metric scrapes
+    /// that come often share one.
+    fn settlement_scan(&self) -> SettlementScan {
+        let mut cached = self.scan.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, scan)) = *cached {
+            if at.elapsed() < SCAN_MAX_AGE {
+                return scan;
+            }
+        }
+        let mut scan = SettlementScan::default();
+        for shard in 0..SHARD_COUNT {
+            let guard = self.group(shard);
             for allocations in guard.keys.values() {
-                stats.allocations += allocations.len() as u64;
                 if allocations.len() == 1 && !guard.settled(&allocations[0], &self.peers) {
-                    stats.provisional += 1;
+                    scan.provisional += 1;
                     let age_from = allocations[0].record.hlc.physical_ms;
-                    stats.oldest_provisional_ms = Some(
-                        stats
-                            .oldest_provisional_ms
+                    scan.oldest_provisional_ms = Some(
+                        scan.oldest_provisional_ms
                             .map_or(age_from, |o: u64| o.min(age_from)),
                     );
                 }
             }
         }
-        stats
+        *cached = Some((Instant::now(), scan));
+        scan
     }
+}
+
+/// Longest a settlement scan is reused by [`Ledger::stats`].
+const SCAN_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// What [`Ledger::stats`] takes from a scan of every key.
+#[derive(Clone, Copy, Debug, Default)]
+struct SettlementScan {
+    provisional: u64,
+    oldest_provisional_ms: Option<u64>,
 }
 
 /// The node's clock as the health report shows it.
@@ -810,9 +847,11 @@ pub struct LedgerStats {
     pub allocations: u64,
     /// Keys with more than one allocation.
     pub conflicts: u64,
-    /// Keys with one allocation not yet settled.
+    /// Keys with one allocation not yet settled, as of the last settlement
+    /// scan (at most a second old).
     pub provisional: u64,
-    /// HLC physical ms of the oldest provisional allocation.
+    /// HLC physical ms of the oldest provisional allocation, as of the same
+    /// scan.
     pub oldest_provisional_ms: Option<u64>,
     /// Records refused as malformed since start.
     pub malformed_records: u64,
