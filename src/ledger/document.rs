@@ -360,6 +360,10 @@ impl ShardDocument {
     }
 
     /// Changes the peer of `state` may lack, by authors `withhold` names.
+    /// Listing them costs a walk of the change graph, so it is only done
+    /// when one of our heads the peer lacks is by such an author (a change
+    /// of theirs we built on is then relayed: a copy too many, never one
+    /// too few).
     fn left_to_authors(&self, state: &sync::State, withhold: &Withhold) -> Vec<ChangeHash> {
         if withhold.authors.is_empty() || state.their_have.is_none() {
             return Vec::new();
@@ -367,6 +371,15 @@ impl ShardDocument {
         let Some(their_heads) = &state.their_heads else {
             return Vec::new();
         };
+        let ours = self.doc.get_heads();
+        let lacks_a_head_by_them = ours.iter().filter(|h| !their_heads.contains(h)).any(|h| {
+            self.doc
+                .get_change_meta_by_hash(h)
+                .is_some_and(|m| withhold.covers(&m.actor))
+        });
+        if !lacks_a_head_by_them {
+            return Vec::new();
+        }
         self.doc
             .get_changes_meta(their_heads)
             .into_iter()
