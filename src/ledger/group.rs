@@ -107,6 +107,8 @@ pub(super) struct Group {
     pub shard: u8,
     pub docs: BTreeMap<u32, EpochDoc>,
     pub keys: HashMap<Arc<str>, Vec<Allocation>>,
+    /// Allocations in `keys`, counted as they come and go.
+    pub allocations: u64,
     pub compensations: HashMap<String, CompensationRecord>,
     pub conflicts: BTreeMap<String, u64>,
     /// Local allocations waiting to be folded into documents, oldest first.
@@ -119,6 +121,7 @@ impl Group {
             shard,
             docs: BTreeMap::new(),
             keys: HashMap::new(),
+            allocations: 0,
             compensations: HashMap::new(),
             conflicts: BTreeMap::new(),
             pending: Vec::new(),
@@ -184,6 +187,7 @@ impl Group {
             .position(|a| allocation.record.precedence(&a.record).is_lt())
             .unwrap_or(list.len());
         list.insert(at, allocation);
+        self.allocations += 1;
         if list.len() > 1 {
             self.conflicts.entry(key.to_string()).or_insert(now_ms);
             true
@@ -266,6 +270,7 @@ impl Group {
             }
             !allocations.is_empty()
         });
+        self.allocations -= dropped;
         let shard = self.shard;
         (
             expired
@@ -302,6 +307,36 @@ mod tests {
 
     fn epoch_doc() -> EpochDoc {
         EpochDoc::new(ShardDocument::genesis(DocId { epoch: 1, shard: 0 }), 0)
+    }
+
+    fn allocation(key: &str, node: &str) -> Arc<AllocationRecord> {
+        Arc::new(AllocationRecord {
+            v: crate::record::RECORD_VERSION,
+            key: key.into(),
+            txn_id: format!("tx_{key}_{node}"),
+            region: "r".into(),
+            node: node.into(),
+            hlc: crate::hlc::Timestamp::new(1, 0),
+            fingerprint: "f".into(),
+            confidence: 1.0,
+        })
+    }
+
+    #[test]
+    fn the_allocation_count_follows_inserts_and_expiry() {
+        let windows = Windows::for_retention(4_000);
+        let mut group = Group::new(0);
+        let (old, new) = (0, 5);
+        for (epoch, key, node) in [(old, "a", "n1"), (new, "a", "n2"), (new, "b", "n1")] {
+            group.doc_mut(epoch, &ActorId::random());
+            group.insert(epoch, allocation(key, node), 0, Durable::Store(0), 0);
+        }
+        let counted = |g: &Group| g.keys.values().map(|l| l.len() as u64).sum::<u64>();
+        assert_eq!((group.allocations, counted(&group)), (3, 3));
+        // Epoch 0 ends at 1 s and is kept 4 s more.
+        let (_, dropped) = group.expire(&windows, 5_000);
+        assert_eq!(dropped, 1);
+        assert_eq!((group.allocations, counted(&group)), (2, 2));
     }
 
     #[test]

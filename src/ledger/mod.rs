@@ -763,10 +763,10 @@ impl Ledger {
         out
     }
 
-    /// Counts for health and metrics. Keys, allocations, conflicts and
-    /// documents are counted now; whether each key is settled (a look at
-    /// every peer's sync state per key, the costly part) comes from a shared
-    /// scan at most a second old.
+    /// Counts for health and metrics, a few operations per shard: keys,
+    /// allocations, conflicts and documents are kept counted; whether each
+    /// key is settled (a look at every peer's sync state per key) comes
+    /// from a shared scan at most a second old.
     pub fn stats(&self) -> LedgerStats {
         let mut stats = LedgerStats {
             malformed_records: self.malformed_total.load(Ordering::Relaxed),
@@ -778,7 +778,7 @@ impl Ledger {
             stats.documents += guard.docs.len() as u64;
             stats.keys += guard.keys.len() as u64;
             stats.conflicts += guard.conflicts.len() as u64;
-            stats.allocations += guard.keys.values().map(|a| a.len() as u64).sum::<u64>();
+            stats.allocations += guard.allocations;
         }
         let scan = self.settlement_scan();
         stats.provisional = scan.provisional;

@@ -22,6 +22,7 @@
 
 use crate::hlc::Timestamp;
 use crate::ledger::{DocId, NodeTag};
+use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use std::io;
@@ -43,8 +44,9 @@ pub struct DocMessage {
     pub doc: DocId,
     /// Sender's heads digest of the document.
     pub digest: [u8; 32],
-    /// Encoded automerge sync message; empty for digest only.
-    pub message: Vec<u8>,
+    /// Encoded automerge sync message; empty for digest only. Received, it
+    /// shares the frame's buffer (no copy of megabyte messages).
+    pub message: Bytes,
 }
 
 /// A request: the sender's clock and window, and its documents.
@@ -168,7 +170,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Decodes a request body.
-pub fn decode_request(body: &[u8]) -> io::Result<SyncRequest> {
+pub fn decode_request(body: &Bytes) -> io::Result<SyncRequest> {
     let mut r = Reader(body);
     let header = r.header()?;
     let mut docs = Vec::with_capacity(header.count.min(1024));
@@ -179,7 +181,7 @@ pub fn decode_request(body: &[u8]) -> io::Result<SyncRequest> {
         docs.push(DocMessage {
             doc,
             digest,
-            message: r.take(len)?.to_vec(),
+            message: body.slice_ref(r.take(len)?),
         });
     }
     r.finish()?;
@@ -294,7 +296,7 @@ impl libp2p::request_response::Codec for SyncCodec {
         T: AsyncRead + Unpin + Send,
     {
         match read_frame(io).await {
-            Ok(body) => Ok(match decode_request(&body) {
+            Ok(body) => Ok(match decode_request(&Bytes::from(body)) {
                 Ok(request) => InboundRequest::Sync(request),
                 Err(e) => InboundRequest::Malformed(e.to_string()),
             }),
@@ -357,10 +359,11 @@ mod tests {
                     shard: 2,
                 },
                 digest: [9; 32],
-                message: vec![1, 2, 3],
+                message: Bytes::from_static(&[1, 2, 3]),
             }],
         };
-        assert_eq!(decode_request(&encode_request(&request)).unwrap(), request);
+        let encoded = Bytes::from(encode_request(&request));
+        assert_eq!(decode_request(&encoded).unwrap(), request);
         let response = SyncResponse {
             hlc: Timestamp::new(8, 0),
             window_ms: 6000,
@@ -379,7 +382,7 @@ mod tests {
     proptest! {
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode_request(&bytes);
+            let _ = decode_request(&Bytes::from(bytes.clone()));
             let _ = decode_response(&bytes);
         }
     }

@@ -4,6 +4,7 @@ use super::codec::{DocMessage, InboundRequest, SyncCodec, SyncRequest, SyncRespo
 use crate::ledger::{DocId, MergeError, NodeTag, Withhold, SHARD_COUNT};
 use crate::metrics::Kind;
 use crate::node::{Node, StartError};
+use bytes::Bytes;
 use futures::StreamExt;
 use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
@@ -319,9 +320,10 @@ impl EventLoop {
                     let unstick = heartbeat && their.get(&doc).is_some_and(|d| *d != digest);
                     node.ledger
                         .generate_sync(doc, &key, unstick, &withhold)
+                        .map(Bytes::from)
                         .unwrap_or_default()
                 } else {
-                    Vec::new()
+                    Bytes::new()
                 };
                 any_message |= !message.is_empty();
                 docs.push(DocMessage {
