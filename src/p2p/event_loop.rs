@@ -18,9 +18,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Redial backoff: quick first, and capped low, so a healed link is back
-/// within a second (a failed dial on a dead link costs next to nothing).
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_millis(250);
+/// within about a tenth of a second (a failed dial on a dead link costs
+/// next to nothing, and a dial still pending is never doubled). The whole
+/// mesh back at once also matters to relay suppression: while only some
+/// links are up, changes are relayed, and then sent again by their authors.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+/// How often redials and the anti-entropy round are checked.
+const HOUSEKEEPING: Duration = Duration::from_millis(50);
 /// A request not answered within this is failed and the session reset.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -180,7 +185,7 @@ impl EventLoop {
 
     /// Runs until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut housekeeping = tokio::time::interval(Duration::from_millis(100));
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let changes = self.node.changes.clone();
         loop {
