@@ -181,7 +181,12 @@ impl Group {
             record,
         };
         let key = allocation.record.key.clone();
-        let list = self.keys.entry(key.clone()).or_default();
+        // Most keys keep one allocation: room for one, not the four a
+        // first push reserves (about 120 bytes a key).
+        let list = self
+            .keys
+            .entry(key.clone())
+            .or_insert_with(|| Vec::with_capacity(1));
         let at = list
             .iter()
             .position(|a| allocation.record.precedence(&a.record).is_lt())
