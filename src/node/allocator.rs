@@ -24,12 +24,10 @@ const QUEUE_DEPTH: usize = 8192;
 /// load, allocations gather for this long into one change per document; when
 /// idle, the first new allocation is folded (and pushed to peers) at once.
 /// Each round costs every document touched one change and one sync
-/// exchange per peer, whatever it carries (a follower's cost under load is
-/// mostly per message). 25 ms against 10 ms lifted a replicating node's
-/// throughput by about a sixth, 50 ms against 25 ms by a fifth more, with
-/// the same p99 at half load; 50 ms of replication lag stays far below a
+/// exchange per peer, whatever it carries; 25 ms (against 10 ms) lifted a
+/// replicating node's throughput by about a sixth, and stays far below a
 /// client's cross-region retry delay.
-const FOLD_INTERVAL: Duration = Duration::from_millis(50);
+const FOLD_INTERVAL: Duration = Duration::from_millis(25);
 /// Time between folding rounds while no peer is connected. Nobody can
 /// receive a change then, and every change costs each peer a fixed price
 /// (hashing, decoding, applying, storing) when the partition heals, so
