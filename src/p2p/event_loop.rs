@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Redial backoff: quick first, and capped low, so a healed link is back
 /// within about a tenth of a second (a failed dial on a dead link costs
-/// next to nothing, and a dial still pending is never doubled). The whole
+/// next to nothing, and no second dial starts while one is pending). The whole
 /// mesh back at once also matters to relay suppression: while only some
 /// links are up, changes are relayed, and then sent again by their authors.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
