@@ -196,11 +196,7 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = changes.changed() => {
                     let changed = changes.take();
-                    let ids: Vec<PeerId> = self.peers.keys().copied().collect();
-                    for id in ids {
-                        if let Some(p) = self.peers.get_mut(&id) { p.dirty.extend(changed.iter().copied()); }
-                        self.kick(id);
-                    }
+                    self.for_every_peer(|p| p.dirty.extend(changed.iter().copied()));
                 }
                 _ = housekeeping.tick() => self.housekeeping(),
             }
@@ -712,10 +708,15 @@ impl EventLoop {
 
     /// Marks every document dirty for every peer and starts their rounds.
     fn resend_to_all(&mut self) {
+        self.for_every_peer(|p| p.dirty_all = true);
+    }
+
+    /// Applies `mark` to every peer, then starts its round if it has work.
+    fn for_every_peer(&mut self, mut mark: impl FnMut(&mut Peer)) {
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
             if let Some(p) = self.peers.get_mut(&id) {
-                p.dirty_all = true;
+                mark(p);
             }
             self.kick(id);
         }
