@@ -394,7 +394,30 @@ impl Ledger {
         requests: &[AllocateRequest],
     ) -> Vec<Result<Allocated, AllocateError>> {
         let mut guard = self.group(shard);
-        let group = &mut *guard;
+        self.allocate_locked(&mut guard, requests)
+    }
+
+    /// [`Ledger::allocate_batch`] if the shard's lock is free right now;
+    /// `None` while it is held (folding, or applying a peer's changes), so
+    /// an async caller never blocks its thread on it.
+    pub fn try_allocate_batch(
+        &self,
+        shard: usize,
+        requests: &[AllocateRequest],
+    ) -> Option<Vec<Result<Allocated, AllocateError>>> {
+        let mut guard = match self.groups[shard % SHARD_COUNT].try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(self.allocate_locked(&mut guard, requests))
+    }
+
+    fn allocate_locked(
+        &self,
+        group: &mut Group,
+        requests: &[AllocateRequest],
+    ) -> Vec<Result<Allocated, AllocateError>> {
         let mut out = Vec::with_capacity(requests.len());
         for request in requests {
             let key = request.key.as_str();

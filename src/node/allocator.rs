@@ -1,11 +1,12 @@
 //! The allocation path and the folder behind it.
 //!
 //! Per-shard queues gather concurrent requests into batches, each decided
-//! under one shard lock with one hop to the blocking pool. A new allocation
-//! is acknowledged once its journal entry is durable; the folder then writes
-//! pending allocations into their automerge documents in the background, many
-//! per change, so automerge work leaves the request path and its per-change
-//! cost is shared by every allocation of a round.
+//! under one shard lock: on the queue's own task when the lock is free, on
+//! the blocking pool when a folding round or a peer's changes hold it.
+//! A new allocation is acknowledged once its journal entry is durable; the
+//! folder then writes pending allocations into their automerge documents in
+//! the background, many per change, so automerge work leaves the request
+//! path and its per-change cost is shared by every allocation of a round.
 
 use crate::ledger::{AllocateError, AllocateRequest, Allocated, Ledger};
 use crate::metrics::Metrics;
@@ -76,18 +77,28 @@ pub fn spawn(
                 n = rx.recv_many(&mut batch, MAX_BATCH) => if n == 0 { break },
             }
             let (requests, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-            let ledger = ledger.clone();
-            // Automerge work is CPU-bound: keep it off the async workers.
-            let outcomes =
-                match tokio::task::spawn_blocking(move || ledger.allocate_batch(shard, &requests))
+            // Deciding a batch takes microseconds: it is done here unless
+            // the shard is locked by a folding round or a peer's changes,
+            // which can take milliseconds; then it waits on the blocking
+            // pool, never on an async worker. (The hop to the pool was a
+            // sixteenth of a loaded node's CPU when taken for every batch.)
+            let outcomes = match ledger.try_allocate_batch(shard, &requests) {
+                Some(outcomes) => outcomes,
+                None => {
+                    let ledger = ledger.clone();
+                    match tokio::task::spawn_blocking(move || {
+                        ledger.allocate_batch(shard, &requests)
+                    })
                     .await
-                {
-                    Ok(outcomes) => outcomes,
-                    Err(e) => {
-                        tracing::error!(shard, error = %e, "allocation batch task failed");
-                        continue;
+                    {
+                        Ok(outcomes) => outcomes,
+                        Err(e) => {
+                            tracing::error!(shard, error = %e, "allocation batch task failed");
+                            continue;
+                        }
                     }
-                };
+                }
+            };
             if outcomes.iter().any(|o| o.as_ref().is_ok_and(|a| !a.replay)) {
                 fold_wanted.notify_one();
             }
