@@ -3,9 +3,9 @@
 # place, on the same workload: allocate a fresh idempotency key, durably
 # (fsync before the answer), as fast as C concurrent clients can.
 #
-#   oncemesh    POST /v1/allocations with a fresh key, over HTTP
-#               (examples/loadgen, closed loop) to one node without peers; a
-#               fresh node and data dir per run.
+#   oncemesh    POST /v1/allocations with a fresh key, over HTTP to one node
+#               without peers (wrk with benches/wrk_allocate.lua, closed
+#               loop); a fresh node and data dir per run.
 #   oncemesh-3  the same load against node 0 of three nodes on loopback, each
 #               connected to the other two and replicating to them (the
 #               project's target: >= 3x PostgreSQL's allocations/s in the same
@@ -22,6 +22,14 @@
 #   redis       SET key:<random> v NX, redis-benchmark, AOF with
 #               appendfsync always (an fsync before each batch of replies),
 #               no RDB snapshots; FLUSHALL before each run.
+#
+# Each system is driven by a load generator written in C, on 2 threads:
+# pgbench (-j 2), redis-benchmark, and wrk (-t 2) for oncemesh's HTTP API.
+# They share the machine's 2 cores with the server, so a heavier client
+# would take CPU from the server it measures: examples/loadgen (Rust,
+# reqwest) spends about twice wrk's CPU per request, and is used only for
+# what wrk cannot do (--client loadgen, or LOADGEN_ARGS set): a fixed
+# offered rate without coordinated omission, replays and retries.
 #
 # All servers and their load generators run on this machine, in this one
 # invocation, interleaved run by run (oncemesh, oncemesh-3, postgresql,
@@ -41,13 +49,16 @@
 #   CLIENTS=50 SECONDS=10 RUNS=3 benches/compare_central_stores.sh   # the defaults
 #   benches/compare_central_stores.sh --systems oncemesh-3,postgresql
 #
-# Env LOADGEN_ARGS adds arguments to every oncemesh load generator run, e.g.
-# LOADGEN_ARGS='--rate 4200' --systems oncemesh-3 for the latency of a node at
-# a fixed offered load (no coordinated omission: see examples/loadgen.rs).
+# Env LOADGEN_ARGS drives oncemesh with examples/loadgen instead of wrk and
+# adds these arguments to every run, e.g. LOADGEN_ARGS='--rate 4200'
+# --systems oncemesh-3 for the latency of a node at a fixed offered load (no
+# coordinated omission: see examples/loadgen.rs).
 #
 # Options: --clients N, --seconds N, --runs N (same as the env variables),
 # --systems LIST (env SYSTEMS; comma-separated, in run order, from
-# oncemesh,oncemesh-3,postgresql,redis; default all four), --replicating
+# oncemesh,oncemesh-3,postgresql,redis; default all four), --client
+# wrk|loadgen (env CLIENT: oncemesh's load generator; default wrk, or loadgen
+# when LOADGEN_ARGS is set), --replicating
 # (env REPLICATING=1: the replicating node only, same as --systems
 # oncemesh-3,postgresql,redis), --node-bin PATH, --loadgen-bin PATH (default
 # target/release/oncemesh and target/release/examples/loadgen, built with
@@ -70,6 +81,7 @@ SYSTEMS_ARG=${SYSTEMS:-}
 [[ ${REPLICATING:-0} == 1 && -z $SYSTEMS_ARG ]] && SYSTEMS_ARG=oncemesh-3,postgresql,redis
 NODE_BIN=""
 LOADGEN_BIN=""
+CLIENT=${CLIENT:-}
 PG_PORT=5433
 REDIS_PORT=6380
 NODE_HTTP_PORT=7700 # node i of oncemesh-3: +i
@@ -88,6 +100,7 @@ while (($#)); do
         --runs) RUNS=${2:?}; shift 2 ;;
         --systems) SYSTEMS_ARG=${2:?}; shift 2 ;;
         --replicating) SYSTEMS_ARG=oncemesh-3,postgresql,redis; shift ;;
+        --client) CLIENT=${2:?}; shift 2 ;;
         --node-bin) NODE_BIN=$(abspath "${2:?}"); shift 2 ;;
         --loadgen-bin) LOADGEN_BIN=$(abspath "${2:?}"); shift 2 ;;
         -h | --help) sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit 0 ;;
@@ -97,6 +110,9 @@ done
 for v in CLIENTS DURATION RUNS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
+[[ -z $CLIENT ]] && { [[ -n ${LOADGEN_ARGS:-} ]] && CLIENT=loadgen || CLIENT=wrk; }
+[[ $CLIENT == wrk || $CLIENT == loadgen ]] || die "--client must be wrk or loadgen, got '$CLIENT'"
+[[ $CLIENT == wrk && -n ${LOADGEN_ARGS:-} ]] && die "LOADGEN_ARGS needs --client loadgen"
 SYSTEMS=()
 if [[ -n $SYSTEMS_ARG ]]; then
     IFS=, read -r -a requested <<<"$SYSTEMS_ARG"
@@ -131,6 +147,9 @@ if selected redis; then
     command -v redis-server >/dev/null || missing+=(redis-server)
     command -v redis-benchmark >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-tools)
 fi
+if [[ $CLIENT == wrk ]] && { selected oncemesh || selected oncemesh-3; }; then
+    command -v wrk >/dev/null || missing+=(wrk)
+fi
 if ((${#missing[@]})); then
     ((EUID == 0)) || die "missing ${missing[*]}: run as root to install them, or install them first"
     say "installing missing Debian packages: ${missing[*]} (apt-get update && apt-get install -y ${missing[*]})"
@@ -145,6 +164,7 @@ command -v curl >/dev/null || die "curl is needed"
 NODE_BIN=${NODE_BIN:-$REPO/target/release/oncemesh}
 LOADGEN_BIN=${LOADGEN_BIN:-$REPO/target/release/examples/loadgen}
 if selected oncemesh || selected oncemesh-3; then
+    [[ $CLIENT == wrk ]] && LOADGEN_BIN=$NODE_BIN # not needed
     if [[ ! -x $NODE_BIN || ! -x $LOADGEN_BIN ]]; then
         [[ $NODE_BIN == "$REPO"/target/* && $LOADGEN_BIN == "$REPO"/target/* ]] ||
             die "$NODE_BIN or $LOADGEN_BIN is missing"
@@ -326,24 +346,55 @@ wait_node() { # http port, pid, log, peers wanted
     die "the node on port $1 has ${c:-0} connected peers after 30 s, wanted $4: $h"
 }
 
-# Runs loadgen against the node on this HTTP port; sets LAST (its JSON line).
-loadgen() {
-    local out
-    local extra
+# Drives the node on this HTTP port with $CLIENT for $DURATION s; sets
+# R_RPS (answered allocations/s), R_P50 and R_P99 (ms), R_ERRORS (failed
+# requests), R_CREATED (new allocations answered) and R_ERROR_TEXT.
+drive_node() {
+    if [[ $CLIENT == wrk ]]; then drive_with_wrk "$1"; else drive_with_loadgen "$1"; fi
+}
+
+drive_with_loadgen() {
+    local out last extra
     read -r -a extra <<<"${LOADGEN_ARGS:-}"
     out=$("$LOADGEN_BIN" --node "http://127.0.0.1:$1" --clients "$CLIENTS" --seconds "$DURATION" --json "${extra[@]}" 2>"$WORK/loadgen.err") ||
         { cat "$WORK/loadgen.err" >&2; die "loadgen failed"; }
-    LAST=$(tail -n 1 <<<"$out")
-    LOADGEN_ERROR=$(grep -m1 'error:' <<<"$out" || true)
+    last=$(tail -n 1 <<<"$out")
+    R_RPS=$(json_field allocations_per_s "$last")
+    R_P50=$(json_field p50_ms "$last")
+    R_P99=$(json_field p99_ms "$last")
+    R_ERRORS=$(json_field errors "$last")
+    R_CREATED=$(json_field created "$last")
+    R_ERROR_TEXT=$(grep -m1 'error:' <<<"$out" || true)
+}
+
+# wrk's latencies come with a unit: 850.00us, 1.83ms, 1.20s -> ms
+wrk_ms() { awk -v v="$1" 'BEGIN {n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; print n}'; }
+
+drive_with_wrk() {
+    local out requests non2xx socket
+    out=$(wrk -t 2 -c "$CLIENTS" -d "${DURATION}s" --latency -s "$REPO/benches/wrk_allocate.lua" "http://127.0.0.1:$1" 2>&1) ||
+        { echo "$out" >&2; die "wrk failed"; }
+    requests=$(sed -n 's/^ *\([0-9]*\) requests in .*/\1/p' <<<"$out")
+    [[ -n $requests ]] || { echo "$out" >&2; die "could not read wrk's request count"; }
+    non2xx=$(sed -n 's/^ *Non-2xx or 3xx responses: *\([0-9]*\).*/\1/p' <<<"$out")
+    socket=$(sed -n 's/^ *Socket errors: *\(.*\)/\1/p' <<<"$out")
+    R_ERRORS=${non2xx:-0}
+    R_CREATED=$((requests - R_ERRORS))
+    # Requests/sec counts every answer: only the 2xx ones are allocations.
+    R_RPS=$(awk -v n="$R_CREATED" -v r="$requests" -v rps="$(sed -n 's/^Requests\/sec: *\([0-9.]*\).*/\1/p' <<<"$out")" 'BEGIN {print rps * n / r}')
+    R_P50=$(wrk_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    R_P99=$(wrk_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    R_ERROR_TEXT=""
+    [[ -z $socket ]] || R_ERROR_TEXT="socket errors: $socket"
+    ((R_ERRORS == 0)) || R_ERROR_TEXT+="${R_ERROR_TEXT:+; }$R_ERRORS answers were not 2xx"
+    [[ -z $R_ERROR_TEXT ]] || R_ERRORS=$((R_ERRORS > 0 ? R_ERRORS : 1))
 }
 
 record_node() { # system name
-    local errors
-    TPUT[$1]+="$(json_field allocations_per_s "$LAST") "
-    P99[$1]+="$(json_field p99_ms "$LAST") "
-    errors=$(json_field errors "$LAST")
-    say "  $1: $(fmt "$(json_field allocations_per_s "$LAST")")/s, p50 $(ms "$(json_field p50_ms "$LAST")") ms, p99 $(ms "$(json_field p99_ms "$LAST")") ms, errors $errors"
-    [[ $errors == 0 ]] || say "  WARNING: $errors failed requests: $LOADGEN_ERROR"
+    TPUT[$1]+="$R_RPS "
+    P99[$1]+="$R_P99 "
+    say "  $1 ($CLIENT): $(fmt "$R_RPS")/s, p50 $(ms "$R_P50") ms, p99 $(ms "$R_P99") ms, errors $R_ERRORS"
+    [[ $R_ERRORS == 0 ]] || say "  WARNING: failed requests: $R_ERROR_TEXT"
 }
 
 run_oncemesh() {
@@ -351,7 +402,7 @@ run_oncemesh() {
     data=$(mktemp -d -p "$WORK" node.XXXXXX)
     start_node 0 --data-dir "$data" --http "127.0.0.1:$NODE_HTTP_PORT"
     wait_node "$NODE_HTTP_PORT" "${NODE_PIDS[0]}" "$WORK/node0.log" 0
-    loadgen "$NODE_HTTP_PORT"
+    drive_node "$NODE_HTTP_PORT"
     stop_nodes
     rm -rf "$data"
     record_node oncemesh
@@ -377,9 +428,9 @@ run_oncemesh3() {
         wait_node $((NODE_HTTP_PORT + i)) "${NODE_PIDS[i]}" "$WORK/node3-$i.log" $((CLUSTER_SIZE - 1))
     done
     say "  $CLUSTER_SIZE nodes up, each with $((CLUSTER_SIZE - 1)) peers connected ($(since "$t0") s); load on node 0"
-    loadgen "$NODE_HTTP_PORT"
+    drive_node "$NODE_HTTP_PORT"
     t0=$(now)
-    created=$(json_field created "$LAST")
+    created=$R_CREATED
     caught=""
     while :; do
         h=$(health "$NODE_HTTP_PORT") && k0=$(json_field keys "$h") || k0=""
@@ -488,6 +539,9 @@ echo
 echo "oncemesh vs central stores: $CLIENTS clients, $DURATION s per run, $RUNS runs each, interleaved, same machine ($(nproc) cores)"
 if selected oncemesh || selected oncemesh-3; then
     echo "  oncemesh $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO" diff --quiet HEAD -- src 2>/dev/null || echo ' (src/ modified)'), fresh nodes and data dirs per run"
+fi
+if selected oncemesh || selected oncemesh-3; then
+    echo "  oncemesh load generator: $CLIENT${LOADGEN_ARGS:+ $LOADGEN_ARGS}"
 fi
 selected oncemesh && echo "  oncemesh:   one node, no peers"
 selected oncemesh-3 && echo "  oncemesh-3: load on node 0 of $CLUSTER_SIZE nodes on loopback, each connected to the other $((CLUSTER_SIZE - 1)) and replicating"
