@@ -338,7 +338,9 @@ impl ShardDocument {
 
     /// The next sync message for a peer, if it needs one, leaving out the
     /// changes `withhold` leaves to their authors (within the grace `held`
-    /// keeps; see [`super::relay`]).
+    /// keeps; see [`super::relay`]). With `withhold.heads`, a message that
+    /// would only tell our heads is not made, and `state` stays as it was,
+    /// so the next call makes it.
     pub fn generate_sync(
         &self,
         state: &mut sync::State,
@@ -348,6 +350,7 @@ impl ShardDocument {
         use automerge::sync::SyncDoc;
         let mut held_back =
             held.within_grace(self.left_to_authors(state, withhold), Instant::now());
+        let before = withhold.heads.then(|| state.clone());
         // automerge sends no change already in `sent_hashes`: listing the
         // held-back ones there for this one call leaves them out of the
         // message without marking them sent.
@@ -356,7 +359,13 @@ impl ShardDocument {
         for hash in &held_back {
             state.sent_hashes.remove(hash);
         }
-        message
+        match (message, before) {
+            (Some(m), Some(before)) if m.changes.is_empty() && m.need.is_empty() => {
+                *state = before;
+                None
+            }
+            (message, _) => message,
+        }
     }
 
     /// Changes the peer of `state` may lack, by authors `withhold` names.
@@ -680,7 +689,10 @@ mod tests {
 
         // B holds A's change back (C asks for it by hash: B's newest change
         // depends on it) and sends its own two.
-        let left_to_a = Withhold { authors: vec![ta] };
+        let left_to_a = Withhold {
+            authors: vec![ta],
+            heads: false,
+        };
         assert_eq!(relay_rounds(&mut b, &mut c, &left_to_a), 2);
         let keys = |d: &ShardDocument| {
             let mut ids: Vec<String> = d
@@ -708,6 +720,59 @@ mod tests {
         d.set_actor(NodeTag::of("d").new_actor());
         assert_eq!(relay_rounds(&mut b, &mut d, &Withhold::nothing()), 3);
         assert_eq!(keys(&d), vec!["tx_a", "tx_b", "tx_b2"]);
+    }
+
+    #[test]
+    fn heads_alone_wait_when_asked_but_changes_never_do() {
+        let (ta, tb, tc) = (NodeTag::of("a"), NodeTag::of("b"), NodeTag::of("c"));
+        let (mut a, mut b, mut c) = (doc(), doc(), doc());
+        a.set_actor(ta.new_actor());
+        b.set_actor(tb.new_actor());
+        c.set_actor(tc.new_actor());
+        let mut held = HeldBack::default();
+        let (mut bc, mut cb) = (sync::State::new(), sync::State::new());
+        let quiet = Withhold {
+            authors: vec![ta],
+            heads: true,
+        };
+        let mut exchange = |b: &mut ShardDocument, c: &mut ShardDocument, bc: &mut sync::State| {
+            let m = b
+                .generate_sync(bc, &Withhold::nothing(), &mut held)
+                .unwrap();
+            c.receive_sync(&mut cb, m).unwrap();
+            if let Some(back) = c.generate_sync(&mut cb, &Withhold::nothing(), &mut held) {
+                b.receive_sync(bc, back).unwrap();
+            }
+        };
+        exchange(&mut b, &mut c, &mut bc);
+
+        // B applies a change of A's: its heads moved, but all it could tell
+        // C is those heads (A's change is A's to send).
+        a.put_allocation_batch("tx_a", [record("tx_a").as_str()].into_iter())
+            .unwrap();
+        sync_into(&mut a, &mut b);
+        let before = bc.clone();
+        assert!(b.generate_sync(&mut bc, &quiet, &mut held).is_none());
+        assert_eq!(
+            bc, before,
+            "a held-back message leaves the sync state untouched"
+        );
+        // Asked again without `heads`, the same message goes, with no change in it.
+        let told = b.generate_sync(
+            &mut bc,
+            &Withhold {
+                heads: false,
+                ..quiet.clone()
+            },
+            &mut held,
+        );
+        assert!(told.is_some_and(|m| m.changes.is_empty()));
+
+        // A change of B's own goes at once, `heads` or not.
+        b.put_allocation_batch("tx_b", [record("tx_b").as_str()].into_iter())
+            .unwrap();
+        let m = b.generate_sync(&mut bc, &quiet, &mut held).unwrap();
+        assert_eq!(m.changes.len(), 1);
     }
 
     #[test]

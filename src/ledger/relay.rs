@@ -12,6 +12,15 @@
 //! author's heads in ours). A change held back longer than [`RELAY_GRACE`]
 //! is sent anyway, and once either side reports the author gone it is sent
 //! at the next round.
+//!
+//! What is left to the authors, the automerge protocol still acknowledges:
+//! every applied message changes our heads, and the new heads go back as a
+//! message of their own. Between two followers of an allocating node that
+//! was an endless exchange of messages carrying nothing but heads, a round
+//! trip per change of the allocating node, most of each follower's sync
+//! requests under load. A peer told our heads recently is therefore told
+//! the next ones a little later ([`Withhold::heads`]), while any message
+//! with changes in it goes at once.
 
 use automerge::{ActorId, ChangeHash};
 use std::collections::HashMap;
@@ -64,6 +73,10 @@ impl NodeTag {
 pub struct Withhold {
     /// Authors whose changes the peer gets from them directly.
     pub authors: Vec<NodeTag>,
+    /// Hold back a message that would carry only our heads (no changes, no
+    /// request for changes): the peer was told them a moment ago and they
+    /// can wait for the next round.
+    pub heads: bool,
 }
 
 impl Withhold {
@@ -123,7 +136,10 @@ mod tests {
     fn withhold_covers_only_the_listed_authors() {
         let a = NodeTag::of("a");
         let b = NodeTag::of("b");
-        let w = Withhold { authors: vec![a] };
+        let w = Withhold {
+            authors: vec![a],
+            heads: false,
+        };
         assert!(w.covers(&a.new_actor()));
         assert!(!w.covers(&b.new_actor()));
         assert!(!Withhold::nothing().covers(&a.new_actor()));

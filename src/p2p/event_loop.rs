@@ -28,6 +28,11 @@ const MAX_BACKOFF: Duration = Duration::from_millis(100);
 const HOUSEKEEPING: Duration = Duration::from_millis(50);
 /// A request not answered within this is failed and the session reset.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Least time between two requests to a peer whose only news from us would
+/// be our heads (see [`crate::ledger::relay`]): it keeps a follower's
+/// acknowledgements to a ten a second per peer instead of one per change it
+/// applies, while any change of ours goes at once.
+const HEADS_GAP: Duration = Duration::from_millis(100);
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -43,6 +48,8 @@ enum Internal {
     Built {
         peer: PeerId,
         request: Option<SyncRequest>,
+        /// Documents whose message was held back as heads only.
+        deferred: Vec<DocId>,
     },
     /// A received request was applied and made durable; answer it.
     Respond {
@@ -74,6 +81,13 @@ struct Peer {
     dirty_all: bool,
     /// Send a request even without sync messages (anti-entropy round).
     heartbeat: bool,
+    /// When the last request to this peer went out.
+    last_sent: Option<Instant>,
+    /// Documents whose heads-only message was held back, and since when.
+    deferred: BTreeSet<DocId>,
+    deferred_since: Option<Instant>,
+    /// The next round sends heads-only messages too (the deferred ones are due).
+    flush: bool,
     /// The peer's last known digest of each document.
     their_digests: HashMap<DocId, [u8; 32]>,
     backoff: Duration,
@@ -161,6 +175,10 @@ impl EventLoop {
                         dirty: BTreeSet::new(),
                         dirty_all: false,
                         heartbeat: false,
+                        last_sent: None,
+                        deferred: BTreeSet::new(),
+                        deferred_since: None,
+                        flush: false,
                         their_digests: HashMap::new(),
                         backoff: FIRST_BACKOFF,
                         next_dial: Some(Instant::now()),
@@ -214,10 +232,24 @@ impl EventLoop {
         for id in due {
             self.dial(id);
         }
+        self.flush_deferred(now);
         if now.duration_since(self.last_heartbeat) >= self.node.config.sync_interval {
             self.last_heartbeat = now;
             self.heartbeat();
         }
+    }
+
+    /// Sends the held-back heads of every peer that has waited [`HEADS_GAP`].
+    fn flush_deferred(&mut self, now: Instant) {
+        self.for_every_peer(|p| {
+            if p.deferred_since
+                .is_some_and(|t| now.duration_since(t) >= HEADS_GAP)
+            {
+                p.dirty.append(&mut p.deferred);
+                p.deferred_since = None;
+                p.flush = true;
+            }
+        });
     }
 
     fn dial(&mut self, id: PeerId) {
@@ -304,18 +336,26 @@ impl EventLoop {
         let dirty = std::mem::take(&mut peer.dirty);
         let all = std::mem::take(&mut peer.dirty_all);
         let heartbeat = std::mem::take(&mut peer.heartbeat);
+        let flush = std::mem::take(&mut peer.flush);
+        let told_recently = peer.last_sent.is_some_and(|t| t.elapsed() < HEADS_GAP);
         peer.outbound = Outbound::Building;
         let their = peer.their_digests.clone();
         let key = peer.key.clone();
-        let withhold = self.withhold_for(id);
+        let mut withhold = self.withhold_for(id);
+        // Heads alone wait while authors send the peer their changes
+        // themselves and it heard from us a moment ago.
+        withhold.heads =
+            !withhold.authors.is_empty() && told_recently && !(all || heartbeat || flush);
         let connected = self.connected_tags();
         let node = self.node.clone();
         let tx = self.internal_tx.clone();
         tokio::task::spawn_blocking(move || {
             let mut docs = Vec::new();
+            let mut deferred = Vec::new();
             let mut any_message = false;
             for (doc, digest) in node.ledger.digests() {
-                let message = if all || dirty.contains(&doc) {
+                let wanted = all || dirty.contains(&doc);
+                let message = if wanted {
                     // A peer whose digest differs while nothing is under way
                     // lost a message with a connection: send again.
                     let unstick = heartbeat && their.get(&doc).is_some_and(|d| *d != digest);
@@ -326,6 +366,9 @@ impl EventLoop {
                 } else {
                     Bytes::new()
                 };
+                if wanted && withhold.heads && message.is_empty() {
+                    deferred.push(doc);
+                }
                 any_message |= !message.is_empty();
                 docs.push(DocMessage {
                     doc,
@@ -339,17 +382,29 @@ impl EventLoop {
                 connected,
                 docs,
             });
-            let _ = tx.send(Internal::Built { peer: id, request });
+            let _ = tx.send(Internal::Built {
+                peer: id,
+                request,
+                deferred,
+            });
         });
     }
 
     fn on_internal(&mut self, internal: Internal) {
         match internal {
-            Internal::Built { peer, request } => {
+            Internal::Built {
+                peer,
+                request,
+                deferred,
+            } => {
                 let Some(p) = self.peers.get_mut(&peer) else {
                     return;
                 };
                 p.outbound = Outbound::Idle;
+                if !deferred.is_empty() {
+                    p.deferred.extend(deferred);
+                    p.deferred_since.get_or_insert_with(Instant::now);
+                }
                 match request {
                     Some(request) if p.connections > 0 => {
                         let bytes: usize = request.docs.iter().map(|d| d.message.len()).sum();
@@ -361,6 +416,7 @@ impl EventLoop {
                             .sync
                             .send_request(&peer, InboundRequest::Sync(request));
                         p.outbound = Outbound::InFlight(id);
+                        p.last_sent = Some(Instant::now());
                     }
                     _ => self.kick(peer),
                 }
@@ -691,7 +747,10 @@ impl EventLoop {
             })
             .map(|(_, a)| a.tag)
             .collect();
-        Withhold { authors }
+        Withhold {
+            authors,
+            heads: false,
+        }
     }
 
     /// Keeps what `peer` says it is connected to. When that changes, what
