@@ -406,39 +406,57 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         p.heal();
     }
     let shared_set: BTreeSet<String> = shared.iter().cloned().collect();
-    let mut per_node: Vec<Option<f64>> = vec![None; 3];
-    let mut cpu_after = cpu_before.clone();
-    let mut bytes_at = 0;
-    let mut last_report = Instant::now();
-    while per_node.iter().any(Option::is_none) {
-        if healed.elapsed() > timeout {
+    // Each node is polled on its own: answers slow down while a node applies
+    // what arrives (30-120 ms each), and polling the nodes one after another
+    // charged every node's time with the others' answers.
+    let outcomes = {
+        let poll = Duration::from_millis(args.poll_ms);
+        let checks = nodes.iter().map(|node| {
+            let (http, shared_set) = (&http, &shared_set);
+            async move {
+                while healed.elapsed() <= timeout {
+                    if converged(http, &node.http, want_keys, shared_set).await {
+                        return Some((healed.elapsed().as_secs_f64(), cpu_seconds(node.pid)));
+                    }
+                    tokio::time::sleep(poll).await;
+                }
+                None
+            }
+        });
+        let mut all_checks = std::pin::pin!(futures::future::join_all(checks));
+        let report_every = if args.trace {
+            poll
+        } else {
+            Duration::from_secs(5)
+        };
+        loop {
+            tokio::select! {
+                outcomes = &mut all_checks => break outcomes,
+                _ = tokio::time::sleep(report_every) => {
+                    let bytes: u64 = proxies.iter().map(|p| p.bytes()).sum();
+                    eprintln!(
+                        "[{:>6.3}s after heal] complete {} bytes={}",
+                        healed.elapsed().as_secs_f64(),
+                        conflict_counts(&http, &nodes).await,
+                        bytes - bytes_before
+                    );
+                }
+            }
+        }
+    };
+    let bytes_at: u64 = proxies.iter().map(|p| p.bytes()).sum();
+    let mut per_node = Vec::with_capacity(3);
+    let mut cpu_after = Vec::with_capacity(3);
+    for outcome in outcomes {
+        let Some((at, cpu)) = outcome else {
             let status = status_lines(&http, &nodes).await;
             anyhow::bail!(
                 "not converged {} s after heal:\n{status}",
                 timeout.as_secs()
             );
-        }
-        if args.trace || last_report.elapsed() > Duration::from_secs(5) {
-            last_report = Instant::now();
-            let bytes: u64 = proxies.iter().map(|p| p.bytes()).sum();
-            eprintln!(
-                "[{:>6.3}s after heal] complete {} bytes={}",
-                healed.elapsed().as_secs_f64(),
-                conflict_counts(&http, &nodes).await,
-                bytes - bytes_before
-            );
-        }
-        for (i, node) in nodes.iter().enumerate() {
-            if per_node[i].is_some() {
-                continue;
-            }
-            if converged(&http, &node.http, want_keys, &shared_set).await {
-                per_node[i] = Some(healed.elapsed().as_secs_f64());
-                cpu_after[i] = cpu_seconds(node.pid);
-                bytes_at = proxies.iter().map(|p| p.bytes()).sum();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(args.poll_ms)).await;
+        };
+        per_node.push(at);
+        cpu_after.push(cpu);
     }
     // Everything the machine did meanwhile that was neither a node nor this program.
     let other_cpu_s = machine_busy_seconds()
@@ -449,10 +467,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
             .zip(&cpu_before)
             .map(|(n, b)| cpu_seconds(n.pid) - b)
             .sum::<f64>();
-    let per_node_s: Vec<f64> = per_node
-        .into_iter()
-        .map(Option::unwrap_or_default)
-        .collect();
+    let per_node_s = per_node;
     let converged_s = per_node_s.iter().copied().fold(0.0, f64::max);
     let accepts: Vec<f64> = proxies
         .iter()
