@@ -17,13 +17,8 @@ pub(super) struct EpochDoc {
     pub doc: ShardDocument,
     /// Records that have arrived in this document, counted.
     pub arrivals: u64,
-    /// Per peer, the arrival count as of the last moment both held identical
-    /// copies of this document.
-    pub synced_arrival: HashMap<String, u64>,
-    /// Per peer, the automerge sync state of this document.
-    pub sync_states: HashMap<String, sync::State>,
-    /// Per peer, how long changes have been left to their authors.
-    pub held_back: HashMap<String, HeldBack>,
+    /// What this document tracks about each peer, by peer id.
+    pub peers: HashMap<String, PeerDoc>,
     /// Bytes appended since the last full save (or since load).
     pub bytes_since_snapshot: usize,
     /// Size of the last full save (or of what was loaded).
@@ -32,14 +27,25 @@ pub(super) struct EpochDoc {
     bytes_at_last_check: usize,
 }
 
+/// What one document tracks about one peer, in one place so that the
+/// pieces start, reset and end together.
+#[derive(Default)]
+pub(super) struct PeerDoc {
+    /// The automerge sync state of this document with the peer.
+    pub sync: sync::State,
+    /// How long changes have been left to their authors for this peer.
+    pub held: HeldBack,
+    /// The arrival count as of the last moment both held identical copies
+    /// of this document; `None` until that first happens.
+    pub synced_arrival: Option<u64>,
+}
+
 impl EpochDoc {
     pub fn new(doc: ShardDocument, stored_bytes: usize) -> Self {
         Self {
             doc,
             arrivals: 0,
-            synced_arrival: HashMap::new(),
-            sync_states: HashMap::new(),
-            held_back: HashMap::new(),
+            peers: HashMap::new(),
             bytes_since_snapshot: 0,
             snapshot_bytes: stored_bytes,
             bytes_at_last_check: 0,
@@ -212,11 +218,12 @@ impl Group {
         allocation: &'a Allocation,
         peers: &'a [String],
     ) -> impl Iterator<Item = &'a String> + 'a {
-        let synced = self.docs.get(&allocation.epoch).map(|d| &d.synced_arrival);
+        let peer_docs = self.docs.get(&allocation.epoch).map(|d| &d.peers);
         peers.iter().filter(move |p| {
-            synced
-                .and_then(|s| s.get(*p))
-                .is_none_or(|&s| s < allocation.arrival)
+            peer_docs
+                .and_then(|docs| docs.get(*p))
+                .and_then(|d| d.synced_arrival)
+                .is_none_or(|s| s < allocation.arrival)
         })
     }
 

@@ -529,10 +529,8 @@ impl Ledger {
         message: sync::Message,
     ) -> Result<MergeOutcome, MergeError> {
         self.apply_remote(doc, |state| {
-            let mut sync_state = state.sync_states.remove(peer).unwrap_or_default();
-            let result = state.doc.receive_sync(&mut sync_state, message);
-            state.sync_states.insert(peer.to_owned(), sync_state);
-            result
+            let peer_doc = state.peers.entry(peer.to_owned()).or_default();
+            state.doc.receive_sync(&mut peer_doc.sync, message)
         })
     }
 
@@ -635,14 +633,13 @@ impl Ledger {
     ) -> Option<Vec<u8>> {
         let mut guard = self.group(usize::from(doc.shard));
         let state = guard.docs.get_mut(&doc.epoch)?;
-        let sync_state = state.sync_states.entry(peer.to_owned()).or_default();
+        let peer_doc = state.peers.entry(peer.to_owned()).or_default();
         if unstick {
-            sync_state.in_flight = false;
+            peer_doc.sync.in_flight = false;
         }
-        let held = state.held_back.entry(peer.to_owned()).or_default();
         state
             .doc
-            .generate_sync(sync_state, withhold, held)
+            .generate_sync(&mut peer_doc.sync, withhold, &mut peer_doc.held)
             .map(|m| m.encode())
     }
 
@@ -653,7 +650,8 @@ impl Ledger {
         for shard in 0..SHARD_COUNT {
             let mut guard = self.group(shard);
             for doc in guard.docs.values_mut() {
-                if let Some(state) = doc.sync_states.get_mut(peer) {
+                if let Some(peer_doc) = doc.peers.get_mut(peer) {
+                    let state = &mut peer_doc.sync;
                     *state = sync::State::decode(&state.encode()).unwrap_or_default();
                 }
             }
@@ -674,7 +672,11 @@ impl Ledger {
             return false;
         }
         let arrivals = state.arrivals;
-        state.synced_arrival.insert(peer.to_owned(), arrivals);
+        state
+            .peers
+            .entry(peer.to_owned())
+            .or_default()
+            .synced_arrival = Some(arrivals);
         true
     }
 
@@ -711,9 +713,9 @@ impl Ledger {
             let guard = self.group(shard);
             for doc in guard.docs.values() {
                 if let Some(heads) = doc
-                    .sync_states
+                    .peers
                     .get(peer)
-                    .and_then(|s| s.their_heads.as_ref())
+                    .and_then(|p| p.sync.their_heads.as_ref())
                 {
                     they_lack += doc.doc.changes_missing_from(heads);
                     we_lack += doc.doc.unknown_heads(heads);
