@@ -23,8 +23,9 @@
 #               appendfsync always (an fsync before each batch of replies),
 #               no RDB snapshots; FLUSHALL before each run.
 #
-# Each system is driven by a load generator written in C, on 2 threads:
-# pgbench (-j 2), redis-benchmark, and wrk (-t 2) for oncemesh's HTTP API.
+# Each system is driven by a load generator written in C: pgbench (-j 2,
+# two threads), redis-benchmark (one thread), and wrk (-t 2, two threads)
+# for oncemesh's HTTP API.
 # They share the machine's 2 cores with the server, so a heavier client
 # would take CPU from the server it measures: examples/loadgen (Rust,
 # reqwest) spends about twice wrk's CPU per request, and is used only for
@@ -164,13 +165,15 @@ command -v curl >/dev/null || die "curl is needed"
 NODE_BIN=${NODE_BIN:-$REPO/target/release/oncemesh}
 LOADGEN_BIN=${LOADGEN_BIN:-$REPO/target/release/examples/loadgen}
 if selected oncemesh || selected oncemesh-3; then
-    [[ $CLIENT == wrk ]] && LOADGEN_BIN=$NODE_BIN # not needed
-    if [[ ! -x $NODE_BIN || ! -x $LOADGEN_BIN ]]; then
-        [[ $NODE_BIN == "$REPO"/target/* && $LOADGEN_BIN == "$REPO"/target/* ]] ||
-            die "$NODE_BIN or $LOADGEN_BIN is missing"
+    needed=("$NODE_BIN")
+    [[ $CLIENT == loadgen ]] && needed+=("$LOADGEN_BIN")
+    for bin in "${needed[@]}"; do
+        [[ -x $bin ]] && continue
+        [[ $bin == "$REPO"/target/* ]] || die "$bin is missing"
         say "building: cargo build --release --bin oncemesh --example loadgen"
         cargo build --release --bin oncemesh --example loadgen >&2
-    fi
+        break
+    done
 fi
 
 # PostgreSQL refuses to run as root: as root it runs as user postgres.

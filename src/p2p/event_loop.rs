@@ -30,7 +30,7 @@ const HOUSEKEEPING: Duration = Duration::from_millis(50);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Least time between two requests to a peer whose only news from us would
 /// be our heads (see [`crate::ledger::relay`]): it keeps a follower's
-/// acknowledgements to a ten a second per peer instead of one per change it
+/// acknowledgements to about ten a second per peer instead of one per change it
 /// applies, while any change of ours goes at once.
 const HEADS_GAP: Duration = Duration::from_millis(100);
 
