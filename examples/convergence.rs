@@ -24,7 +24,10 @@
 //!    is complete: it counts every key under every shard lock); also the bytes
 //!    the proxies forwarded from heal to convergence, when the proxies first
 //!    forwarded a connection again, the CPU time each node used meanwhile, the
-//!    CPU other processes used (to reject disturbed runs), and node RSS.
+//!    CPU other processes used (to reject disturbed runs), and node RSS;
+//! 5. then keep polling until every node's `GET /v1/conflicts?state=open` is
+//!    empty: each loser compensated by its own node, and every node has seen
+//!    it (`resolved`).
 //!
 //! The `oncemesh` binary is `--bin`, or the one next to this example's own
 //! directory (`target/release/oncemesh` for `target/release/examples/convergence`).
@@ -117,10 +120,11 @@ async fn main() -> anyhow::Result<()> {
             v[v.len() / 2]
         };
         println!(
-            "median of {} runs: converged {:.3} s after heal ({:.3} s after first reconnect), {:.1} bytes/allocation, partitioned allocation {:.0}/s",
+            "median of {} runs: converged {:.3} s after heal ({:.3} s after first reconnect), compensated {:.3} s, {:.1} bytes/allocation, partitioned allocation {:.0}/s",
             results.len(),
             med(&|r| r.converged_s),
             med(&|r| r.converged_s - r.reconnect_s),
+            med(&|r| r.resolved_s),
             med(&|r| r.bytes_per_allocation()),
             med(&|r| r.allocation_rate),
         );
@@ -152,6 +156,8 @@ struct RunResult {
     all_pairs_s: f64,
     per_node_s: Vec<f64>,
     converged_s: f64,
+    /// Every conflict compensated, as every node reports it.
+    resolved_s: f64,
     bytes: u64,
     cpu_s: Vec<f64>,
     idle_cpu_s: Vec<f64>,
@@ -188,6 +194,10 @@ impl RunResult {
             self.converged_s - self.reconnect_s,
         );
         println!(
+            "run {run}: every conflict compensated, on every node's report, {:.3} s after heal",
+            self.resolved_s
+        );
+        println!(
             "run {run}: {} bytes through the proxies = {:.1} bytes per allocation ({:.1} per allocation copy delivered); node CPU during convergence {} s",
             self.bytes,
             self.bytes_per_allocation(),
@@ -215,7 +225,7 @@ impl RunResult {
             "allocations": self.allocations(), "allocate_s": self.allocate_s,
             "allocation_rate": self.allocation_rate, "errors": self.errors,
             "reconnect_s": self.reconnect_s, "all_pairs_s": self.all_pairs_s,
-            "converged_s": self.converged_s,
+            "converged_s": self.converged_s, "resolved_s": self.resolved_s,
             "per_node_s": self.per_node_s, "bytes": self.bytes,
             "bytes_per_allocation": self.bytes_per_allocation(), "cpu_s": self.cpu_s,
             "idle_cpu_per_s": self.idle_cpu_s, "other_cpu_s": self.other_cpu_s,
@@ -469,6 +479,23 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
             .sum::<f64>();
     let per_node_s = per_node;
     let converged_s = per_node_s.iter().copied().fold(0.0, f64::max);
+    let poll = Duration::from_millis(args.poll_ms);
+    let resolved = nodes.iter().map(|node| async {
+        while healed.elapsed() <= timeout {
+            if no_open_conflicts(&http, &node.http).await {
+                return Some(healed.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(poll).await;
+        }
+        None
+    });
+    let resolved_s = futures::future::join_all(resolved)
+        .await
+        .into_iter()
+        .try_fold(0.0, |latest: f64, at| at.map(|at| latest.max(at)))
+        .ok_or_else(|| {
+            anyhow::anyhow!("conflicts still open {} s after heal", timeout.as_secs())
+        })?;
     let accepts: Vec<f64> = proxies
         .iter()
         .map(|p| {
@@ -501,6 +528,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         all_pairs_s,
         per_node_s,
         converged_s,
+        resolved_s,
         bytes: bytes_at - bytes_before,
         cpu_s,
         idle_cpu_s,
@@ -628,6 +656,13 @@ async fn converged(
         return false;
     };
     health["ledger"]["keys"].as_u64() == Some(want_keys)
+}
+
+/// Whether the node reports no open conflict (all compensated).
+async fn no_open_conflicts(http: &reqwest::Client, node: &str) -> bool {
+    get_json(http, &format!("{node}/v1/conflicts?state=open"))
+        .await
+        .is_ok_and(|r| r["conflicts"].as_array().is_some_and(Vec::is_empty))
 }
 
 /// Keys in the node's conflict report that have all three allocations.

@@ -472,6 +472,56 @@ async fn the_losers_own_node_compensates_it_exactly_once() {
     assert_no_more_calls(&rx, Duration::from_secs(1)).await;
 }
 
+/// A refund call that takes seconds holds up none of its node's other
+/// compensations: attempts of different losers run side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_refund_call_does_not_hold_up_the_nodes_other_compensations() {
+    let rx = Receiver::start().await;
+    let slow = Duration::from_secs(4);
+    {
+        let mut st = rx.state();
+        st.slow_next = 1;
+        st.delay = slow;
+    }
+    let s = partitioned_conflict(2, &[0, 1], &rx, &[]).await;
+    // Four more keys, each allocated by node 0 and then, a little later on
+    // the same clock, by node 1: node 1 loses all five.
+    for i in 0..4 {
+        let key = format!("order-8{i}-refund");
+        for node in 0..2 {
+            let (code, body) =
+                s.c.node(node)
+                    .post_json(
+                        "/v1/allocations",
+                        &json!({ "key": key, "payload": { "customer": i } }),
+                    )
+                    .await;
+            assert_eq!(code, 201, "allocate {key} on node {node}: {body}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    s.c.heal_all();
+    let all_done =
+        s.c.wait_until_async(CONVERGE, async || rx.effects() == 5)
+            .await;
+    assert!(all_done, "not every loser was refunded:\n{}", rx.describe());
+    let calls = rx.calls();
+    let slow_call = &calls[0];
+    let others: Vec<&Call> = calls[1..]
+        .iter()
+        .filter(|c| c.from == slow_call.from)
+        .collect();
+    assert!(!others.is_empty(), "{}", rx.describe());
+    assert!(
+        others.iter().all(|c| c.at < slow_call.at + slow),
+        "a compensation waited for the slow call of another:\n{}",
+        rx.describe()
+    );
+    // Five losers, five calls, all by the losing node, none repeated.
+    assert_eq!(calls.len(), 5, "{}", rx.describe());
+    assert!(calls.iter().all(|c| c.from == 1), "{}", rx.describe());
+}
+
 /// 503 three times: retried with backoff, with the same key, then done once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failures_are_retried_with_backoff_and_the_same_key() {

@@ -16,12 +16,17 @@ use crate::node::Node;
 use crate::record::{AllocationRecord, CompensationRecord, RECORD_VERSION};
 use action::{Executor, Subject};
 use axum::http::StatusCode;
+use futures::stream::{FuturesUnordered, StreamExt};
 use machine::{Compensation, CompensationState, LogEntry, RetryPolicy};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Most compensation attempts (of different losers) run at once; a
+/// webhook endpoint sees at most this many concurrent requests from a node.
+const ATTEMPTS_IN_FLIGHT: usize = 16;
 
 /// This node's compensations, keyed by losing transaction id.
 #[derive(Default)]
@@ -164,17 +169,31 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
         // keys merges report as changed (the node's conflict inbox).
         let mut changed: Vec<KeyView> =
             node.ledger.conflicts().into_iter().map(|c| c.key).collect();
+        // Attempts run side by side, and the loop keeps taking new losers
+        // while they do: one slow webhook call holds up nothing else.
+        let mut running = FuturesUnordered::new();
+        let mut in_flight: HashSet<String> = HashSet::new();
         loop {
             schedule_new_losers(&node, changed).await;
             forget_expired(&node);
-            let next_due = run_due(&node, &policy, &executor, &shutdown).await;
-            let wait = next_due
+            for txn in due_now(&node, &in_flight, ATTEMPTS_IN_FLIGHT - running.len()) {
+                in_flight.insert(txn.clone());
+                let (node, policy, executor) = (&*node, &policy, &executor);
+                running.push(async move {
+                    attempt(node, policy, executor, &txn).await;
+                    txn
+                });
+            }
+            let wait = next_attempt_at(&node, &in_flight)
                 .map(|at| Duration::from_millis(at.saturating_sub(node.ledger.wall_ms())))
                 .unwrap_or(Duration::from_secs(5))
                 .min(Duration::from_secs(5));
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                Some(txn) = running.next() => {
+                    in_flight.remove(&txn);
+                }
                 _ = node.compensation_wakeup.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
@@ -184,7 +203,32 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
                 .filter_map(|key| node.ledger.key(key))
                 .collect();
         }
+        // Attempts under way finish (each is bounded by the webhook
+        // timeout); none is cut between its call and its log entry.
+        while running.next().await.is_some() {}
     });
+}
+
+/// Due compensations not already being attempted, at most `room` of them.
+fn due_now(node: &Node, in_flight: &HashSet<String>, room: usize) -> Vec<String> {
+    let now = node.ledger.wall_ms();
+    node.compensations
+        .lock()
+        .iter()
+        .filter(|(txn, t)| t.machine.due(now) && !in_flight.contains(*txn))
+        .map(|(txn, _)| txn.clone())
+        .take(room)
+        .collect()
+}
+
+/// When the next compensation not under way is due.
+fn next_attempt_at(node: &Node, in_flight: &HashSet<String>) -> Option<u64> {
+    node.compensations
+        .lock()
+        .iter()
+        .filter(|(txn, _)| !in_flight.contains(*txn))
+        .filter_map(|(_, t)| t.machine.next_attempt_at_ms)
+        .min()
 }
 
 fn millis(d: Duration) -> u64 {
@@ -289,16 +333,19 @@ fn forget_expired(node: &Node) {
 }
 
 /// Creates a compensation for every loser of `conflicts` this node made
-/// that has none, and keeps the winner of those it has current.
+/// that has none, and keeps the winner of those it has current. The new
+/// ones are logged together, so after a partition a hundred losers share a
+/// few commits instead of waiting for one each.
 async fn schedule_new_losers(node: &Node, conflicts: Vec<KeyView>) {
     let me = node.peer_id.to_string();
+    let mut new: Vec<(Tracked, LogEntry)> = Vec::new();
     for conflict in conflicts {
         let Some(winner) = conflict.winner().map(|w| w.record.clone()) else {
             continue;
         };
         for loser in conflict.allocations.iter().skip(1) {
             let txn = &loser.record.txn_id;
-            if *loser.record.node != *me {
+            if *loser.record.node != *me || new.iter().any(|(t, _)| t.machine.loser_txn == *txn) {
                 continue;
             }
             // A later arrival can beat the winner seen so far; keep the
@@ -317,49 +364,30 @@ async fn schedule_new_losers(node: &Node, conflicts: Vec<KeyView>) {
                 None => {}
             }
             let (machine, entry) = Compensation::new(txn, node.ledger.wall_ms());
-            if let Err(e) = append(node, txn, &entry).await {
-                tracing::error!(txn, error = %e, "cannot log a new compensation; will retry");
-                node.note_changed_conflict(&conflict.key);
-                continue;
-            }
-            tracing::warn!(key = %loser.record.key, loser = %txn, winner = %winner.txn_id, "our allocation lost a conflict; compensating it");
             let tracked = Tracked {
                 machine,
                 key: loser.record.key.to_string(),
                 winner_txn: winner.txn_id.clone(),
             };
-            publish(node, &tracked);
-            node.compensations.lock().insert(txn.clone(), tracked);
+            new.push((tracked, entry));
         }
     }
-}
-
-/// Runs every due compensation once; returns when the next one is due.
-async fn run_due(
-    node: &Node,
-    policy: &RetryPolicy,
-    executor: &Executor,
-    shutdown: &CancellationToken,
-) -> Option<u64> {
-    let now = node.ledger.wall_ms();
-    let due: Vec<String> = node
-        .compensations
-        .lock()
-        .iter()
-        .filter(|(_, t)| t.machine.due(now))
-        .map(|(txn, _)| txn.clone())
-        .collect();
-    for txn in due {
-        if shutdown.is_cancelled() {
-            break;
+    let logged = futures::future::join_all(
+        new.iter()
+            .map(|(tracked, entry)| append(node, &tracked.machine.loser_txn, entry)),
+    )
+    .await;
+    for ((tracked, _), outcome) in new.into_iter().zip(logged) {
+        let txn = tracked.machine.loser_txn.clone();
+        if let Err(e) = outcome {
+            tracing::error!(txn, error = %e, "cannot log a new compensation; will retry");
+            node.note_changed_conflict(&tracked.key);
+            continue;
         }
-        attempt(node, policy, executor, &txn).await;
+        tracing::warn!(key = %tracked.key, loser = %txn, winner = %tracked.winner_txn, "our allocation lost a conflict; compensating it");
+        publish(node, &tracked);
+        node.compensations.lock().insert(txn, tracked);
     }
-    node.compensations
-        .lock()
-        .values()
-        .filter_map(|t| t.machine.next_attempt_at_ms)
-        .min()
 }
 
 /// One attempt: log Started, act, log Finished, publish each state.
