@@ -175,7 +175,7 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
         let mut in_flight: HashSet<String> = HashSet::new();
         loop {
             schedule_new_losers(&node, changed).await;
-            forget_expired(&node);
+            forget_expired(&node, &in_flight);
             for txn in due_now(&node, &in_flight, ATTEMPTS_IN_FLIGHT - running.len()) {
                 in_flight.insert(txn.clone());
                 let (node, policy, executor) = (&*node, &policy, &executor);
@@ -298,14 +298,16 @@ async fn recover(node: &Node, policy: &RetryPolicy) {
 /// Forgets compensations whose conflict passed the retention (the ledger
 /// dropped it), here and in the durable log. One that never succeeded is
 /// logged loudly: its loser expired uncompensated.
-fn forget_expired(node: &Node) {
+fn forget_expired(node: &Node, in_flight: &HashSet<String>) {
     let tracked: Vec<(String, String)> = node
         .compensations
         .lock()
         .iter()
+        // One under way is looked at once its attempt is over.
+        .filter(|(txn, _)| !in_flight.contains(*txn))
         .map(|(txn, t)| (txn.clone(), t.key.clone()))
         .collect();
-    let gone: std::collections::HashSet<String> = tracked
+    let gone: HashSet<String> = tracked
         .into_iter()
         .filter(|(txn, key)| {
             node.ledger
