@@ -419,18 +419,16 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
     // Each node is polled on its own: answers slow down while a node applies
     // what arrives (30-120 ms each), and polling the nodes one after another
     // charged every node's time with the others' answers.
+    let poll = Duration::from_millis(args.poll_ms);
     let outcomes = {
-        let poll = Duration::from_millis(args.poll_ms);
         let checks = nodes.iter().map(|node| {
             let (http, shared_set) = (&http, &shared_set);
             async move {
-                while healed.elapsed() <= timeout {
-                    if converged(http, &node.http, want_keys, shared_set).await {
-                        return Some((healed.elapsed().as_secs_f64(), cpu_seconds(node.pid)));
-                    }
-                    tokio::time::sleep(poll).await;
-                }
-                None
+                let at = seconds_until(healed, timeout, poll, async || {
+                    converged(http, &node.http, want_keys, shared_set).await
+                })
+                .await?;
+                Some((at, cpu_seconds(node.pid)))
             }
         });
         let mut all_checks = std::pin::pin!(futures::future::join_all(checks));
@@ -479,15 +477,10 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
             .sum::<f64>();
     let per_node_s = per_node;
     let converged_s = per_node_s.iter().copied().fold(0.0, f64::max);
-    let poll = Duration::from_millis(args.poll_ms);
-    let resolved = nodes.iter().map(|node| async {
-        while healed.elapsed() <= timeout {
-            if no_open_conflicts(&http, &node.http).await {
-                return Some(healed.elapsed().as_secs_f64());
-            }
-            tokio::time::sleep(poll).await;
-        }
-        None
+    let resolved = nodes.iter().map(|node| {
+        seconds_until(healed, timeout, poll, async || {
+            no_open_conflicts(&http, &node.http).await
+        })
     });
     let resolved_s = futures::future::join_all(resolved)
         .await
@@ -656,6 +649,23 @@ async fn converged(
         return false;
     };
     health["ledger"]["keys"].as_u64() == Some(want_keys)
+}
+
+/// Polls `check` every `poll` until it holds and returns the seconds since
+/// `healed` by then; `None` once `timeout` has passed.
+async fn seconds_until(
+    healed: Instant,
+    timeout: Duration,
+    poll: Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) -> Option<f64> {
+    while healed.elapsed() <= timeout {
+        if check().await {
+            return Some(healed.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(poll).await;
+    }
+    None
 }
 
 /// Whether the node reports no open conflict (all compensated).
