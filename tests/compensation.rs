@@ -766,3 +766,44 @@ async fn a_permanent_failure_dead_letters_and_an_operator_retry_finishes_it() {
     assert_ne!(code, 0, "retry of a succeeded compensation: {out}");
     assert_eq!(rx.effects(), 1, "{}", rx.describe());
 }
+
+/// A compensation that never succeeded is forgotten when its allocation
+/// passes the retention: the node says so loudly in its log, stops counting
+/// it as dead-lettered, and is no longer critical because of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_compensation_is_forgotten_loudly_once_its_allocation_expires() {
+    let rx = Receiver::start().await;
+    rx.state().reject = true;
+    let s = partitioned_conflict(2, &[0, 1], &rx, &["--retention", "6s"]).await;
+    s.c.heal_all();
+    let loser = s.loser().clone();
+    let owner = s.c.node(loser.node);
+    let dead_lettered =
+        async || owner.get_json("/v1/health").await.1["compensations"]["dead_lettered"].as_u64();
+    assert!(
+        s.c.wait_until_async(CONVERGE, async || dead_lettered().await == Some(1))
+            .await,
+        "never dead-lettered\n{}\n{}",
+        rx.describe(),
+        s.c.logs(40)
+    );
+    assert!(
+        s.c.wait_until_async(Duration::from_secs(15), async || {
+            dead_lettered().await == Some(0)
+        })
+        .await,
+        "still dead-lettered after the retention\n{}",
+        s.c.logs(40)
+    );
+    let (_, health) = owner.get_json("/v1/health").await;
+    assert_ne!(health["status"], "critical", "{health}");
+    let (_, conflicts) = owner.get_json("/v1/conflicts").await;
+    assert_eq!(conflicts["conflicts"], json!([]), "{conflicts}");
+    let log = std::fs::read_to_string(owner.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("expired before its compensation succeeded") && log.contains(&loser.txn),
+        "{}",
+        owner.log_tail(40)
+    );
+    assert_eq!(rx.calls_for(&loser.txn).len(), 1, "{}", rx.describe());
+}

@@ -173,9 +173,16 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
         // while they do: one slow webhook call holds up nothing else.
         let mut running = FuturesUnordered::new();
         let mut in_flight: HashSet<String> = HashSet::new();
+        // Compensations outlive their allocations only through retention
+        // expiry: they are looked at once at start and after each expiry,
+        // not at every turn of the loop.
+        let mut expiry_handled: Option<u64> = None;
         loop {
             schedule_new_losers(&node, changed).await;
-            forget_expired(&node, &in_flight);
+            let expired = node.ledger.expired_allocations();
+            if expiry_handled != Some(expired) && forget_expired(&node, &in_flight) {
+                expiry_handled = Some(expired);
+            }
             for txn in due_now(&node, &in_flight, ATTEMPTS_IN_FLIGHT - running.len()) {
                 in_flight.insert(txn.clone());
                 let (node, policy, executor) = (&*node, &policy, &executor);
@@ -297,17 +304,17 @@ async fn recover(node: &Node, policy: &RetryPolicy) {
 
 /// Forgets compensations whose conflict passed the retention (the ledger
 /// dropped it), here and in the durable log. One that never succeeded is
-/// logged loudly: its loser expired uncompensated.
-fn forget_expired(node: &Node, in_flight: &HashSet<String>) {
+/// logged loudly: its loser expired uncompensated. Returns false when one
+/// of them has an attempt under way: it is forgotten at a later call, once
+/// the attempt is over.
+fn forget_expired(node: &Node, in_flight: &HashSet<String>) -> bool {
     let tracked: Vec<(String, String)> = node
         .compensations
         .lock()
         .iter()
-        // One under way is looked at once its attempt is over.
-        .filter(|(txn, _)| !in_flight.contains(*txn))
         .map(|(txn, t)| (txn.clone(), t.key.clone()))
         .collect();
-    let gone: HashSet<String> = tracked
+    let (gone, under_way): (HashSet<String>, HashSet<String>) = tracked
         .into_iter()
         .filter(|(txn, key)| {
             node.ledger
@@ -315,9 +322,9 @@ fn forget_expired(node: &Node, in_flight: &HashSet<String>) {
                 .is_none_or(|v| v.allocations.iter().all(|a| &a.record.txn_id != txn))
         })
         .map(|(txn, _)| txn)
-        .collect();
+        .partition(|txn| !in_flight.contains(txn));
     if gone.is_empty() {
-        return;
+        return under_way.is_empty();
     }
     let mut entries = node.compensations.lock();
     entries.retain(|txn, tracked| {
@@ -332,6 +339,7 @@ fn forget_expired(node: &Node, in_flight: &HashSet<String>) {
         node.storage.drop_log(txn);
         false
     });
+    under_way.is_empty()
 }
 
 /// Creates a compensation for every loser of `conflicts` this node made

@@ -207,10 +207,21 @@ impl Group {
         }
     }
 
-    /// Whether every peer is known to hold `allocation` (and we held all of
-    /// that peer's copy of its document at that moment).
-    pub fn settled(&self, allocation: &Allocation, peers: &[String]) -> bool {
-        self.unsynced(allocation, peers).next().is_none()
+    /// The arrival count up to which every peer holds the document of
+    /// `epoch` (`None` while some peer never has): an allocation of that
+    /// document that arrived no later is settled. Found once per document,
+    /// so that a scan of every key costs a comparison per key, not a look-up
+    /// per key and peer.
+    pub fn settled_through(&self, epoch: u32, peers: &[String]) -> Option<u64> {
+        let peer_docs = self.docs.get(&epoch).map(|d| &d.peers);
+        peers
+            .iter()
+            .map(|p| {
+                peer_docs
+                    .and_then(|docs| docs.get(p))
+                    .and_then(|d| d.synced_arrival)
+            })
+            .try_fold(u64::MAX, |low, synced| synced.map(|s| low.min(s)))
     }
 
     fn unsynced<'a>(
@@ -349,6 +360,52 @@ mod tests {
         let (_, dropped) = group.expire(&windows, 5_000);
         assert_eq!(dropped, 1);
         assert_eq!((group.allocations, counted(&group)), (2, 2));
+    }
+
+    #[test]
+    fn settled_through_agrees_with_each_keys_view() {
+        let peers = ["p1".to_string(), "p2".to_string()];
+        let mut group = Group::new(0);
+        group.doc_mut(1, &ActorId::random());
+        for key in ["a", "b", "c", "d"] {
+            let arrival = group.arrive(1);
+            group.insert(1, allocation(key, "n"), arrival, Durable::Store(0), 0);
+        }
+        let settled_by_view = |g: &Group| -> Vec<bool> {
+            ["a", "b", "c", "d"]
+                .iter()
+                .map(|k| g.view(k, &peers).unwrap().settled)
+                .collect()
+        };
+        let settled_by_threshold = |g: &Group| -> Vec<bool> {
+            let through = g.settled_through(1, &peers);
+            ["a", "b", "c", "d"]
+                .iter()
+                .map(|k| through.is_some_and(|t| t >= g.keys[*k][0].arrival))
+                .collect()
+        };
+        let sync = |g: &mut Group, peer: &str, arrival: u64| {
+            let doc = g.docs.get_mut(&1).unwrap();
+            doc.peers.entry(peer.into()).or_default().synced_arrival = Some(arrival);
+        };
+
+        assert_eq!(
+            group.settled_through(1, &peers),
+            None,
+            "no peer in sync yet"
+        );
+        sync(&mut group, "p1", 3);
+        assert_eq!(group.settled_through(1, &peers), None, "p2 never in sync");
+        assert_eq!(settled_by_view(&group), [false; 4]);
+        sync(&mut group, "p2", 2);
+        assert_eq!(group.settled_through(1, &peers), Some(2));
+        assert_eq!(settled_by_view(&group), [true, true, false, false]);
+        assert_eq!(settled_by_threshold(&group), settled_by_view(&group));
+        sync(&mut group, "p2", 4);
+        assert_eq!(settled_by_view(&group), [true, true, true, false]);
+        assert_eq!(settled_by_threshold(&group), settled_by_view(&group));
+        assert_eq!(group.settled_through(1, &[]), Some(u64::MAX), "no peers");
+        assert_eq!(group.settled_through(9, &peers), None, "no such document");
     }
 
     #[test]

@@ -747,6 +747,12 @@ impl Ledger {
         compacted
     }
 
+    /// Allocations dropped by retention expiry since start: changes after
+    /// each expiry, so work that follows expiry can wait for it to move.
+    pub fn expired_allocations(&self) -> u64 {
+        self.expired_total.load(Ordering::Relaxed)
+    }
+
     /// Drops every document past the retention, with its allocations,
     /// conflicts and compensations, here and on disk. Returns the dropped
     /// documents.
@@ -824,10 +830,18 @@ impl Ledger {
         let mut scan = SettlementScan::default();
         for shard in 0..SHARD_COUNT {
             let guard = self.group(shard);
+            let mut through: BTreeMap<u32, Option<u64>> = BTreeMap::new();
             for allocations in guard.keys.values() {
-                if allocations.len() == 1 && !guard.settled(&allocations[0], &self.peers) {
+                let [only] = allocations.as_slice() else {
+                    continue;
+                };
+                let settled = through
+                    .entry(only.epoch)
+                    .or_insert_with(|| guard.settled_through(only.epoch, &self.peers))
+                    .is_some_and(|t| t >= only.arrival);
+                if !settled {
                     scan.provisional += 1;
-                    let age_from = allocations[0].record.hlc.physical_ms;
+                    let age_from = only.record.hlc.physical_ms;
                     scan.oldest_provisional_ms = Some(
                         scan.oldest_provisional_ms
                             .map_or(age_from, |o: u64| o.min(age_from)),
