@@ -13,6 +13,10 @@
 //!   (asserted to hold exactly the 100 shared keys).
 //! - `merge/{N}/save_shard`: one shard's full save (what compaction and
 //!   `GET /v1/documents/{id}` cost).
+//! - `merge/{N}/sync_both_ways`: the same two ledgers brought together by
+//!   the automerge sync protocol, as peers do after a partition: messages
+//!   made and applied on both sides, every shard, until neither has one to
+//!   send (no network, no disk: the CPU of converging).
 //!
 //! N is 10k. Set `ONCEMESH_BENCH_MERGE_N` to a comma-separated list (e.g.
 //! `10000,1000000`) for larger ledgers: building takes minutes at 1M and
@@ -25,7 +29,7 @@ use oncemesh::hlc::OffsetClock;
 use oncemesh::key::{fingerprint, Fingerprint, IdempotencyKey};
 use oncemesh::ledger::{
     AllocateRequest, ChunkSink, DiscardSink, DocId, Ledger, NodeIdentity, Stored, StoredDocument,
-    Windows, SHARD_COUNT,
+    Windows, Withhold, SHARD_COUNT,
 };
 use oncemesh::storage::Storage;
 use std::hint::black_box;
@@ -240,9 +244,9 @@ fn merge_sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![10_000])
 }
 
-fn open_copy(saved: &[(DocId, Vec<u8>)]) -> Ledger {
+fn open_copy(name: &str, saved: &[(DocId, Vec<u8>)]) -> Ledger {
     Ledger::open(
-        identity("B"),
+        identity(name),
         Vec::new(),
         OffsetClock::default(),
         500,
@@ -306,6 +310,36 @@ fn merge_into(target: &Ledger, source: &[(DocId, Vec<u8>)]) -> usize {
     new
 }
 
+/// Runs the sync protocol between `a` and `b` (peers "A" and "B") on every
+/// document until neither side has a message; returns the allocations that
+/// arrived on both sides.
+fn sync_both_ways(a: &Ledger, b: &Ledger) -> usize {
+    let docs: Vec<DocId> = a.digests().into_iter().map(|(doc, _)| doc).collect();
+    let nothing = Withhold::nothing();
+    let mut arrived = 0;
+    for _round in 0..20 {
+        let mut quiet = true;
+        for &doc in &docs {
+            for (from, to, from_name, to_name) in [(a, b, "A", "B"), (b, a, "B", "A")] {
+                let Some(bytes) = from.generate_sync(doc, to_name, false, &nothing) else {
+                    continue;
+                };
+                quiet = false;
+                let message = automerge::sync::Message::decode(&bytes).expect("decode");
+                arrived += to
+                    .receive_sync(doc, from_name, message)
+                    .expect("receive")
+                    .new_allocations
+                    .len();
+            }
+        }
+        if quiet {
+            return arrived;
+        }
+    }
+    panic!("sync did not settle in 20 rounds");
+}
+
 fn bench_merge(c: &mut Criterion) {
     for n in merge_sizes() {
         let (a, b) = build_pair(n);
@@ -318,7 +352,7 @@ fn bench_merge(c: &mut Criterion) {
             bytes as f64 / (n + SHARED) as f64
         );
         let started = Instant::now();
-        let merged = open_copy(&target);
+        let merged = open_copy("B", &target);
         eprintln!(
             "merge/{n}: reopening one ledger from saved bytes took {:.2} s",
             started.elapsed().as_secs_f64()
@@ -339,6 +373,16 @@ fn bench_merge(c: &mut Criterion) {
             .iter()
             .all(|c| c.key.key.starts_with("shared-") && c.key.allocations.len() == 2));
         assert_eq!(merged.stats().keys, (2 * n + SHARED) as u64);
+        let (a, b) = (open_copy("A", &source), open_copy("B", &target));
+        let started = Instant::now();
+        assert_eq!(sync_both_ways(&a, &b), 2 * (n + SHARED));
+        eprintln!(
+            "merge/{n}: first sync both ways took {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        assert_eq!(a.conflicts().len(), SHARED);
+        assert_eq!(b.stats().keys, (2 * n + SHARED) as u64);
+        drop((a, b));
 
         let mut group = c.benchmark_group(format!("merge/{n}"));
         if n > 100_000 {
@@ -353,10 +397,20 @@ fn bench_merge(c: &mut Criterion) {
         group.throughput(Throughput::Elements((n + SHARED) as u64));
         group.bench_function("merge_bytes_8_shards", |bench| {
             bench.iter_batched(
-                || open_copy(&target),
+                || open_copy("B", &target),
                 |ledger| {
                     black_box(merge_into(&ledger, &source));
                     ledger
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        group.bench_function("sync_both_ways", |bench| {
+            bench.iter_batched(
+                || (open_copy("A", &source), open_copy("B", &target)),
+                |(a, b)| {
+                    black_box(sync_both_ways(&a, &b));
+                    (a, b)
                 },
                 BatchSize::PerIteration,
             )

@@ -161,6 +161,7 @@ struct RunResult {
     bytes: u64,
     cpu_s: Vec<f64>,
     idle_cpu_s: Vec<f64>,
+    own_cpu_s: f64,
     other_cpu_s: f64,
     rss_mib: Vec<u64>,
     errors: u64,
@@ -209,8 +210,9 @@ impl RunResult {
                 .join(" + "),
         );
         println!(
-            "run {run}: node RSS after convergence {:?} MiB; other processes used {:.2} CPU s meanwhile; CPU of each partitioned node while idle before heal: {} s/s",
+            "run {run}: node RSS after convergence {:?} MiB; this program (proxies, polls) used {:.2} CPU s and other processes {:.2} meanwhile; CPU of each partitioned node while idle before heal: {} s/s",
             self.rss_mib,
+            self.own_cpu_s,
             self.other_cpu_s,
             self.idle_cpu_s
                 .iter()
@@ -228,7 +230,7 @@ impl RunResult {
             "converged_s": self.converged_s, "resolved_s": self.resolved_s,
             "per_node_s": self.per_node_s, "bytes": self.bytes,
             "bytes_per_allocation": self.bytes_per_allocation(), "cpu_s": self.cpu_s,
-            "idle_cpu_per_s": self.idle_cpu_s, "other_cpu_s": self.other_cpu_s,
+            "idle_cpu_per_s": self.idle_cpu_s, "own_cpu_s": self.own_cpu_s, "other_cpu_s": self.other_cpu_s,
             "rss_mib_after": self.rss_mib,
         })
     }
@@ -466,10 +468,12 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         per_node.push(at);
         cpu_after.push(cpu);
     }
+    // This program's proxies and polls share the nodes' cores.
+    let own_cpu_s = cpu_seconds(std::process::id()) - own_before;
     // Everything the machine did meanwhile that was neither a node nor this program.
     let other_cpu_s = machine_busy_seconds()
         - machine_before
-        - (cpu_seconds(std::process::id()) - own_before)
+        - own_cpu_s
         - nodes
             .iter()
             .zip(&cpu_before)
@@ -525,6 +529,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         bytes: bytes_at - bytes_before,
         cpu_s,
         idle_cpu_s,
+        own_cpu_s,
         other_cpu_s,
         rss_mib,
         errors,
