@@ -520,6 +520,27 @@ async fn bad_input_is_refused_with_a_json_error_and_writes_nothing() {
         error_message(status, &resp, id);
     }
     let (_, good) = get_bytes(node, &format!("/v1/documents/{first_doc}")).await;
+    // The next 6 h window: one this node may hold but has not made yet.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis();
+    let lacking_doc = format!("tokens-{}-3", now_ms / (6 * 3600 * 1000) + 1);
+    // A good document under an id from far in the future is refused: no
+    // working clock writes there, and it would be kept until then.
+    let (status, resp) = post_raw(
+        node,
+        "/v1/documents/tokens-4000000000-3",
+        "application/octet-stream",
+        good.clone(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "merge into a far-future document: {resp}");
+    assert!(
+        error_message(status, &resp, "far future").contains("ahead"),
+        "{resp}"
+    );
     let mut truncated = good.clone();
     truncated.truncate(good.len() / 2);
     let mut flipped = good.clone();
@@ -545,7 +566,7 @@ async fn bad_input_is_refused_with_a_json_error_and_writes_nothing() {
     ] {
         // Into an existing document, and into a valid id this node lacks
         // (which must not be left behind as an empty document).
-        for id in [first_doc.as_str(), "tokens-4000000000-3"] {
+        for id in [first_doc.as_str(), lacking_doc.as_str()] {
             let (status, resp) = post_raw(
                 node,
                 &format!("/v1/documents/{id}"),

@@ -4,9 +4,13 @@
 
 mod support;
 
+use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, StreamProtocol};
+use oncemesh::hlc::Timestamp;
+use oncemesh::ledger::DocId;
+use oncemesh::p2p::codec::{encode_request, DocMessage, SyncRequest};
 use serde_json::json;
 use std::io;
 use std::time::Duration;
@@ -65,20 +69,38 @@ fn frame(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A request with a valid header (the node's default 6 h window) whose one
-/// document carries `message`.
-fn request_with_message(shard: u8, message: &[u8]) -> Vec<u8> {
-    let mut body = vec![2u8];
-    body.extend_from_slice(&1u64.to_be_bytes());
-    body.extend_from_slice(&0u32.to_be_bytes());
-    body.extend_from_slice(&(6 * 3600 * 1000u64).to_be_bytes());
-    body.extend_from_slice(&1u32.to_be_bytes());
-    body.extend_from_slice(&u32::MAX.to_be_bytes());
-    body.push(shard);
-    body.extend_from_slice(&[0u8; 32]);
-    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    body.extend_from_slice(message);
-    frame(&body)
+/// A well-formed request (the node's default 6 h window) whose one document,
+/// of `epoch` and `shard`, carries `message`: made by the node's own encoder,
+/// so the bad parts are only the ones meant.
+fn request_with_message(epoch: u32, shard: u8, message: &[u8]) -> Vec<u8> {
+    let request = SyncRequest {
+        hlc: Timestamp::new(1, 0),
+        window_ms: 6 * 3600 * 1000,
+        connected: Vec::new(),
+        docs: vec![DocMessage {
+            doc: DocId { epoch, shard },
+            digest: [0; 32],
+            message: Bytes::copy_from_slice(message),
+        }],
+    };
+    frame(&encode_request(&request))
+}
+
+/// The epoch this machine's clock is in, in 6 h windows.
+fn current_epoch() -> u32 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    (now.as_millis() / (6 * 3600 * 1000)) as u32
+}
+
+/// The first sync message of an empty document: valid, and carrying nothing.
+fn empty_sync_message() -> Vec<u8> {
+    use automerge::sync::SyncDoc;
+    automerge::Automerge::new()
+        .generate_sync_message(&mut automerge::sync::State::new())
+        .expect("a first message")
+        .encode()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,9 +148,12 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
         frame(&[0xff; 64]),              // wrong version
         frame(&[1, 0, 0]),               // truncated header
         u32::MAX.to_be_bytes().to_vec(), // absurd length
-        request_with_message(3, b"not an automerge sync message"), // undecodable
-        request_with_message(200, b"x"), // shard that does not exist
-        vec![],                          // nothing at all
+        request_with_message(current_epoch(), 3, b"not an automerge sync message"), // undecodable
+        request_with_message(current_epoch(), 200, b"x"), // shard that does not exist
+        // A well-formed message for a document of the last epoch there is,
+        // which no working clock reaches: it must not make a document.
+        request_with_message(u32::MAX, 2, &empty_sync_message()),
+        vec![], // nothing at all
     ];
     let sent = garbage.len();
     for g in garbage {
@@ -174,6 +199,17 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
         .node(0)
         .metric("oncemesh_dropped_peer_messages_total")
         .await;
-    assert!(dropped >= 5.0, "only {dropped} drops counted\n{metrics}");
+    assert!(dropped >= 6.0, "only {dropped} drops counted\n{metrics}");
+    for kind in ["undecodable", "bad-shard", "too-far-ahead"] {
+        assert!(
+            metrics.contains(&format!(r#"kind="{kind}""#)),
+            "no {kind} drop counted\n{metrics}"
+        );
+    }
+    let (_, documents) = c.node(0).get_json("/v1/documents").await;
+    assert!(
+        !documents.to_string().contains(&u32::MAX.to_string()),
+        "a document was made for the far future: {documents}"
+    );
     assert!(c.node(0).is_running());
 }

@@ -82,6 +82,7 @@ pub async fn merge(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| match e {
             MergeError::Expired(_) => ApiError::new(StatusCode::GONE, e.to_string()),
+            MergeError::TooFarAhead(_) => ApiError::bad_request(e.to_string()),
             MergeError::Document(e) => {
                 ApiError::bad_request(format!("cannot merge into {id}: {e}"))
             }

@@ -71,6 +71,20 @@ impl Windows {
         let end = (u64::from(epoch) + 1).saturating_mul(self.window_ms);
         end.saturating_add(self.retention_ms) <= now_ms
     }
+
+    /// Whether an epoch starts more than a whole retention after `now_ms`.
+    /// No node with a working clock writes there, and a document made there
+    /// would be kept until then: refusing them bounds the documents a peer
+    /// can make a node hold to about twice the live ones.
+    pub fn too_far_ahead(&self, epoch: u32, now_ms: u64) -> bool {
+        epoch > self.epoch_of(now_ms.saturating_add(self.retention_ms))
+    }
+
+    /// Whether a document of `epoch` may be held at `now_ms`: neither
+    /// expired nor too far ahead.
+    pub fn live(&self, epoch: u32, now_ms: u64) -> bool {
+        !self.expired(epoch, now_ms) && !self.too_far_ahead(epoch, now_ms)
+    }
 }
 
 impl Default for Windows {
@@ -110,5 +124,17 @@ mod tests {
         assert_eq!(w.epoch_of(2999), 2);
         assert!(!w.expired(2, 6999));
         assert!(w.expired(2, 7000));
+    }
+
+    #[test]
+    fn an_epoch_more_than_a_retention_ahead_is_not_live() {
+        let w = Windows::for_retention(4000);
+        // At 10.5 s, epochs up to that of 14.5 s (14) may be held.
+        assert!(w.live(14, 10_500));
+        assert!(w.too_far_ahead(15, 10_500));
+        assert!(!w.live(15, 10_500));
+        assert!(!w.live(u32::MAX, 10_500));
+        assert!(!w.live(5, 10_500), "expired");
+        assert!(w.live(7, 10_500));
     }
 }

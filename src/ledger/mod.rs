@@ -157,6 +157,12 @@ pub enum MergeError {
     /// expired, so they are not taken back in.
     #[error("{0} is past the retention window; its records are expired here")]
     Expired(DocId),
+    /// The document's epoch starts more than a retention after this node's
+    /// clock: no working clock writes there, and it would be kept until then.
+    #[error(
+        "{0} starts more than the retention ahead of this node's clock; check the sender's clock"
+    )]
+    TooFarAhead(DocId),
     /// The bytes could not be applied.
     #[error(transparent)]
     Document(#[from] DocumentError),
@@ -546,6 +552,9 @@ impl Ledger {
         let now = self.wall_ms();
         if self.windows.expired(id.epoch, now) {
             return Err(MergeError::Expired(id));
+        }
+        if self.windows.too_far_ahead(id.epoch, now) {
+            return Err(MergeError::TooFarAhead(id));
         }
         let mut guard = self.group(usize::from(id.shard));
         let group = &mut *guard;

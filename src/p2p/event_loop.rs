@@ -290,7 +290,7 @@ impl EventLoop {
         for id in ids {
             if let Some(p) = self.peers.get_mut(&id) {
                 p.their_digests
-                    .retain(|doc, _| !windows.expired(doc.epoch, now));
+                    .retain(|doc, _| windows.live(doc.epoch, now));
                 if p.connections == 0 {
                     continue;
                 }
@@ -625,8 +625,13 @@ impl EventLoop {
             self.drop_message(peer, "window-mismatch", &why);
             return;
         }
+        let now = self.node.ledger.wall_ms();
         for d in &request.docs {
-            p.their_digests.insert(d.doc, d.digest);
+            // Only documents that may be held are remembered: a peer cannot
+            // grow this map with made-up ids.
+            if self.node.ledger.windows().live(d.doc.epoch, now) {
+                p.their_digests.insert(d.doc, d.digest);
+            }
         }
         self.observe_clock(&key, request.hlc);
         self.record_reports(peer, &request.connected);
@@ -687,7 +692,11 @@ impl EventLoop {
         }
         let key = p.key.clone();
         let mut in_sync = BTreeSet::new();
+        let windows = self.node.ledger.windows();
         for (doc, digest) in &response.digests {
+            if !windows.live(doc.epoch, now) {
+                continue;
+            }
             p.their_digests.insert(*doc, *digest);
             if self.node.ledger.mark_in_sync_if(*doc, &key, digest) {
                 in_sync.insert(*doc);
@@ -820,6 +829,9 @@ fn apply(node: &Node, peer: &str, request: SyncRequest) -> Applied {
             // already dropped: normal at window edges, not an attack.
             Err(MergeError::Expired(doc)) => {
                 tracing::debug!(peer, %doc, "ignored a document past the retention");
+            }
+            Err(e @ MergeError::TooFarAhead(_)) => {
+                drop_record(node, peer, "too-far-ahead", &e.to_string())
             }
             Err(e) => drop_record(node, peer, "rejected", &e.to_string()),
         }
