@@ -46,8 +46,7 @@ pub async fn create(
     })?;
     match node.allocate(&body.key, &body.payload).await {
         Ok(allocated) => {
-            let view = node.ledger.key(&body.key);
-            let mut json = allocation_json(&node, &allocated.allocation, view.as_ref());
+            let mut json = allocation_json(&node, &allocated.allocation, allocated.view.as_ref());
             json["replay"] = allocated.replay.into();
             let status = if allocated.replay {
                 StatusCode::OK

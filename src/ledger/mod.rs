@@ -112,6 +112,10 @@ pub struct Allocated {
     pub allocation: Allocation,
     /// True when an existing allocation was returned.
     pub replay: bool,
+    /// The key as it stood when the request was decided, taken under the
+    /// same lock, so the answer shows the key's state without looking it up
+    /// again (which waited for the shard lock a second time).
+    pub view: Option<KeyView>,
 }
 
 /// Why an allocate request was refused or failed.
@@ -429,7 +433,15 @@ impl Ledger {
             let key = request.key.as_str();
             // A key repeated inside the batch sees the allocation made just before.
             if let Some(existing) = group.keys.get(key) {
-                out.push(match_existing(key, existing, &request.fingerprint));
+                out.push(
+                    match_existing(key, existing, &request.fingerprint).map(|allocation| {
+                        Allocated {
+                            allocation,
+                            replay: true,
+                            view: group.view(key, &self.peers),
+                        }
+                    }),
+                );
                 continue;
             }
             let hlc = self.hlc().now();
@@ -462,6 +474,7 @@ impl Ledger {
                     durable,
                 },
                 replay: false,
+                view: group.view(key, &self.peers),
             }));
         }
         out
@@ -913,17 +926,14 @@ fn match_existing(
     key: &str,
     existing: &[Allocation],
     fingerprint: &Fingerprint,
-) -> Result<Allocated, AllocateError> {
+) -> Result<Allocation, AllocateError> {
     // Allocations are kept in precedence order, so the first match is the
     // winner whenever the winner matches.
     match existing
         .iter()
         .find(|a| a.record.fingerprint == fingerprint.0)
     {
-        Some(found) => Ok(Allocated {
-            allocation: found.clone(),
-            replay: true,
-        }),
+        Some(found) => Ok(found.clone()),
         None => Err(AllocateError::FingerprintMismatch {
             key: key.to_owned(),
             txn_id: existing
