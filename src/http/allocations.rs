@@ -86,9 +86,10 @@ pub async fn show(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     crate::key::IdempotencyKey::parse(&key)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    let view = node
-        .ledger
-        .key(&key)
+    let ledger = node.ledger.clone();
+    let looked_up = key.clone();
+    let view = super::off_runtime(move || ledger.key(&looked_up))
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("idempotency key '{key}' is unknown here")))?;
     // Never show what is not yet durable: a reader could act on it.
     for allocation in &view.allocations {

@@ -53,6 +53,18 @@ impl ApiError {
     }
 }
 
+/// Runs `work`, which takes shard locks, on tokio's blocking pool. A peer's
+/// large message holds a shard lock for tens of milliseconds while it is
+/// applied; a runtime worker waiting for it would hold up every other
+/// request, and the network, meanwhile.
+pub async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
 /// A body that could not be read (over the size limit: 413, or cut off)
 /// gets the same JSON error shape as every other error, not axum's text.
 impl From<axum::extract::rejection::BytesRejection> for ApiError {

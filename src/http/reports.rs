@@ -1,7 +1,7 @@
 //! Reports for operators: conflicts, compensations, peers, health, metrics.
 
 use super::render::{compensation_json, conflict_json, is_resolved, rfc3339};
-use super::ApiError;
+use super::{off_runtime, ApiError};
 use crate::node::Node;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -32,13 +32,15 @@ pub async fn conflicts(
             )))
         }
     };
-    let list: Vec<Value> = node
-        .ledger
-        .conflicts()
-        .iter()
-        .filter(|c| want_resolved.is_none_or(|r| is_resolved(&c.key) == r))
-        .map(conflict_json)
-        .collect();
+    let list: Vec<Value> = off_runtime(move || {
+        node.ledger
+            .conflicts()
+            .iter()
+            .filter(|c| want_resolved.is_none_or(|r| is_resolved(&c.key) == r))
+            .map(conflict_json)
+            .collect()
+    })
+    .await?;
     Ok(Json(json!({ "conflicts": list })))
 }
 
@@ -53,16 +55,18 @@ pub struct CompensationFilter {
 pub async fn compensations(
     State(node): State<Arc<Node>>,
     Query(filter): Query<CompensationFilter>,
-) -> Json<Value> {
-    let list: Vec<Value> = node
-        .ledger
-        .conflicts()
-        .iter()
-        .flat_map(|c| c.key.compensations.clone())
-        .filter(|c| filter.state.as_deref().is_none_or(|s| c.state == s))
-        .map(|c| compensation_json(&c))
-        .collect();
-    Json(json!({ "compensations": list }))
+) -> Result<Json<Value>, ApiError> {
+    let list: Vec<Value> = off_runtime(move || {
+        node.ledger
+            .conflicts()
+            .iter()
+            .flat_map(|c| c.key.compensations.clone())
+            .filter(|c| filter.state.as_deref().is_none_or(|s| c.state == s))
+            .map(|c| compensation_json(&c))
+            .collect()
+    })
+    .await?;
+    Ok(Json(json!({ "compensations": list })))
 }
 
 /// `POST /v1/compensations/{txn}/retry`: an operator sends a dead-lettered
@@ -103,20 +107,26 @@ pub async fn peers(State(node): State<Arc<Node>>) -> Json<Value> {
 
 /// `GET /v1/health`: ok, degraded or critical, with the reasons and the
 /// leading indicators behind them.
-pub async fn health(State(node): State<Arc<Node>>) -> Json<Value> {
-    Json(crate::node::health::report(&node))
+pub async fn health(State(node): State<Arc<Node>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        off_runtime(move || crate::node::health::report(&node)).await?,
+    ))
 }
 
 /// `GET /metrics` in the Prometheus text format.
-pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    crate::node::health::refresh_gauges(&node);
-    (
+pub async fn metrics(State(node): State<Arc<Node>>) -> Result<Response, ApiError> {
+    let text = off_runtime(move || {
+        crate::node::health::refresh_gauges(&node);
+        node.metrics.encode()
+    })
+    .await?;
+    Ok((
         StatusCode::OK,
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        node.metrics.encode(),
+        text,
     )
-        .into_response()
+        .into_response())
 }
