@@ -58,6 +58,16 @@ enum Internal {
         response: SyncResponse,
         applied: BTreeSet<DocId>,
     },
+    /// A peer's answer was compared with our documents.
+    Compared {
+        peer: PeerId,
+        /// Our live documents when the comparison began.
+        ours: Vec<DocId>,
+        /// Those the peer holds identical copies of.
+        in_sync: BTreeSet<DocId>,
+    },
+    /// Our documents' digests, for an anti-entropy round.
+    Digests(Vec<(DocId, [u8; 32])>),
 }
 
 #[derive(PartialEq)]
@@ -282,8 +292,27 @@ impl EventLoop {
 
     /// Anti-entropy: every connected peer gets every live document's digest,
     /// and a sync message wherever its last known digest differs from ours.
+    /// The digests are read off the event loop (see [`EventLoop::off_loop`]);
+    /// the round goes on in [`EventLoop::heartbeat_with`].
     fn heartbeat(&mut self) {
-        let ours = self.node.ledger.digests();
+        self.off_loop(|node| Internal::Digests(node.ledger.digests()));
+        self.refresh_deltas();
+    }
+
+    /// Runs `work`, which takes shard locks, on the blocking pool and hands
+    /// what it returns back to the loop. A peer's large message holds a
+    /// shard lock for tens of milliseconds while it is applied; the event
+    /// loop waiting for it stopped every connection's traffic meanwhile
+    /// (up to a fifth of a node's time while converging after a partition).
+    fn off_loop(&self, work: impl FnOnce(&Node) -> Internal + Send + 'static) {
+        let node = self.node.clone();
+        let tx = self.internal_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = tx.send(work(&node));
+        });
+    }
+
+    fn heartbeat_with(&mut self, ours: Vec<(DocId, [u8; 32])>) {
         let windows = self.node.ledger.windows();
         let now = self.node.ledger.wall_ms();
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
@@ -303,7 +332,6 @@ impl EventLoop {
             }
             self.kick(id);
         }
-        self.refresh_deltas();
     }
 
     fn refresh_deltas(&self) {
@@ -442,6 +470,12 @@ impl EventLoop {
                 }
                 self.kick(peer);
             }
+            Internal::Compared {
+                peer,
+                ours,
+                in_sync,
+            } => self.on_compared(peer, &ours, &in_sync),
+            Internal::Digests(ours) => self.heartbeat_with(ours),
         }
     }
 
@@ -657,14 +691,24 @@ impl EventLoop {
             {
                 return;
             }
-            for (doc, digest) in &applied.their_digests {
-                node.ledger.mark_in_sync_if(*doc, &key, digest);
-            }
+            // Shard locks again: off the runtime's workers.
+            let answer_node = node.clone();
+            let their_digests = applied.their_digests;
+            let Ok(digests) = tokio::task::spawn_blocking(move || {
+                for (doc, digest) in &their_digests {
+                    answer_node.ledger.mark_in_sync_if(*doc, &key, digest);
+                }
+                answer_node.ledger.digests()
+            })
+            .await
+            else {
+                return;
+            };
             let response = SyncResponse {
                 hlc: node.ledger.stamp(),
                 window_ms: node.ledger.windows().window_ms,
                 connected,
-                digests: node.ledger.digests(),
+                digests,
             };
             let _ = tx.send(Internal::Respond {
                 peer,
@@ -677,13 +721,7 @@ impl EventLoop {
 
     fn on_response(&mut self, peer: PeerId, request_id: OutboundRequestId, response: SyncResponse) {
         let now = self.node.ledger.wall_ms();
-        let ours: Vec<DocId> = self
-            .node
-            .ledger
-            .digests()
-            .into_iter()
-            .map(|(doc, _)| doc)
-            .collect();
+        let windows = self.node.ledger.windows();
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -691,17 +729,45 @@ impl EventLoop {
             p.outbound = Outbound::Idle;
         }
         let key = p.key.clone();
-        let mut in_sync = BTreeSet::new();
-        let windows = self.node.ledger.windows();
-        for (doc, digest) in &response.digests {
-            if !windows.live(doc.epoch, now) {
-                continue;
+        let theirs: Vec<(DocId, [u8; 32])> = response
+            .digests
+            .iter()
+            .filter(|(doc, _)| windows.live(doc.epoch, now))
+            .copied()
+            .collect();
+        p.their_digests.extend(theirs.iter().copied());
+        self.observe_clock(&key, response.hlc);
+        self.record_reports(peer, &response.connected);
+        // Which documents the peer holds as we do is settled in
+        // `on_compared`, once they are compared off the loop.
+        self.off_loop(move |node| {
+            let ours = node
+                .ledger
+                .digests()
+                .into_iter()
+                .map(|(doc, _)| doc)
+                .collect();
+            let in_sync = theirs
+                .iter()
+                .filter(|(doc, digest)| node.ledger.mark_in_sync_if(*doc, &key, digest))
+                .map(|(doc, _)| *doc)
+                .collect();
+            Internal::Compared {
+                peer,
+                ours,
+                in_sync,
             }
-            p.their_digests.insert(*doc, *digest);
-            if self.node.ledger.mark_in_sync_if(*doc, &key, digest) {
-                in_sync.insert(*doc);
-            }
-        }
+        });
+    }
+
+    /// The second half of [`EventLoop::on_response`]: records whether the
+    /// peer is in sync, then starts its next round.
+    fn on_compared(&mut self, peer: PeerId, ours: &[DocId], in_sync: &BTreeSet<DocId>) {
+        let now = self.node.ledger.wall_ms();
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let key = p.key.clone();
         // In sync with the peer: every document we hold is identical there
         // (a document it does not list is one it lacks).
         let all_in_sync = ours.iter().all(|doc| in_sync.contains(doc));
@@ -721,8 +787,6 @@ impl EventLoop {
                 .confidence_model()
                 .observe_peer_resync(Duration::from_millis(now.saturating_sub(since)));
         }
-        self.observe_clock(&key, response.hlc);
-        self.record_reports(peer, &response.connected);
         self.kick(peer);
     }
 
