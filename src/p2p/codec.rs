@@ -224,6 +224,9 @@ fn header(hlc: Timestamp, window_ms: u64, connected: &[NodeTag], count: usize) -
     out
 }
 
+/// Bytes of a document id on the wire: epoch and shard.
+const DOC_ID_BYTES: usize = 4 + 1;
+
 fn put_doc(out: &mut Vec<u8>, doc: DocId) {
     out.extend_from_slice(&doc.epoch.to_be_bytes());
     out.push(doc.shard);
@@ -236,6 +239,16 @@ pub fn encode_request(request: &SyncRequest) -> Vec<u8> {
         request.window_ms,
         &request.connected,
         request.docs.len(),
+    );
+    // Sized once: a frame after a partition carries megabytes, and growing
+    // the buffer by doubling copied it and faulted its pages in again.
+    out.reserve_exact(
+        request
+            .docs
+            .iter()
+            .take(MAX_DOCS)
+            .map(|d| DOC_ID_BYTES + 32 + 4 + d.message.len())
+            .sum(),
     );
     for d in request.docs.iter().take(MAX_DOCS) {
         put_doc(&mut out, d.doc);
@@ -353,16 +366,26 @@ mod tests {
             hlc: Timestamp::new(7, 3),
             window_ms: 6000,
             connected: vec![NodeTag([4; 8]), NodeTag([5; 8])],
-            docs: vec![DocMessage {
-                doc: DocId {
-                    epoch: 12,
-                    shard: 2,
-                },
-                digest: [9; 32],
-                message: Bytes::from_static(&[1, 2, 3]),
-            }],
+            docs: vec![
+                DocMessage {
+                    doc: DocId {
+                        epoch: 12,
+                        shard: 2,
+                    },
+                    digest: [9; 32],
+                    message: Bytes::from(vec![1; 3000]),
+                };
+                3
+            ],
         };
-        let encoded = Bytes::from(encode_request(&request));
+        let encoded = encode_request(&request);
+        assert!(
+            encoded.capacity() < encoded.len() + 64,
+            "the frame is sized once, not grown: {} bytes in {}",
+            encoded.len(),
+            encoded.capacity()
+        );
+        let encoded = Bytes::from(encoded);
         assert_eq!(decode_request(&encoded).unwrap(), request);
         let response = SyncResponse {
             hlc: Timestamp::new(8, 0),
