@@ -520,12 +520,15 @@ async fn bad_input_is_refused_with_a_json_error_and_writes_nothing() {
         error_message(status, &resp, id);
     }
     let (_, good) = get_bytes(node, &format!("/v1/documents/{first_doc}")).await;
-    // The next 6 h window: one this node may hold but has not made yet.
+    // The next window: one this node may hold but has not made yet.
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
-        .as_millis();
-    let lacking_doc = format!("tokens-{}-3", now_ms / (6 * 3600 * 1000) + 1);
+        .as_millis() as u64;
+    let lacking_doc = format!(
+        "tokens-{}-3",
+        oncemesh::ledger::Windows::default().epoch_of(now_ms) + 1
+    );
     // A good document under an id from far in the future is refused: no
     // working clock writes there, and it would be kept until then.
     let (status, resp) = post_raw(

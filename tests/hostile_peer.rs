@@ -9,7 +9,7 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, StreamProtocol};
 use oncemesh::hlc::Timestamp;
-use oncemesh::ledger::DocId;
+use oncemesh::ledger::{DocId, Windows};
 use oncemesh::p2p::codec::{encode_request, DocMessage, SyncRequest};
 use serde_json::json;
 use std::io;
@@ -69,13 +69,13 @@ fn frame(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A well-formed request (the node's default 6 h window) whose one document,
+/// A well-formed request (the node's default windows) whose one document,
 /// of `epoch` and `shard`, carries `message`: made by the node's own encoder,
 /// so the bad parts are only the ones meant.
 fn request_with_message(epoch: u32, shard: u8, message: &[u8]) -> Vec<u8> {
     let request = SyncRequest {
         hlc: Timestamp::new(1, 0),
-        window_ms: 6 * 3600 * 1000,
+        window_ms: Windows::default().window_ms,
         connected: Vec::new(),
         docs: vec![DocMessage {
             doc: DocId { epoch, shard },
@@ -86,12 +86,12 @@ fn request_with_message(epoch: u32, shard: u8, message: &[u8]) -> Vec<u8> {
     frame(&encode_request(&request))
 }
 
-/// The epoch this machine's clock is in, in 6 h windows.
+/// The epoch this machine's clock is in, with the node's default windows.
 fn current_epoch() -> u32 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970");
-    (now.as_millis() / (6 * 3600 * 1000)) as u32
+    Windows::default().epoch_of(now.as_millis() as u64)
 }
 
 /// The first sync message of an empty document: valid, and carrying nothing.

@@ -659,11 +659,11 @@ impl EventLoop {
             self.drop_message(peer, "window-mismatch", &why);
             return;
         }
-        let now = self.node.ledger.wall_ms();
+        let (windows, now) = (self.node.ledger.windows(), self.node.ledger.wall_ms());
         for d in &request.docs {
             // Only documents that may be held are remembered: a peer cannot
             // grow this map with made-up ids.
-            if self.node.ledger.windows().live(d.doc.epoch, now) {
+            if windows.live(d.doc.epoch, now) {
                 p.their_digests.insert(d.doc, d.digest);
             }
         }
