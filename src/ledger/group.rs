@@ -213,15 +213,16 @@ impl Group {
     /// so that a scan of every key costs a comparison per key, not a look-up
     /// per key and peer.
     pub fn settled_through(&self, epoch: u32, peers: &[String]) -> Option<u64> {
-        let peer_docs = self.docs.get(&epoch).map(|d| &d.peers);
         peers
             .iter()
-            .map(|p| {
-                peer_docs
-                    .and_then(|docs| docs.get(p))
-                    .and_then(|d| d.synced_arrival)
-            })
+            .map(|p| self.synced_arrival(epoch, p))
             .try_fold(u64::MAX, |low, synced| synced.map(|s| low.min(s)))
+    }
+
+    /// The arrival count of the document of `epoch` as of the last moment
+    /// `peer` held an identical copy; `None` until that first happens.
+    fn synced_arrival(&self, epoch: u32, peer: &str) -> Option<u64> {
+        self.docs.get(&epoch)?.peers.get(peer)?.synced_arrival
     }
 
     fn unsynced<'a>(
@@ -229,11 +230,8 @@ impl Group {
         allocation: &'a Allocation,
         peers: &'a [String],
     ) -> impl Iterator<Item = &'a String> + 'a {
-        let peer_docs = self.docs.get(&allocation.epoch).map(|d| &d.peers);
         peers.iter().filter(move |p| {
-            peer_docs
-                .and_then(|docs| docs.get(*p))
-                .and_then(|d| d.synced_arrival)
+            self.synced_arrival(allocation.epoch, p)
                 .is_none_or(|s| s < allocation.arrival)
         })
     }
