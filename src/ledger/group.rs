@@ -3,6 +3,7 @@
 
 use super::doc_id::{DocId, Windows};
 use super::document::ShardDocument;
+use super::key_index::KeyIndex;
 use super::relay::HeldBack;
 use super::view::{Allocation, KeyView};
 use super::{ChunkSink, COMPACT_MIN_BYTES};
@@ -112,7 +113,7 @@ pub(super) struct Pending {
 pub(super) struct Group {
     pub shard: u8,
     pub docs: BTreeMap<u32, EpochDoc>,
-    pub keys: HashMap<Arc<str>, Vec<Allocation>>,
+    pub keys: KeyIndex,
     /// Allocations in `keys`, counted as they come and go.
     pub allocations: u64,
     pub compensations: HashMap<String, CompensationRecord>,
@@ -126,7 +127,7 @@ impl Group {
         Self {
             shard,
             docs: BTreeMap::new(),
-            keys: HashMap::new(),
+            keys: KeyIndex::default(),
             allocations: 0,
             compensations: HashMap::new(),
             conflicts: BTreeMap::new(),
@@ -187,12 +188,7 @@ impl Group {
             record,
         };
         let key = allocation.record.key.clone();
-        // Most keys keep one allocation: room for one, not the four a
-        // first push reserves (about 120 bytes a key).
-        let list = self
-            .keys
-            .entry(key.clone())
-            .or_insert_with(|| Vec::with_capacity(1));
+        let list = self.keys.list_for(&key);
         let at = list
             .iter()
             .position(|a| allocation.record.precedence(&a.record).is_lt())
@@ -287,7 +283,7 @@ impl Group {
                 !gone
             });
             if allocations.len() <= 1 {
-                conflicts.remove(&**key);
+                conflicts.remove(key);
             }
             !allocations.is_empty()
         });
@@ -379,7 +375,7 @@ mod tests {
             let through = g.settled_through(1, &peers);
             ["a", "b", "c", "d"]
                 .iter()
-                .map(|k| through.is_some_and(|t| t >= g.keys[*k][0].arrival))
+                .map(|k| through.is_some_and(|t| t >= g.keys.get(k).unwrap()[0].arrival))
                 .collect()
         };
         let sync = |g: &mut Group, peer: &str, arrival: u64| {

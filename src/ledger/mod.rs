@@ -19,6 +19,7 @@
 pub mod doc_id;
 pub mod document;
 mod group;
+mod key_index;
 pub mod relay;
 mod sync_receive;
 mod view;
@@ -628,7 +629,7 @@ impl Ledger {
         let group = &mut *guard;
         let epoch = group
             .keys
-            .get(&*record.key)
+            .get(&record.key)
             .and_then(|l| l.iter().find(|a| a.record.txn_id == record.txn_id))
             .map(|a| a.epoch)
             .unwrap_or_else(|| self.windows.epoch_of(self.wall_ms()));
