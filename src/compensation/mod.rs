@@ -5,8 +5,9 @@
 //! durable compensation log and waited for before the engine acts on it, so
 //! a crash at any point resumes from the log: an attempt that was running is
 //! retried with the same idempotency key, which the receiver deduplicates.
-//! After each transition the owner writes the state into the replicated
-//! ledger, so every region's conflict report shows it.
+//! After each transition the owner queues the state, and the engine writes
+//! what is queued into the replicated ledger at each turn of its loop, so
+//! every region's conflict report shows it.
 
 pub mod action;
 pub mod machine;
@@ -128,10 +129,10 @@ async fn append(node: &Node, txn: &str, entry: &LogEntry) -> Result<(), String> 
         .map_err(|e| e.to_string())
 }
 
-/// Writes the compensation's state into the replicated ledger.
-fn publish(node: &Node, tracked: &Tracked) -> CompensationRecord {
+/// The compensation's state as every region's conflict report shows it.
+fn record_of(node: &Node, tracked: &Tracked) -> CompensationRecord {
     let c = &tracked.machine;
-    let record = CompensationRecord {
+    CompensationRecord {
         v: RECORD_VERSION,
         key: tracked.key.clone(),
         txn_id: c.loser_txn.clone(),
@@ -144,11 +145,57 @@ fn publish(node: &Node, tracked: &Tracked) -> CompensationRecord {
         next_attempt_at_ms: c.next_attempt_at_ms,
         detected_at_ms: c.detected_at_ms,
         succeeded_at_ms: c.succeeded_at_ms,
-    };
-    if let Err(e) = node.ledger.put_compensation(&record) {
-        tracing::error!(txn = %record.txn_id, error = %e, "could not publish compensation state");
     }
+}
+
+/// Writes compensation states into the replicated ledger.
+fn write(node: &Node, records: &[CompensationRecord]) {
+    if let Err(e) = node.ledger.put_compensations(records) {
+        tracing::error!(records = records.len(), error = %e, "could not publish compensation states");
+    }
+}
+
+/// Writes one compensation's state into the replicated ledger at once.
+fn publish(node: &Node, tracked: &Tracked) -> CompensationRecord {
+    let record = record_of(node, tracked);
+    write(node, std::slice::from_ref(&record));
     record
+}
+
+/// States waiting to be written into the ledger. The engine writes them
+/// all at each turn of its loop: after a partition a node moves a hundred
+/// compensations through three states within milliseconds, and a change
+/// per transition meant as many automerge changes, each synced to every
+/// peer on its own.
+#[derive(Default)]
+struct Outbox(Mutex<Vec<CompensationRecord>>);
+
+impl Outbox {
+    /// Queues the state and wakes the engine's loop to write it.
+    fn push(&self, node: &Node, tracked: &Tracked) {
+        let record = record_of(node, tracked);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(record);
+        node.compensation_wakeup.notify_one();
+    }
+
+    /// Writes what is queued, only the newest state of each compensation.
+    fn flush(&self, node: &Node) {
+        let queued = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        if queued.is_empty() {
+            return;
+        }
+        let mut seen = HashSet::new();
+        let mut newest: Vec<CompensationRecord> = queued
+            .into_iter()
+            .rev()
+            .filter(|r| seen.insert(r.txn_id.clone()))
+            .collect();
+        newest.reverse();
+        write(node, &newest);
+    }
 }
 
 /// Starts the engine task.
@@ -164,7 +211,8 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
             node.config.compensation.clone(),
             node.config.webhook_timeout,
         );
-        recover(&node, &policy).await;
+        let outbox = Outbox::default();
+        recover(&node, &policy, &outbox).await;
         // At start every conflict is looked at once; after that only the
         // keys merges report as changed (the node's conflict inbox).
         let mut changed: Vec<KeyView> =
@@ -178,16 +226,16 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
         // not at every turn of the loop.
         let mut expiry_handled: Option<u64> = None;
         loop {
-            schedule_new_losers(&node, changed).await;
+            schedule_new_losers(&node, changed, &outbox).await;
             let expired = node.ledger.expired_allocations();
             if expiry_handled != Some(expired) && forget_expired(&node, &in_flight) {
                 expiry_handled = Some(expired);
             }
             for txn in due_now(&node, &in_flight, ATTEMPTS_IN_FLIGHT - running.len()) {
                 in_flight.insert(txn.clone());
-                let (node, policy, executor) = (&*node, &policy, &executor);
+                let (node, policy, executor, outbox) = (&*node, &policy, &executor, &outbox);
                 running.push(async move {
-                    attempt(node, policy, executor, &txn).await;
+                    attempt(node, policy, executor, outbox, &txn).await;
                     txn
                 });
             }
@@ -195,6 +243,7 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
                 .map(|at| Duration::from_millis(at.saturating_sub(node.ledger.wall_ms())))
                 .unwrap_or(Duration::from_secs(5))
                 .min(Duration::from_secs(5));
+            outbox.flush(&node);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -213,6 +262,7 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
         // Attempts under way finish (each is bounded by the webhook
         // timeout); none is cut between its call and its log entry.
         while running.next().await.is_some() {}
+        outbox.flush(&node);
     });
 }
 
@@ -243,7 +293,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// Replays the log; attempts cut short by a crash are resumed.
-async fn recover(node: &Node, policy: &RetryPolicy) {
+async fn recover(node: &Node, policy: &RetryPolicy, outbox: &Outbox) {
     let log = match node.storage.compensation_log() {
         Ok(log) => log,
         Err(e) => {
@@ -297,7 +347,7 @@ async fn recover(node: &Node, policy: &RetryPolicy) {
             key,
             winner_txn,
         };
-        publish(node, &tracked);
+        outbox.push(node, &tracked);
         node.compensations.lock().insert(txn, tracked);
     }
 }
@@ -346,7 +396,7 @@ fn forget_expired(node: &Node, in_flight: &HashSet<String>) -> bool {
 /// that has none, and keeps the winner of those it has current. The new
 /// ones are logged together, so after a partition a hundred losers share a
 /// few commits instead of waiting for one each.
-async fn schedule_new_losers(node: &Node, conflicts: Vec<KeyView>) {
+async fn schedule_new_losers(node: &Node, conflicts: Vec<KeyView>, outbox: &Outbox) {
     let me = node.peer_id.to_string();
     let mut new: Vec<(Tracked, LogEntry)> = Vec::new();
     for conflict in conflicts {
@@ -367,7 +417,7 @@ async fn schedule_new_losers(node: &Node, conflicts: Vec<KeyView>) {
             });
             match known {
                 Some(Some(updated)) => {
-                    publish(node, &updated);
+                    outbox.push(node, &updated);
                     continue;
                 }
                 Some(None) => continue,
@@ -395,13 +445,19 @@ async fn schedule_new_losers(node: &Node, conflicts: Vec<KeyView>) {
             continue;
         }
         tracing::warn!(key = %tracked.key, loser = %txn, winner = %tracked.winner_txn, "our allocation lost a conflict; compensating it");
-        publish(node, &tracked);
+        outbox.push(node, &tracked);
         node.compensations.lock().insert(txn, tracked);
     }
 }
 
 /// One attempt: log Started, act, log Finished, publish each state.
-async fn attempt(node: &Node, policy: &RetryPolicy, executor: &Executor, txn: &str) {
+async fn attempt(
+    node: &Node,
+    policy: &RetryPolicy,
+    executor: &Executor,
+    outbox: &Outbox,
+    txn: &str,
+) {
     let Some(mut tracked) = node.compensations.lock().get(txn).cloned() else {
         return;
     };
@@ -415,7 +471,7 @@ async fn attempt(node: &Node, policy: &RetryPolicy, executor: &Executor, txn: &s
     node.compensations
         .lock()
         .insert(txn.to_owned(), tracked.clone());
-    publish(node, &tracked);
+    outbox.push(node, &tracked);
     let Some((loser, winner)) = records(node, &tracked) else {
         tracing::error!(txn, "losing allocation vanished from the ledger");
         return;
@@ -461,7 +517,7 @@ async fn attempt(node: &Node, policy: &RetryPolicy, executor: &Executor, txn: &s
     node.compensations
         .lock()
         .insert(txn.to_owned(), tracked.clone());
-    publish(node, &tracked);
+    outbox.push(node, &tracked);
 }
 
 fn records(node: &Node, tracked: &Tracked) -> Option<(AllocationRecord, AllocationRecord)> {

@@ -179,11 +179,17 @@ impl ShardDocument {
         self.put_json(&obj, [(batch_id, batch.as_str())].into_iter())
     }
 
-    /// Writes (or overwrites: only the owner ever writes it) a compensation record.
-    pub fn put_compensation(&mut self, record: &CompensationRecord) -> Result<(), DocumentError> {
+    /// Writes (or overwrites: only the owner ever writes them) compensation
+    /// records, all in one automerge change.
+    pub fn put_compensations<'a>(
+        &mut self,
+        records: impl Iterator<Item = &'a CompensationRecord>,
+    ) -> Result<(), DocumentError> {
         let obj = self.compensations.clone();
-        let text = record_json(record);
-        self.put_json(&obj, [(record.txn_id.as_str(), text.as_str())].into_iter())
+        let texts: Vec<(&str, String)> = records
+            .map(|r| (r.txn_id.as_str(), record_json(r)))
+            .collect();
+        self.put_json(&obj, texts.iter().map(|(txn, text)| (*txn, text.as_str())))
     }
 
     fn put_json<'a>(

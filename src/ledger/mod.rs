@@ -620,26 +620,46 @@ impl Ledger {
         Ok(outcome)
     }
 
-    /// Writes a compensation record (only ever for this node's own losers)
-    /// into the document of the losing allocation and returns its durable
-    /// sequence.
-    pub fn put_compensation(&self, record: &CompensationRecord) -> Result<u64, DocumentError> {
-        let shard = crate::key::shard_of(&record.key, SHARD_COUNT);
-        let mut guard = self.group(shard);
-        let group = &mut *guard;
-        let epoch = group
-            .keys
-            .get(&record.key)
-            .and_then(|l| l.iter().find(|a| a.record.txn_id == record.txn_id))
-            .map(|a| a.epoch)
-            .unwrap_or_else(|| self.windows.epoch_of(self.wall_ms()));
-        let doc = group.doc_mut(epoch, &self.actor);
-        doc.doc.put_compensation(record)?;
-        let seq = doc.persist(&*self.sink);
-        group
-            .compensations
-            .insert(record.txn_id.clone(), record.clone());
-        Ok(seq)
+    /// Writes compensation records (only ever for this node's own losers),
+    /// each into the document of its losing allocation, as one automerge
+    /// change per document however many records go into it. A document
+    /// that fails does not keep the others from being written; the first
+    /// failure is returned.
+    pub fn put_compensations(&self, records: &[CompensationRecord]) -> Result<(), DocumentError> {
+        let mut by_shard: BTreeMap<usize, Vec<&CompensationRecord>> = BTreeMap::new();
+        for record in records {
+            let shard = crate::key::shard_of(&record.key, SHARD_COUNT);
+            by_shard.entry(shard).or_default().push(record);
+        }
+        let mut first_error = None;
+        for (shard, records) in by_shard {
+            let mut guard = self.group(shard);
+            let group = &mut *guard;
+            let mut by_epoch: BTreeMap<u32, Vec<&CompensationRecord>> = BTreeMap::new();
+            for record in records {
+                let epoch = group
+                    .keys
+                    .get(&record.key)
+                    .and_then(|l| l.iter().find(|a| a.record.txn_id == record.txn_id))
+                    .map(|a| a.epoch)
+                    .unwrap_or_else(|| self.windows.epoch_of(self.wall_ms()));
+                by_epoch.entry(epoch).or_default().push(record);
+            }
+            for (epoch, records) in by_epoch {
+                let doc = group.doc_mut(epoch, &self.actor);
+                if let Err(e) = doc.doc.put_compensations(records.iter().copied()) {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+                doc.persist(&*self.sink);
+                for record in records {
+                    group
+                        .compensations
+                        .insert(record.txn_id.clone(), record.clone());
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// The next sync message of `doc` for `peer`, encoded, if it needs one.
