@@ -201,3 +201,79 @@ fn winner_is_smallest_hlc_then_node_even_when_a_third_allocation_arrives_late() 
     assert_eq!(&*after.winner().unwrap().record.node, "node-2");
     assert_eq!(after.winner().unwrap().record.txn_id, made[0].txn_id);
 }
+
+#[test]
+fn compensation_states_written_together_take_one_change_per_document_and_reach_every_ledger() {
+    use oncemesh::record::{CompensationRecord, RECORD_VERSION};
+    let nodes = ledgers(2);
+    let fp = fingerprint(&serde_json::json!({})).unwrap();
+    // Two keys of one shard and one of another, allocated on both nodes.
+    let shard_of = |k: &str| IdempotencyKey::parse(k).unwrap().shard(SHARD_COUNT);
+    let first = shard_of("key-0");
+    let candidates = || (1..64).map(|i| format!("key-{i}"));
+    let same = candidates().find(|k| shard_of(k) == first).unwrap();
+    let other = candidates().find(|k| shard_of(k) != first).unwrap();
+    let keys = ["key-0".to_string(), same, other];
+    for node in [0, 1] {
+        for key in &keys {
+            let key = IdempotencyKey::parse(key).unwrap();
+            let shard = key.shard(SHARD_COUNT);
+            let request = AllocateRequest {
+                key,
+                fingerprint: fp.clone(),
+                confidence: 1.0,
+            };
+            nodes[node].allocate_batch(shard, &[request])[0]
+                .as_ref()
+                .unwrap();
+        }
+        nodes[node].fold_pending();
+    }
+    sync(&nodes, 0, 1);
+    let changes = |doc: DocId| {
+        let bytes = nodes[0].save_document(doc).unwrap();
+        automerge::Automerge::load(&bytes)
+            .unwrap()
+            .get_changes(&[])
+            .len()
+    };
+    let before: BTreeMap<DocId, usize> = nodes[0]
+        .digests()
+        .into_iter()
+        .map(|(d, _)| (d, changes(d)))
+        .collect();
+    let records: Vec<CompensationRecord> = keys
+        .iter()
+        .map(|key| {
+            let view = nodes[0].key(key).unwrap();
+            assert_eq!(view.allocations.len(), 2, "{key} is in conflict");
+            CompensationRecord {
+                v: RECORD_VERSION,
+                key: key.clone(),
+                txn_id: view.allocations[1].record.txn_id.clone(),
+                winner_txn_id: view.allocations[0].record.txn_id.clone(),
+                owner: view.allocations[1].record.node.to_string(),
+                idempotency_key: format!("comp-{key}"),
+                state: "succeeded".into(),
+                attempts: 1,
+                last_error: None,
+                next_attempt_at_ms: None,
+                detected_at_ms: 1,
+                succeeded_at_ms: Some(2),
+            }
+        })
+        .collect();
+    nodes[0].put_compensations(&records).unwrap();
+    let added: Vec<usize> = before.iter().map(|(d, n)| changes(*d) - n).collect();
+    assert_eq!(
+        added.iter().sum::<usize>(),
+        2,
+        "one change per document: {added:?}"
+    );
+    sync(&nodes, 0, 1);
+    for key in &keys {
+        let view = nodes[1].key(key).unwrap();
+        assert_eq!(view.compensations.len(), 1, "{key}");
+        assert_eq!(view.compensations[0].state, "succeeded");
+    }
+}
