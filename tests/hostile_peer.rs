@@ -1,6 +1,6 @@
-//! An allowlisted peer that sends garbage on `/oncemesh/sync/1` cannot crash
-//! the node: every bad message is dropped, counted and logged, and the node
-//! keeps serving.
+//! An allowlisted peer that sends garbage on `/oncemesh/sync/1` or
+//! `/oncemesh/sync/2` (compressed) cannot crash the node: every bad message
+//! is dropped, counted and logged, and the node keeps serving.
 
 mod support;
 
@@ -10,7 +10,10 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, StreamProtocol};
 use oncemesh::hlc::Timestamp;
 use oncemesh::ledger::{DocId, Windows};
-use oncemesh::p2p::codec::{encode_request, DocMessage, SyncRequest};
+use oncemesh::p2p::codec::{
+    compress_body, encode_request, DocMessage, SyncRequest, MAX_FRAME, PROTOCOL,
+    PROTOCOL_UNCOMPRESSED,
+};
 use serde_json::json;
 use std::io;
 use std::time::Duration;
@@ -69,10 +72,10 @@ fn frame(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A well-formed request (the node's default windows) whose one document,
-/// of `epoch` and `shard`, carries `message`: made by the node's own encoder,
-/// so the bad parts are only the ones meant.
-fn request_with_message(epoch: u32, shard: u8, message: &[u8]) -> Vec<u8> {
+/// A well-formed request body (the node's default windows) whose one
+/// document, of `epoch` and `shard`, carries `message`: made by the node's
+/// own encoder, so the bad parts are only the ones meant.
+fn body_with_message(epoch: u32, shard: u8, message: &[u8]) -> Vec<u8> {
     let request = SyncRequest {
         hlc: Timestamp::new(1, 0),
         window_ms: Windows::default().window_ms,
@@ -83,7 +86,61 @@ fn request_with_message(epoch: u32, shard: u8, message: &[u8]) -> Vec<u8> {
             message: Bytes::copy_from_slice(message),
         }],
     };
-    frame(&encode_request(&request))
+    encode_request(&request)
+}
+
+fn request_with_message(epoch: u32, shard: u8, message: &[u8]) -> Vec<u8> {
+    frame(&body_with_message(epoch, shard, message))
+}
+
+/// Sends each request as is on `protocol`; returns how many completed
+/// (answered or failed) within 20 s.
+async fn send_raw(
+    keypair: Keypair,
+    target: Multiaddr,
+    node_id: libp2p::PeerId,
+    protocol: StreamProtocol,
+    requests: Vec<Vec<u8>>,
+) -> usize {
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| {
+            request_response::Behaviour::<RawCodec>::new(
+                [(protocol, ProtocolSupport::Outbound)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+            )
+        })
+        .unwrap()
+        .build();
+    swarm.add_peer_address(node_id, target);
+    let sent = requests.len();
+    for request in requests {
+        swarm.behaviour_mut().send_request(&node_id, request);
+    }
+    let mut finished = 0;
+    let deadline = tokio::time::sleep(Duration::from_secs(20));
+    tokio::pin!(deadline);
+    while finished < sent {
+        tokio::select! {
+            event = swarm.select_next_some() => {
+                if let libp2p::swarm::SwarmEvent::Behaviour(
+                    request_response::Event::Message { .. }
+                    | request_response::Event::OutboundFailure { .. },
+                ) = event
+                {
+                    finished += 1;
+                }
+            }
+            _ = &mut deadline => break,
+        }
+    }
+    finished
 }
 
 /// The epoch this machine's clock is in, with the node's default windows.
@@ -118,30 +175,10 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
         201
     );
 
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .unwrap()
-        .with_behaviour(|_| {
-            request_response::Behaviour::<RawCodec>::new(
-                [(
-                    StreamProtocol::new("/oncemesh/sync/1"),
-                    ProtocolSupport::Outbound,
-                )],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
-            )
-        })
-        .unwrap()
-        .build();
     let target: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", c.node(0).listen_port())
         .parse()
         .unwrap();
-    let node_id = c.node(0).peer_id().parse().unwrap();
-    swarm.add_peer_address(node_id, target);
+    let node_id: libp2p::PeerId = c.node(0).peer_id().parse().unwrap();
 
     let garbage: Vec<Vec<u8>> = vec![
         b"hello there".to_vec(),         // short, nonsense length prefix
@@ -156,30 +193,47 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
         vec![], // nothing at all
     ];
     let sent = garbage.len();
-    for g in garbage {
-        swarm.behaviour_mut().send_request(&node_id, g);
-    }
-    let mut finished = 0;
-    let deadline = tokio::time::sleep(Duration::from_secs(20));
-    tokio::pin!(deadline);
-    while finished < sent {
-        tokio::select! {
-            event = swarm.select_next_some() => {
-                if let libp2p::swarm::SwarmEvent::Behaviour(
-                    request_response::Event::Message { .. }
-                    | request_response::Event::OutboundFailure { .. },
-                ) = event
-                {
-                    finished += 1;
-                }
-            }
-            _ = &mut deadline => break,
-        }
-    }
+    let finished = send_raw(
+        keypair.clone(),
+        target.clone(),
+        node_id,
+        PROTOCOL_UNCOMPRESSED,
+        garbage,
+    )
+    .await;
     assert_eq!(
         finished,
         sent,
         "not every garbage request completed\n{}",
+        c.logs(30)
+    );
+    let dropped_uncompressed = c
+        .node(0)
+        .metric("oncemesh_dropped_peer_messages_total")
+        .await;
+
+    let compressed: Vec<Vec<u8>> = vec![
+        frame(b"not zstd at all"),
+        // A few kilobytes that would unpack past the frame limit.
+        frame(&compress_body(&vec![0; MAX_FRAME + 1]).unwrap()),
+        // Decompresses fine, then does not decode as a request.
+        frame(&compress_body(&[0xff; 64]).unwrap()),
+        // Decompresses and decodes; its one message does not.
+        frame(
+            &compress_body(&body_with_message(
+                current_epoch(),
+                5,
+                b"still not a sync message",
+            ))
+            .unwrap(),
+        ),
+    ];
+    let sent = compressed.len();
+    let finished = send_raw(keypair, target, node_id, PROTOCOL, compressed).await;
+    assert_eq!(
+        finished,
+        sent,
+        "not every compressed request completed\n{}",
         c.logs(30)
     );
 
@@ -199,7 +253,15 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
         .node(0)
         .metric("oncemesh_dropped_peer_messages_total")
         .await;
-    assert!(dropped >= 6.0, "only {dropped} drops counted\n{metrics}");
+    assert!(
+        dropped_uncompressed >= 6.0,
+        "only {dropped_uncompressed} drops counted\n{metrics}"
+    );
+    assert!(
+        dropped >= dropped_uncompressed + 4.0,
+        "compressed garbage: only {} drops counted\n{metrics}",
+        dropped - dropped_uncompressed
+    );
     for kind in ["undecodable", "bad-shard", "too-far-ahead"] {
         assert!(
             metrics.contains(&format!(r#"kind="{kind}""#)),

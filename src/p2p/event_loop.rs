@@ -1,6 +1,9 @@
 //! The task that owns the swarm. See the module docs of [`crate::p2p`].
 
-use super::codec::{DocMessage, InboundRequest, SyncCodec, SyncRequest, SyncResponse, PROTOCOL};
+use super::codec::{
+    DocMessage, InboundRequest, SyncCodec, SyncRequest, SyncResponse, PROTOCOL,
+    PROTOCOL_UNCOMPRESSED,
+};
 use crate::ledger::{DocId, MergeError, NodeTag, Withhold, SHARD_COUNT};
 use crate::metrics::Kind;
 use crate::node::{Node, StartError};
@@ -142,7 +145,11 @@ impl EventLoop {
                 )),
                 ping: ping::Behaviour::default(),
                 sync: request_response::Behaviour::new(
-                    [(PROTOCOL, ProtocolSupport::Full)],
+                    // Newest first: a peer of an earlier version settles on the older one.
+                    [
+                        (PROTOCOL, ProtocolSupport::Full),
+                        (PROTOCOL_UNCOMPRESSED, ProtocolSupport::Full),
+                    ],
                     request_response::Config::default()
                         .with_request_timeout(REQUEST_TIMEOUT)
                         .with_max_concurrent_streams(64),
