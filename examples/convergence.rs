@@ -740,10 +740,13 @@ async fn allocate_all(
             errors.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let payload = serde_json::json!({"amount": 1250, "currency": "EUR"});
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 let Some(key) = keys.get(i) else { break };
+                // Every payment its own payload (a shared key's is the same
+                // on every node: a retry), so no two fingerprints repeat and
+                // compressed traffic is measured on realistic records.
+                let payload = serde_json::json!({"amount": 1250, "currency": "EUR", "order": key});
                 let ok = match http
                     .post(&url)
                     .json(&serde_json::json!({"key": key, "payload": payload}))
