@@ -399,13 +399,16 @@ fn forget_expired(node: &Node, in_flight: &HashSet<String>) -> bool {
 async fn schedule_new_losers(node: &Node, conflicts: Vec<KeyView>, outbox: &Outbox) {
     let me = node.peer_id.to_string();
     let mut new: Vec<(Tracked, LogEntry)> = Vec::new();
+    // A key listed twice must not make two compensations of one loser;
+    // after a long partition thousands are new at once, so no linear scan.
+    let mut seen: HashSet<String> = HashSet::new();
     for conflict in conflicts {
         let Some(winner) = conflict.winner().map(|w| w.record.clone()) else {
             continue;
         };
         for loser in conflict.allocations.iter().skip(1) {
             let txn = &loser.record.txn_id;
-            if *loser.record.node != *me || new.iter().any(|(t, _)| t.machine.loser_txn == *txn) {
+            if *loser.record.node != *me || !seen.insert(txn.clone()) {
                 continue;
             }
             // A later arrival can beat the winner seen so far; keep the
