@@ -11,8 +11,7 @@ use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, StreamProtocol};
 use oncemesh::hlc::Timestamp;
 use oncemesh::ledger::{DocId, Windows};
 use oncemesh::p2p::codec::{
-    compress_body, encode_request, DocMessage, SyncRequest, MAX_FRAME, PROTOCOL,
-    PROTOCOL_UNCOMPRESSED,
+    encode_request, DocMessage, SyncRequest, MAX_FRAME, PROTOCOL, PROTOCOL_UNCOMPRESSED,
 };
 use serde_json::json;
 use std::io;
@@ -143,6 +142,11 @@ async fn send_raw(
     finished
 }
 
+/// A body as a zstd frame, the way `/oncemesh/sync/2` carries it.
+fn compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::compress(body, 1)
+}
+
 /// The epoch this machine's clock is in, with the node's default windows.
 fn current_epoch() -> u32 {
     let now = std::time::SystemTime::now()
@@ -215,12 +219,12 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
     let compressed: Vec<Vec<u8>> = vec![
         frame(b"not zstd at all"),
         // A few kilobytes that would unpack past the frame limit.
-        frame(&compress_body(&vec![0; MAX_FRAME + 1]).unwrap()),
+        frame(&compress(&vec![0; MAX_FRAME + 1]).unwrap()),
         // Decompresses fine, then does not decode as a request.
-        frame(&compress_body(&[0xff; 64]).unwrap()),
+        frame(&compress(&[0xff; 64]).unwrap()),
         // Decompresses and decodes; its one message does not.
         frame(
-            &compress_body(&body_with_message(
+            &compress(&body_with_message(
                 current_epoch(),
                 5,
                 b"still not a sync message",

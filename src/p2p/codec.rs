@@ -243,9 +243,9 @@ fn header(hlc: Timestamp, window_ms: u64, connected: &[NodeTag], count: usize) -
 /// Bytes of a document id on the wire: epoch and shard.
 const DOC_ID_BYTES: usize = 4 + 1;
 
-fn put_doc(out: &mut Vec<u8>, doc: DocId) {
-    out.extend_from_slice(&doc.epoch.to_be_bytes());
-    out.push(doc.shard);
+fn doc_bytes(doc: DocId) -> [u8; DOC_ID_BYTES] {
+    let e = doc.epoch.to_be_bytes();
+    [e[0], e[1], e[2], e[3], doc.shard]
 }
 
 /// Writes a request body to `out`, a buffer or a compressor.
@@ -257,8 +257,7 @@ fn put_request<W: io::Write>(request: &SyncRequest, out: &mut W) -> io::Result<(
         request.docs.len(),
     ))?;
     for d in request.docs.iter().take(MAX_DOCS) {
-        out.write_all(&d.doc.epoch.to_be_bytes())?;
-        out.write_all(&[d.doc.shard])?;
+        out.write_all(&doc_bytes(d.doc))?;
         out.write_all(&d.digest)?;
         out.write_all(&(d.message.len() as u32).to_be_bytes())?;
         out.write_all(&d.message)?;
@@ -310,16 +309,10 @@ pub fn encode_response(response: &SyncResponse) -> Vec<u8> {
         response.digests.len(),
     );
     for (doc, digest) in response.digests.iter().take(MAX_DOCS) {
-        put_doc(&mut out, *doc);
+        out.extend_from_slice(&doc_bytes(*doc));
         out.extend_from_slice(digest);
     }
     out
-}
-
-/// Compresses a request body for [`PROTOCOL`]; the zstd frame states the
-/// body's size.
-pub fn compress_body(body: &[u8]) -> io::Result<Vec<u8>> {
-    zstd::bulk::compress(body, ZSTD_LEVEL)
 }
 
 /// Decompresses a body received under [`PROTOCOL`]. The size the zstd frame
@@ -490,11 +483,11 @@ mod tests {
         let body: Vec<u8> = (0..100_000u32)
             .flat_map(|i| (i % 251).to_be_bytes())
             .collect();
-        let packed = compress_body(&body).unwrap();
+        let packed = zstd::bulk::compress(&body, ZSTD_LEVEL).unwrap();
         assert!(packed.len() < body.len() / 4, "{} bytes", packed.len());
         assert_eq!(decompress_body(&packed).unwrap(), body);
         // 65 MiB of zeros pack into a few kilobytes; the stated size is refused.
-        let bomb = compress_body(&vec![0; MAX_FRAME + 1024 * 1024]).unwrap();
+        let bomb = zstd::bulk::compress(&vec![0; MAX_FRAME + 1024 * 1024], ZSTD_LEVEL).unwrap();
         assert!(bomb.len() < 64 * 1024);
         let refused = decompress_body(&bomb).unwrap_err().to_string();
         assert!(refused.contains("64 MiB"), "{refused}");
