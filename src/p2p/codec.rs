@@ -292,6 +292,11 @@ pub fn encode_request(request: &SyncRequest) -> Vec<u8> {
 /// no uncompressed frame in between. The zstd frame states the body's size.
 pub fn compress_request(request: &SyncRequest) -> io::Result<Vec<u8>> {
     let len = request_len(request);
+    // The receiver refuses a body that unpacks past the limit: fail here,
+    // as an uncompressed frame over it does, rather than send it.
+    if len > MAX_FRAME {
+        return Err(invalid("refusing to send a frame over the 64 MiB limit"));
+    }
     // About a quarter is typical; the Vec grows if a frame packs worse.
     let mut encoder = zstd::stream::write::Encoder::new(Vec::with_capacity(len / 3), ZSTD_LEVEL)?;
     encoder.include_contentsize(true)?;
@@ -461,6 +466,14 @@ mod tests {
         assert_eq!(request_len(&request), encoded.len());
         let packed = compress_request(&request).unwrap();
         assert_eq!(decompress_body(&packed).unwrap(), encoded);
+        let oversized = SyncRequest {
+            docs: vec![DocMessage {
+                message: Bytes::from(vec![0; MAX_FRAME]),
+                ..request.docs[0].clone()
+            }],
+            ..request.clone()
+        };
+        assert!(compress_request(&oversized).is_err());
         let encoded = Bytes::from(encoded);
         assert_eq!(decode_request(&encoded).unwrap(), request);
         let response = SyncResponse {
