@@ -11,7 +11,8 @@ use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, StreamProtocol};
 use oncemesh::hlc::Timestamp;
 use oncemesh::ledger::{DocId, Windows};
 use oncemesh::p2p::codec::{
-    encode_request, DocMessage, SyncRequest, MAX_FRAME, PROTOCOL, PROTOCOL_UNCOMPRESSED,
+    decode_response, encode_request, DocMessage, SyncRequest, MAX_FRAME, PROTOCOL,
+    PROTOCOL_UNCOMPRESSED,
 };
 use serde_json::json;
 use std::io;
@@ -93,14 +94,14 @@ fn request_with_message(epoch: u32, shard: u8, message: &[u8]) -> Vec<u8> {
 }
 
 /// Sends each request as is on `protocol`; returns how many completed
-/// (answered or failed) within 20 s.
+/// (answered or failed) within 20 s, and the answers.
 async fn send_raw(
     keypair: Keypair,
     target: Multiaddr,
     node_id: libp2p::PeerId,
     protocol: StreamProtocol,
     requests: Vec<Vec<u8>>,
-) -> usize {
+) -> (usize, Vec<Vec<u8>>) {
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -122,24 +123,28 @@ async fn send_raw(
     for request in requests {
         swarm.behaviour_mut().send_request(&node_id, request);
     }
-    let mut finished = 0;
+    let (mut finished, mut answers) = (0, Vec::new());
     let deadline = tokio::time::sleep(Duration::from_secs(20));
     tokio::pin!(deadline);
     while finished < sent {
         tokio::select! {
-            event = swarm.select_next_some() => {
-                if let libp2p::swarm::SwarmEvent::Behaviour(
-                    request_response::Event::Message { .. }
-                    | request_response::Event::OutboundFailure { .. },
-                ) = event
-                {
+            event = swarm.select_next_some() => match event {
+                libp2p::swarm::SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { response, .. },
+                    ..
+                }) => {
                     finished += 1;
+                    answers.push(response);
                 }
-            }
+                libp2p::swarm::SwarmEvent::Behaviour(
+                    request_response::Event::OutboundFailure { .. },
+                ) => finished += 1,
+                _ => {}
+            },
             _ = &mut deadline => break,
         }
     }
-    finished
+    (finished, answers)
 }
 
 /// A body as a zstd frame, the way `/oncemesh/sync/2` carries it.
@@ -197,7 +202,7 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
         vec![], // nothing at all
     ];
     let sent = garbage.len();
-    let finished = send_raw(
+    let (finished, _) = send_raw(
         keypair.clone(),
         target.clone(),
         node_id,
@@ -233,13 +238,48 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
         ),
     ];
     let sent = compressed.len();
-    let finished = send_raw(keypair, target, node_id, PROTOCOL, compressed).await;
+    let (finished, _) = send_raw(
+        keypair.clone(),
+        target.clone(),
+        node_id,
+        PROTOCOL,
+        compressed,
+    )
+    .await;
     assert_eq!(
         finished,
         sent,
         "not every compressed request completed\n{}",
         c.logs(30)
     );
+    let dropped_before_good = c
+        .node(0)
+        .metric("oncemesh_dropped_peer_messages_total")
+        .await;
+
+    // A good request is answered on both: `/1` is what a node of an earlier
+    // version speaks, `/2` (compressed) what this version speaks.
+    let good = body_with_message(current_epoch(), 1, &empty_sync_message());
+    for (protocol, frame_of_good) in [
+        (PROTOCOL_UNCOMPRESSED, frame(&good)),
+        (PROTOCOL, frame(&compress(&good).unwrap())),
+    ] {
+        let name = protocol.to_string();
+        let (_, answers) = send_raw(
+            keypair.clone(),
+            target.clone(),
+            node_id,
+            protocol,
+            vec![frame_of_good],
+        )
+        .await;
+        let answer = answers
+            .first()
+            .unwrap_or_else(|| panic!("no answer on {name}\n{}", c.logs(30)));
+        let response = decode_response(answer.get(4..).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("answer on {name} does not decode: {e}"));
+        assert!(!response.digests.is_empty(), "{name}: {response:?}");
+    }
 
     // Still serving, nothing corrupted, and the drops are counted.
     let (code, health) = c.node(0).get_json("/v1/health").await;
@@ -262,9 +302,13 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
         "only {dropped_uncompressed} drops counted\n{metrics}"
     );
     assert!(
-        dropped >= dropped_uncompressed + 4.0,
+        dropped_before_good >= dropped_uncompressed + 4.0,
         "compressed garbage: only {} drops counted\n{metrics}",
-        dropped - dropped_uncompressed
+        dropped_before_good - dropped_uncompressed
+    );
+    assert_eq!(
+        dropped, dropped_before_good,
+        "a good request was dropped\n{metrics}"
     );
     for kind in ["undecodable", "bad-shard", "too-far-ahead"] {
         assert!(
