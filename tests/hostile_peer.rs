@@ -93,16 +93,19 @@ fn request_with_message(epoch: u32, shard: u8, message: &[u8]) -> Vec<u8> {
     frame(&body_with_message(epoch, shard, message))
 }
 
-/// Sends each request as is on `protocol`; returns how many completed
-/// (answered or failed) within 20 s, and the answers.
+/// Sends each request as is to node 0 of `c` on `protocol`; returns how
+/// many completed (answered or failed) within 20 s, and the answers.
 async fn send_raw(
-    keypair: Keypair,
-    target: Multiaddr,
-    node_id: libp2p::PeerId,
+    c: &Cluster,
+    keypair: &Keypair,
     protocol: StreamProtocol,
     requests: Vec<Vec<u8>>,
 ) -> (usize, Vec<Vec<u8>>) {
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+    let target: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", c.node(0).listen_port())
+        .parse()
+        .unwrap();
+    let node_id: libp2p::PeerId = c.node(0).peer_id().parse().unwrap();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
@@ -147,6 +150,28 @@ async fn send_raw(
     (finished, answers)
 }
 
+/// Sends bad requests to node 0 of `c` on `protocol`, checks each one
+/// completed, and returns the node's count of dropped messages afterwards.
+async fn send_garbage(
+    c: &Cluster,
+    keypair: &Keypair,
+    protocol: StreamProtocol,
+    requests: Vec<Vec<u8>>,
+) -> f64 {
+    let sent = requests.len();
+    let name = protocol.to_string();
+    let (finished, _) = send_raw(c, keypair, protocol, requests).await;
+    assert_eq!(
+        finished,
+        sent,
+        "not every garbage request on {name} completed\n{}",
+        c.logs(30)
+    );
+    c.node(0)
+        .metric("oncemesh_dropped_peer_messages_total")
+        .await
+}
+
 /// A body as a zstd frame, the way `/oncemesh/sync/2` carries it.
 fn compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
     zstd::bulk::compress(body, 1)
@@ -184,11 +209,6 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
         201
     );
 
-    let target: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", c.node(0).listen_port())
-        .parse()
-        .unwrap();
-    let node_id: libp2p::PeerId = c.node(0).peer_id().parse().unwrap();
-
     let garbage: Vec<Vec<u8>> = vec![
         b"hello there".to_vec(),         // short, nonsense length prefix
         frame(&[0xff; 64]),              // wrong version
@@ -201,25 +221,7 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
         request_with_message(u32::MAX, 2, &empty_sync_message()),
         vec![], // nothing at all
     ];
-    let sent = garbage.len();
-    let (finished, _) = send_raw(
-        keypair.clone(),
-        target.clone(),
-        node_id,
-        PROTOCOL_UNCOMPRESSED,
-        garbage,
-    )
-    .await;
-    assert_eq!(
-        finished,
-        sent,
-        "not every garbage request completed\n{}",
-        c.logs(30)
-    );
-    let dropped_uncompressed = c
-        .node(0)
-        .metric("oncemesh_dropped_peer_messages_total")
-        .await;
+    let dropped_uncompressed = send_garbage(&c, &keypair, PROTOCOL_UNCOMPRESSED, garbage).await;
 
     let compressed: Vec<Vec<u8>> = vec![
         frame(b"not zstd at all"),
@@ -237,25 +239,7 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
             .unwrap(),
         ),
     ];
-    let sent = compressed.len();
-    let (finished, _) = send_raw(
-        keypair.clone(),
-        target.clone(),
-        node_id,
-        PROTOCOL,
-        compressed,
-    )
-    .await;
-    assert_eq!(
-        finished,
-        sent,
-        "not every compressed request completed\n{}",
-        c.logs(30)
-    );
-    let dropped_before_good = c
-        .node(0)
-        .metric("oncemesh_dropped_peer_messages_total")
-        .await;
+    let dropped_before_good = send_garbage(&c, &keypair, PROTOCOL, compressed).await;
 
     // A good request is answered on both: `/1` is what a node of an earlier
     // version speaks, `/2` (compressed) what this version speaks.
@@ -265,14 +249,7 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
         (PROTOCOL, frame(&compress(&good).unwrap())),
     ] {
         let name = protocol.to_string();
-        let (_, answers) = send_raw(
-            keypair.clone(),
-            target.clone(),
-            node_id,
-            protocol,
-            vec![frame_of_good],
-        )
-        .await;
+        let (_, answers) = send_raw(&c, &keypair, protocol, vec![frame_of_good]).await;
         let answer = answers
             .first()
             .unwrap_or_else(|| panic!("no answer on {name}\n{}", c.logs(30)));
