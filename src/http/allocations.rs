@@ -47,7 +47,7 @@ pub async fn create(
     match node.allocate(&body.key, &body.payload).await {
         Ok(allocated) => {
             let mut json = allocation_json(&node, &allocated.allocation, allocated.view.as_ref());
-            json["replay"] = allocated.replay.into();
+            json.replay = Some(allocated.replay);
             let status = if allocated.replay {
                 StatusCode::OK
             } else {
@@ -83,7 +83,7 @@ pub async fn create(
 pub async fn show(
     State(node): State<Arc<Node>>,
     Path(key): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     crate::key::IdempotencyKey::parse(&key)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
     let ledger = node.ledger.clone();
@@ -98,5 +98,5 @@ pub async fn show(
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     }
-    Ok(Json(key_json(&node, &view)))
+    Ok(Json(key_json(&node, &view)).into_response())
 }

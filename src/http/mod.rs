@@ -65,6 +65,20 @@ pub async fn off_runtime<T: Send + 'static>(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
+/// `{"<name>": [...]}` serialized, for a report built on the blocking pool
+/// from the ledger's views: the answer leaves as bytes, so the views it
+/// borrows from need not outlive the closure.
+pub fn json_list<T: serde::Serialize>(name: &str, list: &[T]) -> Result<Response, ApiError> {
+    let body = serde_json::to_vec(&std::collections::BTreeMap::from([(name, list)]))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}
+
 /// A body that could not be read (over the size limit: 413, or cut off)
 /// gets the same JSON error shape as every other error, not axum's text.
 impl From<axum::extract::rejection::BytesRejection> for ApiError {

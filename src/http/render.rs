@@ -1,11 +1,17 @@
 //! JSON shapes of the API. The field names here are a contract that
 //! scripts rely on (DESIGN.md): `key`, `txn_id`, `region`, `node`, `hlc`,
 //! `confidence`, `state`, `replay`; more fields are added, never renamed.
+//!
+//! The shapes are structs that borrow from the ledger's views and serialize
+//! straight to the response body: no intermediate `serde_json::Value` tree,
+//! whose building and copying was most of the cost of answering an
+//! operator's poll of the conflict report.
 
-use crate::ledger::{Allocation, ConflictView, KeyState, KeyView};
+use crate::hlc::Timestamp;
+use crate::ledger::{Allocation, ConflictView, KeyView};
 use crate::node::Node;
 use crate::record::{AllocationRecord, CompensationRecord};
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::time::{Duration, UNIX_EPOCH};
 
 /// Wall-clock milliseconds as RFC 3339 text.
@@ -13,8 +19,53 @@ pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// One allocation as the API shows it. The extras (`confidence_at_allocation`,
+/// `role`, `replay`) appear where they mean something and are left out
+/// elsewhere.
+#[derive(Serialize)]
+pub struct AllocationJson<'a> {
+    key: &'a str,
+    txn_id: &'a str,
+    region: &'a str,
+    node: &'a str,
+    hlc: Timestamp,
+    fingerprint: &'a str,
+    confidence: f64,
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    confidence_at_allocation: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    /// Set by the allocate answer: whether this was a replay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay: Option<bool>,
+}
+
+impl<'a> AllocationJson<'a> {
+    /// The fields every allocation object carries (DESIGN.md's contract).
+    fn of(record: &'a AllocationRecord, confidence: f64, state: &'static str) -> Self {
+        Self {
+            key: &record.key,
+            txn_id: &record.txn_id,
+            region: &record.region,
+            node: &record.node,
+            hlc: record.hlc,
+            fingerprint: &record.fingerprint,
+            confidence,
+            state,
+            confidence_at_allocation: None,
+            role: None,
+            replay: None,
+        }
+    }
+}
+
 /// One allocation with its current confidence and role within its key.
-pub fn allocation_json(node: &Node, allocation: &Allocation, view: Option<&KeyView>) -> Value {
+pub fn allocation_json<'a>(
+    node: &Node,
+    allocation: &'a Allocation,
+    view: Option<&KeyView>,
+) -> AllocationJson<'a> {
     let record = &allocation.record;
     let (state, role, confidence) = match view {
         Some(view) => {
@@ -33,75 +84,141 @@ pub fn allocation_json(node: &Node, allocation: &Allocation, view: Option<&KeyVi
             } else {
                 node.confidence_now(&view.unsynced_peers)
             };
-            (view.state(), role, confidence)
+            (view.state().as_str(), role, confidence)
         }
-        None => (KeyState::Provisional, "sole", record.confidence),
+        None => ("provisional", "sole", record.confidence),
     };
-    let mut json = record_json(record, confidence, state);
-    json["confidence_at_allocation"] = record.confidence.into();
-    json["role"] = role.into();
-    json
-}
-
-/// The fields every allocation object carries (DESIGN.md's contract).
-fn record_json(record: &AllocationRecord, confidence: f64, state: KeyState) -> Value {
-    json!({
-        "key": record.key,
-        "txn_id": record.txn_id,
-        "region": record.region,
-        "node": record.node,
-        "hlc": record.hlc.to_string(),
-        "fingerprint": record.fingerprint,
-        "confidence": confidence,
-        "state": state.as_str(),
-    })
+    AllocationJson {
+        confidence_at_allocation: Some(record.confidence),
+        role: Some(role),
+        ..AllocationJson::of(record, confidence, state)
+    }
 }
 
 /// A key with every allocation, as `GET /v1/allocations/{key}` shows it.
-pub fn key_json(node: &Node, view: &KeyView) -> Value {
-    json!({
-        "key": view.key,
-        "state": view.state().as_str(),
-        "settled": view.settled,
-        "winner": view.winner().map(|w| w.record.txn_id.clone()),
-        "allocations": view.allocations.iter().map(|a| allocation_json(node, a, Some(view))).collect::<Vec<_>>(),
-        "compensations": compensations_json(view),
-        "unsynced_peers": view.unsynced_peers,
-    })
+#[derive(Serialize)]
+pub struct KeyJson<'a> {
+    key: &'a str,
+    state: &'static str,
+    settled: bool,
+    winner: Option<&'a str>,
+    allocations: Vec<AllocationJson<'a>>,
+    compensations: Vec<CompensationJson<'a>>,
+    unsynced_peers: &'a [String],
+}
+
+/// The key view of `GET /v1/allocations/{key}`.
+pub fn key_json<'a>(node: &Node, view: &'a KeyView) -> KeyJson<'a> {
+    KeyJson {
+        key: &view.key,
+        state: view.state().as_str(),
+        settled: view.settled,
+        winner: view.winner().map(|w| w.record.txn_id.as_str()),
+        allocations: view
+            .allocations
+            .iter()
+            .map(|a| allocation_json(node, a, Some(view)))
+            .collect(),
+        compensations: compensations_json(view),
+        unsynced_peers: &view.unsynced_peers,
+    }
+}
+
+/// One entry of the conflict report.
+#[derive(Serialize)]
+pub struct ConflictJson<'a> {
+    key: &'a str,
+    state: &'static str,
+    resolved: bool,
+    allocations: Vec<AllocationJson<'a>>,
+    winner: Option<&'a str>,
+    /// The winner can still change while a missing region may hold an
+    /// earlier allocation; once settled it cannot.
+    winner_final: bool,
+    compensations: Vec<CompensationJson<'a>>,
+    detected_at: String,
+    detected_at_ms: u64,
 }
 
 /// One entry of the conflict report. Allocations carry the confidence they
 /// had when they were made: the report is about what was believed then.
-pub fn conflict_json(view: &ConflictView) -> Value {
+pub fn conflict_json(view: &ConflictView) -> ConflictJson<'_> {
     let key = &view.key;
-    let allocations: Vec<Value> = key
-        .allocations
-        .iter()
-        .map(|a| record_json(&a.record, a.record.confidence, key.state()))
-        .collect();
-    json!({
-        "key": key.key,
-        "state": key.state().as_str(),
-        "resolved": is_resolved(key),
-        "allocations": allocations,
-        "winner": key.winner().map(|w| w.record.txn_id.clone()),
-        // The winner can still change while a missing region may hold an
-        // earlier allocation; once settled it cannot.
-        "winner_final": key.settled,
-        "compensations": compensations_json(key),
-        "detected_at": rfc3339(view.detected_at_ms),
-        "detected_at_ms": view.detected_at_ms,
-    })
+    let state = key.state().as_str();
+    ConflictJson {
+        key: &key.key,
+        state,
+        resolved: is_resolved(key),
+        allocations: key
+            .allocations
+            .iter()
+            .map(|a| AllocationJson::of(&a.record, a.record.confidence, state))
+            .collect(),
+        winner: key.winner().map(|w| w.record.txn_id.as_str()),
+        winner_final: key.settled,
+        compensations: compensations_json(key),
+        detected_at: rfc3339(view.detected_at_ms),
+        detected_at_ms: view.detected_at_ms,
+    }
 }
 
 /// Whether every loser of a conflicted key is compensated.
 pub fn is_resolved(key: &KeyView) -> bool {
-    key.state() == KeyState::Compensated
+    key.state() == crate::ledger::KeyState::Compensated
 }
 
-/// One compensation per loser; a loser whose owner has not yet reported
-/// shows as pending with no attempts.
-fn compensations_json(view: &KeyView) -> Vec<Value> {
+/// A loser's compensation: its owner's record, or, before the owner has
+/// reported, a pending placeholder with no attempts.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum CompensationJson<'a> {
+    /// The owner's replicated record.
+    Known(KnownCompensation<'a>),
+    /// Nothing reported yet.
+    Pending {
+        txn_id: &'a str,
+        owner: &'a str,
+        state: &'static str,
+        attempts: u32,
+        last_error: Option<&'a str>,
+        next_attempt_at: Option<String>,
+        idempotency_key: Option<&'a str>,
+    },
+}
+
+/// A compensation record as the API shows it.
+#[derive(Serialize)]
+pub struct KnownCompensation<'a> {
+    key: &'a str,
+    txn_id: &'a str,
+    winner_txn_id: &'a str,
+    owner: &'a str,
+    state: &'a str,
+    attempts: u32,
+    last_error: Option<&'a str>,
+    next_attempt_at: Option<String>,
+    succeeded_at: Option<String>,
+    idempotency_key: &'a str,
+}
+
+/// A compensation record as the API shows it.
+pub fn compensation_json(c: &CompensationRecord) -> KnownCompensation<'_> {
+    KnownCompensation {
+        key: &c.key,
+        txn_id: &c.txn_id,
+        winner_txn_id: &c.winner_txn_id,
+        owner: &c.owner,
+        state: &c.state,
+        attempts: c.attempts,
+        last_error: c.last_error.as_deref(),
+        next_attempt_at: c.next_attempt_at_ms.map(rfc3339),
+        succeeded_at: c.succeeded_at_ms.map(rfc3339),
+        idempotency_key: &c.idempotency_key,
+    }
+}
+
+/// One compensation per loser, in precedence order.
+fn compensations_json(view: &KeyView) -> Vec<CompensationJson<'_>> {
     view.allocations
         .iter()
         .skip(1)
@@ -111,29 +228,17 @@ fn compensations_json(view: &KeyView) -> Vec<Value> {
                 .iter()
                 .find(|c| c.txn_id == loser.record.txn_id)
             {
-                Some(c) => compensation_json(c),
-                None => json!({
-                    "txn_id": loser.record.txn_id, "owner": loser.record.node,
-                    "state": "pending", "attempts": 0, "last_error": null,
-                    "next_attempt_at": null, "idempotency_key": null,
-                }),
+                Some(c) => CompensationJson::Known(compensation_json(c)),
+                None => CompensationJson::Pending {
+                    txn_id: &loser.record.txn_id,
+                    owner: &loser.record.node,
+                    state: "pending",
+                    attempts: 0,
+                    last_error: None,
+                    next_attempt_at: None,
+                    idempotency_key: None,
+                },
             }
         })
         .collect()
-}
-
-/// A compensation record as the API shows it.
-pub fn compensation_json(c: &CompensationRecord) -> Value {
-    json!({
-        "key": c.key,
-        "txn_id": c.txn_id,
-        "winner_txn_id": c.winner_txn_id,
-        "owner": c.owner,
-        "state": c.state,
-        "attempts": c.attempts,
-        "last_error": c.last_error,
-        "next_attempt_at": c.next_attempt_at_ms.map(rfc3339),
-        "succeeded_at": c.succeeded_at_ms.map(rfc3339),
-        "idempotency_key": c.idempotency_key,
-    })
 }

@@ -1,7 +1,7 @@
 //! Reports for operators: conflicts, compensations, peers, health, metrics.
 
 use super::render::{compensation_json, conflict_json, is_resolved, rfc3339};
-use super::{off_runtime, ApiError};
+use super::{json_list, off_runtime, ApiError};
 use crate::node::Node;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -21,7 +21,7 @@ pub struct ConflictFilter {
 pub async fn conflicts(
     State(node): State<Arc<Node>>,
     Query(filter): Query<ConflictFilter>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let want_resolved = match filter.state.as_deref() {
         None => None,
         Some("open") => Some(false),
@@ -32,16 +32,16 @@ pub async fn conflicts(
             )))
         }
     };
-    let list: Vec<Value> = off_runtime(move || {
-        node.ledger
-            .conflicts()
+    off_runtime(move || {
+        let conflicts = node.ledger.conflicts();
+        let list: Vec<_> = conflicts
             .iter()
             .filter(|c| want_resolved.is_none_or(|r| is_resolved(&c.key) == r))
             .map(conflict_json)
-            .collect()
+            .collect();
+        json_list("conflicts", &list)
     })
-    .await?;
-    Ok(Json(json!({ "conflicts": list })))
+    .await?
 }
 
 /// Filter of the compensation list.
@@ -55,18 +55,18 @@ pub struct CompensationFilter {
 pub async fn compensations(
     State(node): State<Arc<Node>>,
     Query(filter): Query<CompensationFilter>,
-) -> Result<Json<Value>, ApiError> {
-    let list: Vec<Value> = off_runtime(move || {
-        node.ledger
-            .conflicts()
+) -> Result<Response, ApiError> {
+    off_runtime(move || {
+        let conflicts = node.ledger.conflicts();
+        let list: Vec<_> = conflicts
             .iter()
-            .flat_map(|c| c.key.compensations.clone())
+            .flat_map(|c| &c.key.compensations)
             .filter(|c| filter.state.as_deref().is_none_or(|s| c.state == s))
-            .map(|c| compensation_json(&c))
-            .collect()
+            .map(compensation_json)
+            .collect();
+        json_list("compensations", &list)
     })
-    .await?;
-    Ok(Json(json!({ "compensations": list })))
+    .await?
 }
 
 /// `POST /v1/compensations/{txn}/retry`: an operator sends a dead-lettered
@@ -74,9 +74,9 @@ pub async fn compensations(
 pub async fn retry_compensation(
     State(node): State<Arc<Node>>,
     Path(txn): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     match crate::compensation::operator_retry(&node, &txn).await {
-        Ok(record) => Ok(Json(compensation_json(&record))),
+        Ok(record) => Ok(Json(compensation_json(&record)).into_response()),
         Err(e) => Err(ApiError::new(e.status(), e.to_string())),
     }
 }
