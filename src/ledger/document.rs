@@ -26,6 +26,7 @@
 //! durable storage yet.
 
 use super::doc_id::DocId;
+use super::encoded_changes::{self, EncodedChanges};
 use super::relay::{HeldBack, Withhold};
 use crate::record::{AllocationRecord, CompensationRecord};
 use automerge::transaction::{CommitOptions, Transactable};
@@ -102,6 +103,8 @@ pub struct ShardDocument {
     /// Change chunks received from peers, as they came, not yet handed to
     /// durable storage. They are already counted in `persisted_heads`.
     received_unpersisted: Vec<u8>,
+    /// Changes as handed to storage, for sync messages to reuse.
+    encoded: EncodedChanges,
 }
 
 impl ShardDocument {
@@ -130,6 +133,7 @@ impl ShardDocument {
             compensations,
             persisted_heads: Vec::new(),
             received_unpersisted: Vec::new(),
+            encoded: EncodedChanges::default(),
         }
     }
 
@@ -344,15 +348,15 @@ impl ShardDocument {
 
     /// The next sync message for a peer, if it needs one, leaving out the
     /// changes `withhold` leaves to their authors (within the grace `held`
-    /// keeps; see [`super::relay`]). With `withhold.heads`, a message that
-    /// would only tell our heads is not made, and `state` stays as it was,
-    /// so the next call makes it.
+    /// keeps; see [`super::relay`]), encoded. With `withhold.heads`, a
+    /// message that would only tell our heads is not made, and `state`
+    /// stays as it was, so the next call makes it.
     pub fn generate_sync(
         &self,
         state: &mut sync::State,
         withhold: &Withhold,
         held: &mut HeldBack,
-    ) -> Option<sync::Message> {
+    ) -> Option<Vec<u8>> {
         use automerge::sync::SyncDoc;
         let mut held_back =
             held.within_grace(self.left_to_authors(state, withhold), Instant::now());
@@ -361,17 +365,54 @@ impl ShardDocument {
         // held-back ones there for this one call leaves them out of the
         // message without marking them sent.
         held_back.retain(|h| state.sent_hashes.insert(*h));
+        // The same trick hands the changes we hold encoded to us: automerge
+        // builds the rest, and marks ours sent as it would have.
+        let ours = self.encoded_to_send(state);
         let message = self.doc.generate_sync_message(state);
         for hash in &held_back {
             state.sent_hashes.remove(hash);
         }
-        match (message, before) {
-            (Some(m), Some(before)) if m.changes.is_empty() && m.need.is_empty() => {
-                *state = before;
-                None
+        let Some(message) = message else {
+            for hash in &ours {
+                state.sent_hashes.remove(hash);
             }
-            (message, _) => message,
+            return None;
+        };
+        if let Some(before) = before {
+            if message.changes.is_empty() && ours.is_empty() && message.need.is_empty() {
+                *state = before;
+                return None;
+            }
         }
+        let ours = ours.iter().filter_map(|h| self.encoded.get(h));
+        Some(encoded_changes::encode_with(message, ours))
+    }
+
+    /// Of the changes automerge would send the peer of `state` now, those
+    /// held encoded, marked sent in `state` (so automerge leaves them out).
+    /// Empty whenever automerge would not send changes the usual way: no
+    /// request from the peer yet, a peer that takes no changes, or a peer
+    /// whose last sync we do not know (automerge answers with a reset).
+    fn encoded_to_send(&self, state: &mut sync::State) -> Vec<ChangeHash> {
+        if self.encoded.is_empty() || state.is_peer_read_only() {
+            return Vec::new();
+        }
+        let (Some(have), Some(need)) = (&state.their_have, &state.their_need) else {
+            return Vec::new();
+        };
+        let unknown = |h: &ChangeHash| self.doc.get_change_meta_by_hash(h).is_none();
+        if have
+            .first()
+            .is_some_and(|h| h.last_sync.iter().any(unknown))
+        {
+            return Vec::new();
+        }
+        let mut ours: Vec<ChangeHash> = encoded_changes::to_send(&self.doc, have, need)
+            .into_iter()
+            .filter(|h| self.encoded.get(h).is_some())
+            .collect();
+        ours.retain(|h| state.sent_hashes.insert(*h));
+        ours
     }
 
     /// Changes the peer of `state` may lack, by authors `withhold` names.
@@ -401,10 +442,20 @@ impl ShardDocument {
         let mut bytes = std::mem::take(&mut self.received_unpersisted);
         let heads = self.doc.get_heads();
         if heads != self.persisted_heads {
-            bytes.extend(self.doc.save_after(&self.persisted_heads));
+            for change in self.doc.get_changes(&self.persisted_heads) {
+                bytes.extend_from_slice(change.raw_bytes());
+                self.encoded
+                    .insert(change.hash(), change.raw_bytes().to_vec());
+            }
             self.persisted_heads = heads;
         }
         (!bytes.is_empty()).then_some(bytes)
+    }
+
+    /// Stops keeping encoded changes: a newer document takes this node's
+    /// new allocations, so few changes here will still need sending.
+    pub fn forget_encoded(&mut self) {
+        self.encoded.clear();
     }
 
     /// Whether every applied change is persisted or held as received, and
@@ -643,11 +694,11 @@ mod tests {
         let (mut from_state, mut to_state) = (sync::State::new(), sync::State::new());
         let mut held = HeldBack::default();
         for _ in 0..10 {
-            let there = from.generate_sync(&mut from_state, &Withhold::nothing(), &mut held);
+            let there = generate(from, &mut from_state, &Withhold::nothing(), &mut held);
             if let Some(m) = there {
                 to.receive_sync(&mut to_state, m).unwrap();
             }
-            match to.generate_sync(&mut to_state, &Withhold::nothing(), &mut held) {
+            match generate(to, &mut to_state, &Withhold::nothing(), &mut held) {
                 Some(back) => {
                     from.receive_sync(&mut from_state, back).unwrap();
                 }
@@ -663,11 +714,11 @@ mod tests {
         let mut held = HeldBack::default();
         let mut sent = 0;
         for _ in 0..6 {
-            if let Some(m) = b.generate_sync(&mut bc, withhold, &mut held) {
+            if let Some(m) = generate(b, &mut bc, withhold, &mut held) {
                 sent += m.changes.len();
                 c.receive_sync(&mut cb, m).unwrap();
             }
-            if let Some(back) = c.generate_sync(&mut cb, &Withhold::nothing(), &mut held) {
+            if let Some(back) = generate(c, &mut cb, &Withhold::nothing(), &mut held) {
                 b.receive_sync(&mut bc, back).unwrap();
             }
         }
@@ -728,6 +779,85 @@ mod tests {
         assert_eq!(keys(&d), vec!["tx_a", "tx_b", "tx_b2"]);
     }
 
+    /// The next sync message, decoded (tests look inside it).
+    fn generate(
+        d: &ShardDocument,
+        state: &mut sync::State,
+        withhold: &Withhold,
+        held: &mut HeldBack,
+    ) -> Option<sync::Message> {
+        d.generate_sync(state, withhold, held)
+            .map(|bytes| sync::Message::decode(&bytes).unwrap())
+    }
+
+    /// The hashes of the changes a message carries.
+    fn carried(message: &Option<sync::Message>) -> std::collections::BTreeSet<ChangeHash> {
+        message
+            .iter()
+            .flat_map(|m| m.changes.iter())
+            .map(|chunk| {
+                automerge::Change::from_bytes(chunk.to_vec())
+                    .unwrap()
+                    .hash()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn changes_held_encoded_go_out_exactly_as_automerge_would_send_them() {
+        let put = |d: &mut ShardDocument, txn: &str| {
+            d.put_allocation_batch(txn, [record(txn).as_str()].into_iter())
+                .unwrap();
+        };
+        let (mut b, mut c) = (doc(), doc());
+        b.set_actor(NodeTag::of("b").new_actor());
+        c.set_actor(NodeTag::of("c").new_actor());
+        put(&mut b, "tx_start");
+        sync_into(&mut b, &mut c);
+        // A partition: both write; B hands most of its changes to storage
+        // (which keeps their encodings), the last one not yet.
+        for i in 0..30 {
+            put(&mut b, &format!("tx_b{i}"));
+            put(&mut c, &format!("tx_c{i}"));
+            if i % 4 == 3 {
+                assert!(b.take_unpersisted().is_some());
+            }
+        }
+        assert!(b.take_unpersisted().is_some());
+        put(&mut b, "tx_b_unstored");
+
+        let (mut bc, mut cb) = (sync::State::new(), sync::State::new());
+        let mut held = HeldBack::default();
+        let mut from_encodings = 0;
+        for round in 0..10 {
+            // What automerge alone would send, from a copy of the state.
+            use automerge::sync::SyncDoc;
+            let mut alone = bc.clone();
+            let plain = b.doc.generate_sync_message(&mut alone);
+            from_encodings += b.encoded_to_send(&mut bc.clone()).len();
+            let message = generate(&b, &mut bc, &Withhold::nothing(), &mut held);
+            assert_eq!(carried(&message), carried(&plain), "round {round}");
+            assert_eq!(bc.sent_hashes, alone.sent_hashes, "round {round}");
+            assert_eq!(bc.in_flight, alone.in_flight, "round {round}");
+            if let Some(m) = message {
+                c.receive_sync(&mut cb, m).unwrap();
+            }
+            match generate(&c, &mut cb, &Withhold::nothing(), &mut held) {
+                Some(back) => {
+                    b.receive_sync(&mut bc, back).unwrap();
+                }
+                None if b.heads() == c.heads() => break,
+                None => {}
+            }
+        }
+        assert_eq!(b.heads(), c.heads(), "converged");
+        assert_eq!(c.entries().len(), 62);
+        assert_eq!(
+            from_encodings, 30,
+            "each of B's 30 stored changes went out from its encoding"
+        );
+    }
+
     #[test]
     fn heads_alone_wait_when_asked_but_changes_never_do() {
         let (ta, tb, tc) = (NodeTag::of("a"), NodeTag::of("b"), NodeTag::of("c"));
@@ -742,11 +872,9 @@ mod tests {
             heads: true,
         };
         let mut exchange = |b: &mut ShardDocument, c: &mut ShardDocument, bc: &mut sync::State| {
-            let m = b
-                .generate_sync(bc, &Withhold::nothing(), &mut held)
-                .unwrap();
+            let m = generate(b, bc, &Withhold::nothing(), &mut held).unwrap();
             c.receive_sync(&mut cb, m).unwrap();
-            if let Some(back) = c.generate_sync(&mut cb, &Withhold::nothing(), &mut held) {
+            if let Some(back) = generate(c, &mut cb, &Withhold::nothing(), &mut held) {
                 b.receive_sync(bc, back).unwrap();
             }
         };
@@ -758,13 +886,14 @@ mod tests {
             .unwrap();
         sync_into(&mut a, &mut b);
         let before = bc.clone();
-        assert!(b.generate_sync(&mut bc, &quiet, &mut held).is_none());
+        assert!(generate(&b, &mut bc, &quiet, &mut held).is_none());
         assert_eq!(
             bc, before,
             "a held-back message leaves the sync state untouched"
         );
         // Asked again without `heads`, the same message goes, with no change in it.
-        let told = b.generate_sync(
+        let told = generate(
+            &b,
             &mut bc,
             &Withhold {
                 heads: false,
@@ -777,7 +906,7 @@ mod tests {
         // A change of B's own goes at once, `heads` or not.
         b.put_allocation_batch("tx_b", [record("tx_b").as_str()].into_iter())
             .unwrap();
-        let m = b.generate_sync(&mut bc, &quiet, &mut held).unwrap();
+        let m = generate(&b, &mut bc, &quiet, &mut held).unwrap();
         assert_eq!(m.changes.len(), 1);
     }
 

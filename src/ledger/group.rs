@@ -138,6 +138,15 @@ impl Group {
     /// The document of `epoch`, created from genesis if this node has none.
     pub fn doc_mut(&mut self, epoch: u32, actor: &ActorId) -> &mut EpochDoc {
         let shard = self.shard;
+        if self
+            .docs
+            .last_key_value()
+            .is_some_and(|(last, _)| *last < epoch)
+        {
+            for older in self.docs.values_mut() {
+                older.doc.forget_encoded();
+            }
+        }
         self.docs.entry(epoch).or_insert_with(|| {
             let mut doc = ShardDocument::genesis(DocId { epoch, shard });
             doc.set_actor(actor.clone());

@@ -18,6 +18,7 @@
 
 pub mod doc_id;
 pub mod document;
+mod encoded_changes;
 mod group;
 mod key_index;
 pub mod relay;
@@ -683,7 +684,6 @@ impl Ledger {
         state
             .doc
             .generate_sync(&mut peer_doc.sync, withhold, &mut peer_doc.held)
-            .map(|m| m.encode())
     }
 
     /// Starts a new sync session with `peer` (after a reconnect or a failed
