@@ -36,6 +36,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// acknowledgements to about ten a second per peer instead of one per change it
 /// applies, while any change of ours goes at once.
 const HEADS_GAP: Duration = Duration::from_millis(100);
+/// How long after a link changes (a peer connects, or reports different
+/// peers) an author we reach is still trusted to reach that peer too. When
+/// a partition heals, every pair reconnects within milliseconds, but a
+/// peer's report of its new links reaches us only with its next message,
+/// often after the first big exchange; relaying an author's changes
+/// meanwhile sent 10-15 % of a heal twice. A link that really stays down
+/// costs its relayed changes this much delay, once.
+const LINK_SETTLE: Duration = Duration::from_secs(2);
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -85,6 +93,8 @@ struct Peer {
     tag: NodeTag,
     /// The peers this peer said it is connected to, in its last message.
     reports: Vec<NodeTag>,
+    /// When it last connected or reported different links.
+    links_changed_at: Option<Instant>,
     addr: Multiaddr,
     connections: usize,
     outbound: Outbound,
@@ -116,6 +126,8 @@ pub struct EventLoop {
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     last_heartbeat: Instant,
+    /// When the last link change stops settling (see [`LINK_SETTLE`]).
+    settle_ends: Option<Instant>,
 }
 
 impl EventLoop {
@@ -186,6 +198,7 @@ impl EventLoop {
                         key: p.peer_id.to_string(),
                         tag: NodeTag::of(&p.peer_id.to_string()),
                         reports: Vec::new(),
+                        links_changed_at: None,
                         addr: p.addr.clone(),
                         connections: 0,
                         outbound: Outbound::Idle,
@@ -213,6 +226,7 @@ impl EventLoop {
                 internal_tx,
                 internal_rx,
                 last_heartbeat: Instant::now(),
+                settle_ends: None,
             },
             listen_addrs,
         ))
@@ -250,6 +264,12 @@ impl EventLoop {
             self.dial(id);
         }
         self.flush_deferred(now);
+        if self.settle_ends.is_some_and(|t| t <= now) {
+            // Links still unreported after settling are really down: what
+            // was left to their authors goes by relay now.
+            self.settle_ends = None;
+            self.resend_to_all();
+        }
         if now.duration_since(self.last_heartbeat) >= self.node.config.sync_interval {
             self.last_heartbeat = now;
             self.heartbeat();
@@ -558,6 +578,7 @@ impl EventLoop {
         });
         self.node.metrics.peers_connected.inc();
         self.node.ledger.reset_sync(&key);
+        self.links_changed(peer_id);
         self.kick(peer_id);
     }
 
@@ -811,10 +832,16 @@ impl EventLoop {
 
     /// The authors whose changes `target` gets from them directly: peers
     /// we are connected to that say they are connected to `target`, while
-    /// `target` says the same of them. See [`crate::ledger::relay`].
+    /// `target` says the same of them, or whose links to each other are
+    /// still settling ([`LINK_SETTLE`]). See [`crate::ledger::relay`].
     fn withhold_for(&self, target: PeerId) -> Withhold {
         let Some(t) = self.peers.get(&target) else {
             return Withhold::nothing();
+        };
+        let now = Instant::now();
+        let settling = |p: &Peer| {
+            p.links_changed_at
+                .is_some_and(|at| now.duration_since(at) < LINK_SETTLE)
         };
         let authors = self
             .peers
@@ -822,8 +849,9 @@ impl EventLoop {
             .filter(|(id, a)| {
                 **id != target
                     && a.connections > 0
-                    && a.reports.contains(&t.tag)
-                    && t.reports.contains(&a.tag)
+                    && ((a.reports.contains(&t.tag) && t.reports.contains(&a.tag))
+                        || settling(a)
+                        || settling(t))
             })
             .map(|(_, a)| a.tag)
             .collect();
@@ -841,8 +869,18 @@ impl EventLoop {
         };
         if p.reports != connected {
             p.reports = connected.to_vec();
+            self.links_changed(peer);
             self.resend_to_all();
         }
+    }
+
+    /// Notes that `peer`'s links changed: see [`LINK_SETTLE`].
+    fn links_changed(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.links_changed_at = Some(now);
+        }
+        self.settle_ends = Some(now + LINK_SETTLE);
     }
 
     /// Marks every document dirty for every peer and starts their rounds.
