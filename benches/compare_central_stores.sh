@@ -37,7 +37,9 @@
 # redis, oncemesh, ...), so they share the same cores, disk and background
 # noise. The load generators share the CPU with the server they drive (and
 # for oncemesh-3, with the two followers). Figures are throughput (answered
-# allocations/s) and p99 latency; the table gives every run, the median of
+# allocations/s), p99 latency and the machine's CPU time per answered
+# allocation (for oncemesh also each node's share), which bounds what the
+# system could answer on these cores; the table gives every run, the median of
 # each system and each oncemesh row's median as a ratio of the central
 # stores'. Ports on 127.0.0.1: oncemesh HTTP 7700 (oncemesh-3: 7700-7702,
 # libp2p 7800-7802), throwaway PostgreSQL 5433 and Redis 6380 instances that
@@ -321,7 +323,18 @@ fi
 # ---------------------------------------------------------------- the runs
 
 # Per system: space-separated figures, one per run.
-declare -A TPUT P99
+declare -A TPUT P99 CPU
+CPU_LEADER="" CPU_FOLLOWERS="" # oncemesh-3: node 0's and nodes 1-2's CPU per allocation, µs
+
+# CPU accounting: every system's figure comes with the CPU the whole machine
+# spent per answered allocation while it ran (server, followers, load
+# generator and any noise), from /proc/stat; for oncemesh also each node's
+# own share, from /proc/<pid>/stat. 2 cores divided by that cost is the
+# most the system could answer on this machine.
+CLK_TCK=$(getconf CLK_TCK)
+busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+pid_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+us_per() { awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN {printf "%.1f", (n > 0) ? t / hz * 1e6 / n : 0}'; }
 CATCH_UP=() # oncemesh-3: followers' catch-up after each run's load, seconds or "-"
 
 health() { curl -sf --max-time 2 "http://127.0.0.1:$1/v1/health"; }
@@ -352,8 +365,14 @@ wait_node() { # http port, pid, log, peers wanted
 # Drives the node on this HTTP port with $CLIENT for $DURATION s; sets
 # R_RPS (answered allocations/s), R_P50 and R_P99 (ms), R_ERRORS (failed
 # requests), R_CREATED (new allocations answered) and R_ERROR_TEXT.
-drive_node() {
+drive_node() { # sets R_* and, in ticks over the load, R_MACHINE_TICKS and R_NODE_TICKS
+    local machine i node=()
+    machine=$(busy_ticks)
+    for i in "${!NODE_PIDS[@]}"; do node[i]=$(pid_ticks "${NODE_PIDS[i]}"); done
     if [[ $CLIENT == wrk ]]; then drive_with_wrk "$1"; else drive_with_loadgen "$1"; fi
+    R_MACHINE_TICKS=$(($(busy_ticks) - machine))
+    R_NODE_TICKS=()
+    for i in "${!NODE_PIDS[@]}"; do R_NODE_TICKS[i]=$(($(pid_ticks "${NODE_PIDS[i]}") - node[i])); done
 }
 
 drive_with_loadgen() {
@@ -394,9 +413,20 @@ drive_with_wrk() {
 }
 
 record_node() { # system name
+    local answered followers=0 i
     TPUT[$1]+="$R_RPS "
     P99[$1]+="$R_P99 "
+    answered=$(awk -v r="$R_RPS" -v d="$DURATION" 'BEGIN {print r * d}')
+    CPU[$1]+="$(us_per "$R_MACHINE_TICKS" "$answered") "
     say "  $1 ($CLIENT): $(fmt "$R_RPS")/s, p50 $(ms "$R_P50") ms, p99 $(ms "$R_P99") ms, errors $R_ERRORS"
+    if [[ $1 == oncemesh-3 ]]; then
+        for ((i = 1; i < ${#R_NODE_TICKS[@]}; i++)); do followers=$((followers + R_NODE_TICKS[i])); done
+        CPU_LEADER+="$(us_per "${R_NODE_TICKS[0]}" "$answered") "
+        CPU_FOLLOWERS+="$(us_per "$followers" "$answered") "
+        say "  CPU per allocation: machine $(us_per "$R_MACHINE_TICKS" "$answered") µs, node 0 $(us_per "${R_NODE_TICKS[0]}" "$answered") µs, nodes 1-$((${#R_NODE_TICKS[@]} - 1)) $(us_per "$followers" "$answered") µs"
+    else
+        say "  CPU per allocation: machine $(us_per "$R_MACHINE_TICKS" "$answered") µs, node $(us_per "${R_NODE_TICKS[0]}" "$answered") µs"
+    fi
     [[ $R_ERRORS == 0 ]] || say "  WARNING: failed requests: $R_ERROR_TEXT"
 }
 
@@ -465,9 +495,10 @@ run_oncemesh3() {
 }
 
 run_postgresql() {
-    local out tps avg failed
+    local out tps avg failed machine
     psql_q -d bench -c 'TRUNCATE tokens' -c 'CHECKPOINT'
     rm -f "$WORK"/pg/txlog*
+    machine=$(busy_ticks)
     out=$(cd "$WORK/pg" && "$PGBIN/pgbench" -h 127.0.0.1 -p "$PG_PORT" -U "$PGSUPER" -n -M prepared \
         -c "$CLIENTS" -j 2 -T "$DURATION" -l --log-prefix="$WORK/pg/txlog" -f "$WORK/pg/insert.sql" bench 2>&1) ||
         { echo "$out" >&2; die "pgbench failed"; }
@@ -475,21 +506,25 @@ run_postgresql() {
     avg=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out")
     failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
     [[ -n $tps ]] || { echo "$out" >&2; die "could not read pgbench's tps"; }
+    machine=$(($(busy_ticks) - machine))
     TPUT[postgresql]+="$tps "
+    CPU[postgresql]+="$(us_per "$machine" "$(awk -v r="$tps" -v d="$DURATION" 'BEGIN {print r * d}')") "
     # column 3 of pgbench's per-transaction log: latency in microseconds
     P99[postgresql]+="$(cat "$WORK"/pg/txlog* | awk '{print $3 / 1000}' | percentile 99) "
     rm -f "$WORK"/pg/txlog*
-    say "  postgresql: $(fmt "$tps")/s, latency average $(ms "$avg") ms, p99 $(ms "$(awk '{print $NF}' <<<"${P99[postgresql]}")") ms, failed ${failed:-0}"
+    say "  postgresql: $(fmt "$tps")/s, latency average $(ms "$avg") ms, p99 $(ms "$(awk '{print $NF}' <<<"${P99[postgresql]}")") ms, failed ${failed:-0}, machine CPU per allocation $(awk '{print $NF}' <<<"${CPU[postgresql]}") µs"
 }
 
 run_redis() {
-    local n csv rps p99
+    local n csv rps p99 machine
     redis_reset
     rps=$(csv_col "$(redis_bench "$(requests_for "$redis_rate" 1)")" rps)
     [[ -n $rps ]] && redis_rate=$rps
     redis_reset
     n=$(requests_for "$redis_rate" "$DURATION")
+    machine=$(busy_ticks)
     csv=$(redis_bench "$n")
+    CPU[redis]+="$(us_per $(($(busy_ticks) - machine)) "$n") "
     rps=$(csv_col "$csv" rps)
     [[ -n $rps ]] || { echo "$csv" >&2; die "could not read redis-benchmark's rps"; }
     redis_rate=$rps
@@ -566,6 +601,20 @@ for s in "${SYSTEMS[@]}"; do
     if ((${#n[@]})); then med=$(ms "$(median "${n[@]}")"); else med=-; fi
     row "$s" "$med" "${a[@]}"
 done
+echo
+header "CPU µs/alloc"
+for s in "${SYSTEMS[@]}"; do
+    read -r -a v <<<"${CPU[$s]}"
+    row "$s" "$(median "${v[@]}")" "${v[@]}"
+done
+if selected oncemesh-3; then
+    read -r -a v <<<"$CPU_LEADER"
+    row "  node 0" "$(median "${v[@]}")" "${v[@]}"
+    read -r -a v <<<"$CPU_FOLLOWERS"
+    row "  nodes 1-2" "$(median "${v[@]}")" "${v[@]}"
+fi
+echo "  (CPU time of the whole machine while the load ran, per answered allocation: server, followers, load"
+echo "   generator and noise; $(nproc) cores / that = the most this machine could answer)"
 if selected oncemesh-3; then
     echo
     header "catch-up s" max
@@ -603,4 +652,9 @@ for s in oncemesh oncemesh-3; do
         fi
     fi
     echo "$line"
+done
+for s in "${SYSTEMS[@]}"; do
+    read -r -a v <<<"${CPU[$s]}"
+    printf '%-40s %s µs machine CPU per allocation: at most %s/s on %s cores\n' "$s CPU budget:" "$(median "${v[@]}")" \
+        "$(fmt "$(awk -v us="$(median "${v[@]}")" -v c="$(nproc)" 'BEGIN {print (us > 0) ? c * 1e6 / us : 0}')")" "$(nproc)"
 done
