@@ -22,8 +22,9 @@
 //! however large the document has grown.
 //!
 //! This type owns the automerge document and nothing else: it turns records
-//! into ops, remote bytes into records, and tracks what has not been handed to
-//! durable storage yet.
+//! into ops, remote bytes into records, tracks what has not been handed to
+//! durable storage yet, and keeps what it handed over encoded for the sync
+//! messages that send it on ([`super::encoded_changes`]).
 
 use super::doc_id::DocId;
 use super::encoded_changes::{self, EncodedChanges};

@@ -10,8 +10,9 @@
 //! from a peer the changes whose author is connected to both of them
 //! ([`Withhold`]), even when the peer asks for it by hash (it sees the
 //! author's heads in ours). A change held back longer than [`RELAY_GRACE`]
-//! is sent anyway, and once either side reports the author gone it is sent
-//! at the next round.
+//! is sent anyway. Once either side reports the author gone it is sent at
+//! the next round after the link settles (the event loop's `LINK_SETTLE`,
+//! 2 s; at once when the author is gone from us).
 //!
 //! What is left to the authors, the automerge protocol still acknowledges:
 //! every applied message changes our heads, and the new heads go back as a
