@@ -4,7 +4,7 @@
 //! automerge 0.12 keeps no change bytes: every change it sends is rebuilt
 //! from its columnar op set and SHA-256 hashed again, once per peer. After
 //! a partition a node sends each of its changes to every other region, and
-//! that rebuilding was about an eighth of the CPU of converging. The bytes
+//! that rebuilding was about 7 % of the CPU of converging. The bytes
 //! exist once anyway, when a document hands its new changes to durable
 //! storage; this keeps them, up to a byte budget per document (oldest
 //! dropped first), and [`super::document::ShardDocument::generate_sync`]
