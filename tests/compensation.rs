@@ -361,6 +361,23 @@ fn state_is(state: &'static str) -> impl Fn(&Value) -> bool {
     move |c: &Value| c["state"] == state
 }
 
+/// Waits until `node`'s report shows `loser`'s compensation in `state`;
+/// returns that compensation and, for failure messages, the whole entry.
+async fn wait_for_loser_state(
+    s: &Scenario,
+    rx: &Receiver,
+    node: usize,
+    loser: &Made,
+    state: &'static str,
+) -> (Value, Value) {
+    let losers = std::slice::from_ref(loser);
+    let entry = wait_for_report(s, rx, node, losers, state, state_is(state)).await;
+    let comp = compensation(&entry, &loser.txn)
+        .cloned()
+        .unwrap_or_default();
+    (comp, entry)
+}
+
 /// Receiver-side checks for every loser: each call about it came from its
 /// own node, named its own node as the loser and the winner as the winner,
 /// and carried the one stable key (header and body); the refund was carried
@@ -531,17 +548,8 @@ async fn retryable_failures_are_retried_with_backoff_and_the_same_key() {
     s.c.heal_all();
     let loser = s.loser().clone();
     for node in 0..2 {
-        let entry = wait_for_report(
-            &s,
-            &rx,
-            node,
-            std::slice::from_ref(&loser),
-            "succeeded",
-            state_is("succeeded"),
-        )
-        .await;
-        let comp = compensation(&entry, &loser.txn).unwrap();
-        assert_eq!(attempts(comp), 4, "node {node}: {entry}");
+        let (comp, entry) = wait_for_loser_state(&s, &rx, node, &loser, "succeeded").await;
+        assert_eq!(attempts(&comp), 4, "node {node}: {entry}");
         let error = comp["last_error"].as_str().unwrap_or("");
         assert!(error.contains("503"), "node {node}: {entry}");
     }
@@ -592,17 +600,8 @@ async fn a_compensating_node_killed_mid_call_retries_with_the_same_key() {
     assert_eq!(rx.calls_for(&loser.txn).len(), 1, "{}", rx.describe());
     s.c.restart(loser.node).await;
     for node in 0..2 {
-        let entry = wait_for_report(
-            &s,
-            &rx,
-            node,
-            std::slice::from_ref(&loser),
-            "succeeded",
-            state_is("succeeded"),
-        )
-        .await;
-        let comp = compensation(&entry, &loser.txn).unwrap();
-        assert_eq!(attempts(comp), 2, "node {node}: {entry}");
+        let (comp, entry) = wait_for_loser_state(&s, &rx, node, &loser, "succeeded").await;
+        assert_eq!(attempts(&comp), 2, "node {node}: {entry}");
         let error = comp["last_error"].as_str().unwrap_or("");
         assert!(error.contains("interrupted"), "node {node}: {entry}");
     }
@@ -693,17 +692,8 @@ async fn a_permanent_failure_dead_letters_and_an_operator_retry_finishes_it() {
     let loser = s.loser().clone();
     let owner = s.c.node(loser.node);
     for node in [loser.node, s.winner().node] {
-        let entry = wait_for_report(
-            &s,
-            &rx,
-            node,
-            std::slice::from_ref(&loser),
-            "dead-lettered",
-            state_is("dead-lettered"),
-        )
-        .await;
-        let comp = compensation(&entry, &loser.txn).unwrap();
-        assert_eq!(attempts(comp), 1, "node {node}: {entry}");
+        let (comp, entry) = wait_for_loser_state(&s, &rx, node, &loser, "dead-lettered").await;
+        assert_eq!(attempts(&comp), 1, "node {node}: {entry}");
         let error = comp["last_error"].as_str().unwrap_or("");
         assert!(
             error.contains("400") && error.contains("card account closed"),
@@ -733,18 +723,9 @@ async fn a_permanent_failure_dead_letters_and_an_operator_retry_finishes_it() {
     .await;
     assert_eq!(code, 0, "retry-compensation failed: {out}");
     for node in 0..2 {
-        let entry = wait_for_report(
-            &s,
-            &rx,
-            node,
-            std::slice::from_ref(&loser),
-            "succeeded",
-            state_is("succeeded"),
-        )
-        .await;
-        let comp = compensation(&entry, &loser.txn).unwrap();
+        let (comp, entry) = wait_for_loser_state(&s, &rx, node, &loser, "succeeded").await;
         // A fresh budget after an operator retry: this was its first attempt.
-        assert_eq!(attempts(comp), 1, "node {node}: {entry}");
+        assert_eq!(attempts(&comp), 1, "node {node}: {entry}");
     }
     let statuses: Vec<u16> = rx.calls_for(&loser.txn).iter().map(|c| c.status).collect();
     assert_eq!(statuses, [400, 200], "{}", rx.describe());
