@@ -202,6 +202,37 @@ fn winner_is_smallest_hlc_then_node_even_when_a_third_allocation_arrives_late() 
     assert_eq!(after.winner().unwrap().record.txn_id, made[0].txn_id);
 }
 
+/// A near miss is a request here for a key another node already holds.
+/// The first one is; its repeats, and replays of this node's own
+/// allocations, are not (they can no longer conflict).
+#[test]
+fn only_the_first_replay_of_another_nodes_allocation_is_a_near_miss() {
+    let nodes = ledgers(2);
+    let fp = fingerprint(&serde_json::json!({})).unwrap();
+    let allocate = |node: usize, key: &str| {
+        let key = IdempotencyKey::parse(key).unwrap();
+        let request = AllocateRequest {
+            key: key.clone(),
+            fingerprint: fp.clone(),
+            confidence: 1.0,
+        };
+        let out = nodes[node].allocate_batch(key.shard(SHARD_COUNT), &[request]);
+        let made = out.into_iter().next().unwrap().unwrap();
+        nodes[node].fold_pending();
+        (made.replay, made.first_near_miss)
+    };
+    assert_eq!(allocate(0, "theirs"), (false, false));
+    assert_eq!(allocate(1, "mine"), (false, false));
+    merge_bytes(&nodes, 0, 1);
+    assert_eq!(allocate(1, "theirs"), (true, true), "the first retry here");
+    assert_eq!(allocate(1, "theirs"), (true, false), "a repeat");
+    assert_eq!(allocate(1, "mine"), (true, false), "our own allocation");
+    // Each node has its own first.
+    merge_bytes(&nodes, 1, 0);
+    assert_eq!(allocate(0, "mine"), (true, true));
+    assert_eq!(allocate(0, "theirs"), (true, false));
+}
+
 #[test]
 fn compensation_states_written_together_take_one_change_per_document_and_reach_every_ledger() {
     use oncemesh::record::{CompensationRecord, RECORD_VERSION};

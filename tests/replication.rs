@@ -72,6 +72,20 @@ async fn an_allocation_reaches_every_region_and_replays_there() {
     assert_eq!(replay["replay"], true);
     assert_eq!(replay["txn_id"], txn.as_str());
     assert_eq!(replay["region"], "sgp");
+    // Two more retries there: every one is a cross-region retry for the
+    // operator, but only the first was a near miss for the confidence model.
+    for _ in 0..2 {
+        assert_eq!(
+            allocate(&c, 2, "order-1", json!({"amount": 42})).await.0,
+            200
+        );
+    }
+    let (_, health) = c.node(2).get_json("/v1/health").await;
+    assert_eq!(health["cross_region_replays"], 3, "{health}");
+    assert_eq!(
+        health["confidence_model"]["cross_region_replays"], 1.0,
+        "{health}"
+    );
     // A different payload on another region is refused there too.
     let (code, _) = allocate(&c, 1, "order-1", json!({"amount": 43})).await;
     assert_eq!(code, 409);

@@ -114,6 +114,10 @@ pub struct Allocated {
     pub allocation: Allocation,
     /// True when an existing allocation was returned.
     pub replay: bool,
+    /// True for the first replay on this node of an allocation another node
+    /// made: a near miss, which the confidence model learns from. Repeats of
+    /// it can no longer conflict, and counting them would lower confidence.
+    pub first_near_miss: bool,
     /// The key as it stood when the request was decided, taken under the
     /// same lock, so the answer shows the key's state without looking it up
     /// again (which waited for the shard lock a second time).
@@ -435,15 +439,18 @@ impl Ledger {
             let key = request.key.as_str();
             // A key repeated inside the batch sees the allocation made just before.
             if let Some(existing) = group.keys.get(key) {
-                out.push(
-                    match_existing(key, existing, &request.fingerprint).map(|allocation| {
-                        Allocated {
-                            allocation,
-                            replay: true,
-                            view: group.view(key, &self.peers),
-                        }
-                    }),
-                );
+                let found = match_existing(key, existing, &request.fingerprint);
+                out.push(found.map(|allocation| {
+                    let record = &allocation.record;
+                    let first_near_miss = record.node != self.my_node
+                        && group.near_misses.insert(record.txn_id.clone());
+                    Allocated {
+                        first_near_miss,
+                        allocation,
+                        replay: true,
+                        view: group.view(key, &self.peers),
+                    }
+                }));
                 continue;
             }
             let hlc = self.hlc().now();
@@ -476,6 +483,7 @@ impl Ledger {
                     durable,
                 },
                 replay: false,
+                first_near_miss: false,
                 view: group.view(key, &self.peers),
             }));
         }

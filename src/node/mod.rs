@@ -430,6 +430,8 @@ impl Node {
         if allocated.replay {
             if *record.node != self.ledger.identity().node {
                 self.metrics.cross_region_replays.inc();
+            }
+            if allocated.first_near_miss {
                 let delay = self.ledger.wall_ms().saturating_sub(record.hlc.physical_ms);
                 self.confidence_model()
                     .observe_cross_region_replay(Duration::from_millis(delay));
