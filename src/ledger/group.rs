@@ -10,7 +10,7 @@ use super::{ChunkSink, COMPACT_MIN_BYTES};
 use crate::record::{AllocationRecord, CompensationRecord};
 use crate::storage::Durable;
 use automerge::{sync, ActorId};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// One document and what is tracked about it per peer.
@@ -120,9 +120,6 @@ pub(super) struct Group {
     pub conflicts: BTreeMap<String, u64>,
     /// Local allocations waiting to be folded into documents, oldest first.
     pub pending: Vec<Pending>,
-    /// Transaction ids of other nodes' allocations that a request here has
-    /// already replayed: only the first such request is a near miss.
-    pub near_misses: HashSet<String>,
 }
 
 impl Group {
@@ -135,7 +132,6 @@ impl Group {
             compensations: HashMap::new(),
             conflicts: BTreeMap::new(),
             pending: Vec::new(),
-            near_misses: HashSet::new(),
         }
     }
 
@@ -196,6 +192,7 @@ impl Group {
     ) -> bool {
         let allocation = Allocation {
             epoch,
+            replayed_here: false,
             arrival,
             durable,
             record,
@@ -286,16 +283,12 @@ impl Group {
         let mut dropped = 0u64;
         let compensations = &mut self.compensations;
         let conflicts = &mut self.conflicts;
-        let near_misses = &mut self.near_misses;
         self.keys.retain(|key, allocations| {
             allocations.retain(|a| {
                 let gone = windows.expired(a.epoch, now_ms);
                 if gone {
                     dropped += 1;
                     compensations.remove(&a.record.txn_id);
-                    if !near_misses.is_empty() {
-                        near_misses.remove(&a.record.txn_id);
-                    }
                 }
                 !gone
             });

@@ -91,6 +91,7 @@ mod tests {
     fn allocation(key: &str) -> Allocation {
         Allocation {
             epoch: 0,
+            replayed_here: false,
             arrival: 0,
             durable: Durable::Store(0),
             record: Arc::new(AllocationRecord {

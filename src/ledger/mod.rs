@@ -438,18 +438,18 @@ impl Ledger {
         for request in requests {
             let key = request.key.as_str();
             // A key repeated inside the batch sees the allocation made just before.
-            if let Some(existing) = group.keys.get(key) {
-                let found = match_existing(key, existing, &request.fingerprint);
-                out.push(found.map(|allocation| {
-                    let record = &allocation.record;
-                    let first_near_miss = record.node != self.my_node
-                        && group.near_misses.insert(record.txn_id.clone());
-                    Allocated {
-                        first_near_miss,
-                        allocation,
-                        replay: true,
-                        view: group.view(key, &self.peers),
-                    }
+            if let Some(existing) = group.keys.get_mut(key) {
+                let found = match_existing(key, existing, &request.fingerprint).map(|at| {
+                    let found = &mut existing[at];
+                    let first_replay = !std::mem::replace(&mut found.replayed_here, true);
+                    let first_near_miss = first_replay && found.record.node != self.my_node;
+                    (found.clone(), first_near_miss)
+                });
+                out.push(found.map(|(allocation, first_near_miss)| Allocated {
+                    allocation,
+                    replay: true,
+                    first_near_miss,
+                    view: group.view(key, &self.peers),
                 }));
                 continue;
             }
@@ -479,6 +479,7 @@ impl Ledger {
                 allocation: Allocation {
                     record,
                     epoch,
+                    replayed_here: false,
                     arrival: NOT_ARRIVED,
                     durable,
                 },
@@ -951,18 +952,19 @@ pub struct LedgerStats {
     pub expired_allocations: u64,
 }
 
+/// Where in `existing` (a key's allocations) the one with `fingerprint` is.
 fn match_existing(
     key: &str,
     existing: &[Allocation],
     fingerprint: &Fingerprint,
-) -> Result<Allocation, AllocateError> {
+) -> Result<usize, AllocateError> {
     // Allocations are kept in precedence order, so the first match is the
     // winner whenever the winner matches.
     match existing
         .iter()
-        .find(|a| a.record.fingerprint == fingerprint.0)
+        .position(|a| a.record.fingerprint == fingerprint.0)
     {
-        Some(found) => Ok(found.clone()),
+        Some(at) => Ok(at),
         None => Err(AllocateError::FingerprintMismatch {
             key: key.to_owned(),
             txn_id: existing

@@ -12,6 +12,10 @@ pub struct Allocation {
     pub record: Arc<AllocationRecord>,
     /// Epoch of the document it lives in.
     pub epoch: u32,
+    /// Whether a request on this node has been answered with it: the first
+    /// such request for another node's allocation is a near miss. (Sits in
+    /// what was padding: it costs no memory.)
+    pub replayed_here: bool,
     /// Order of arrival on this node within its document; settlement compares
     /// it with how far each peer is known to be in sync.
     pub arrival: u64,
@@ -109,4 +113,15 @@ pub struct ConflictView {
     pub detected_at_ms: u64,
     /// The key and its allocations.
     pub key: KeyView,
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every retained token holds one of these in the key index, so its
+    /// size is part of the memory per token (docs/BENCHMARKS.md); the
+    /// `replayed_here` flag took padding, not a word more.
+    #[test]
+    fn an_allocation_takes_five_words() {
+        assert_eq!(std::mem::size_of::<super::Allocation>(), 40);
+    }
 }
