@@ -103,9 +103,9 @@ pub fn to_send(doc: &Automerge, have: &[Have], need: &[ChangeHash]) -> HashSet<C
 }
 
 /// `message` encoded with `extra` change chunks added to its changes, as
-/// [`Message::encode`] would write the message holding them all. The chunks
-/// are copied once, into a buffer sized up front: putting them into the
-/// message first would copy them twice more (into the message's own
+/// [`Message::encode`] would write the message holding them all. Every
+/// chunk is copied once, into a buffer sized up front: putting them into
+/// the message first would copy them twice more (into the message's own
 /// vectors, then into a buffer that grows by doubling).
 ///
 /// The layout is automerge's sync message v1: type byte, heads, need, have,
@@ -118,10 +118,11 @@ pub fn encode_with<'a>(mut message: Message, extra: impl Iterator<Item = &'a [u8
     if extra.is_empty() {
         return message.encode();
     }
-    let built: Vec<Vec<u8>> = message.changes.iter().map(<[u8]>::to_vec).collect();
+    // The changes automerge built itself go first, as they were.
+    let built = std::mem::replace(&mut message.changes, ChunkList::empty());
+    let chunks: Vec<&[u8]> = built.iter().chain(extra).collect();
     let flags = message.flags.take();
     let version = message.version.clone();
-    message.changes = ChunkList::empty();
     // Ends in the change count 0, one byte.
     let before = message.encode();
     // Type byte, four empty lists (one byte each), then the flags.
@@ -134,11 +135,10 @@ pub fn encode_with<'a>(mut message: Message, extra: impl Iterator<Item = &'a [u8
         version,
     }
     .encode();
-    let chunks = built.iter().map(Vec::as_slice).chain(extra);
-    let size: usize = chunks.clone().map(|c| c.len() + 10).sum();
+    let size: usize = chunks.iter().map(|c| c.len() + 10).sum();
     let mut out = Vec::with_capacity(before.len() + 10 + size + after.len());
     out.extend_from_slice(&before[..before.len() - 1]);
-    write_leb128(&mut out, chunks.clone().count());
+    write_leb128(&mut out, chunks.len());
     for chunk in chunks {
         write_leb128(&mut out, chunk.len());
         out.extend_from_slice(chunk);
