@@ -527,8 +527,10 @@ impl Node {
                             .hlc
                             .physical_ms
                             .abs_diff(arrived.hlc.physical_ms);
-                        self.confidence_model()
-                            .observe_conflict(Duration::from_millis(delay));
+                        self.confidence_model().observe_conflict(
+                            Duration::from_millis(delay),
+                            crate::confidence::Situation::InSync,
+                        );
                     }
                 }
             }
