@@ -84,6 +84,7 @@ fn request(key: IdempotencyKey, fingerprint: Fingerprint) -> AllocateRequest {
         key,
         fingerprint,
         confidence: 0.99,
+        stake: None,
     }
 }
 

@@ -70,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             key,
             fingerprint: fp.clone(),
             confidence: 0.99,
+            stake: None,
         });
         if buckets[shard].len() == batch || i + 1 == tokens {
             for (shard, requests) in buckets.iter_mut().enumerate() {

@@ -100,6 +100,12 @@ pub struct RunArgs {
     /// Cap on the wait between compensation attempts (before jitter) [default: 60s].
     #[arg(long, value_name = "DURATION")]
     pub compensation_max_backoff: Option<String>,
+    /// JSON pointer of a payload's amount, for the value at risk [default: /amount].
+    #[arg(long, value_name = "POINTER")]
+    pub amount_pointer: Option<String>,
+    /// JSON pointer of a payload's currency, for the value at risk [default: /currency].
+    #[arg(long, value_name = "POINTER")]
+    pub currency_pointer: Option<String>,
 }
 
 /// How this node compensates its own losing allocations.
@@ -153,6 +159,10 @@ pub struct NodeConfig {
     pub compensation_max_backoff: Duration,
     /// Drill offset of this node's clock, ms.
     pub drill_clock_offset_ms: i64,
+    /// JSON pointer of a payload's amount.
+    pub amount_pointer: String,
+    /// JSON pointer of a payload's currency.
+    pub currency_pointer: String,
 }
 
 impl RunArgs {
@@ -193,6 +203,8 @@ impl RunArgs {
             compensation_max_backoff: self
                 .compensation_max_backoff
                 .or(file.compensation_max_backoff),
+            amount_pointer: self.amount_pointer.or(file.amount_pointer),
+            currency_pointer: self.currency_pointer.or(file.currency_pointer),
         }
     }
 
@@ -274,6 +286,14 @@ impl RunArgs {
                 ),
             ));
         }
+        let amount_pointer = self.amount_pointer.unwrap_or_else(|| "/amount".into());
+        let currency_pointer = self.currency_pointer.unwrap_or_else(|| "/currency".into());
+        for (setting, pointer) in [
+            ("--amount-pointer", &amount_pointer),
+            ("--currency-pointer", &currency_pointer),
+        ] {
+            crate::exposure::Pricing::new(pointer, "").map_err(|e| invalid(setting, pointer, e))?;
+        }
         Ok(NodeConfig {
             region,
             data_dir: self.data_dir.unwrap_or_else(|| "oncemesh-data".into()),
@@ -290,6 +310,8 @@ impl RunArgs {
             compensation_initial_backoff: initial_backoff,
             compensation_max_backoff: max_backoff,
             drill_clock_offset_ms: signed_ms(self.drill_clock_offset)?,
+            amount_pointer,
+            currency_pointer,
         })
     }
 }

@@ -16,7 +16,9 @@
 //!   every key's allocations; conflicts, winners, settlement. No I/O.
 //! - [`storage`]: redb with group commit; the durability watermark.
 //! - [`confidence`]: the calibrated model of how likely a provisional
-//!   allocation is not a duplicate.
+//!   allocation is not a duplicate, and the score of how well it held.
+//! - [`exposure`]: expected duplicates and value at risk of provisional
+//!   allocations.
 //! - [`compensation`]: the state machine, its durable log, and the actions.
 //! - [`p2p`]: the libp2p swarm and the sync protocol.
 //! - [`node`]: wires everything together and owns shutdown.
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod compensation;
 pub mod confidence;
 pub mod config;
+pub mod exposure;
 pub mod group_commit;
 pub mod hlc;
 pub mod http;

@@ -29,6 +29,20 @@ impl Kind {
     }
 }
 
+/// A label with one `currency` value.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Currency {
+    /// The currency the amount is in, as payloads name it.
+    pub currency: String,
+}
+
+/// A label with one `situation` value (in-sync, partial, isolated).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SituationLabel {
+    /// The situation an allocation was made in.
+    pub situation: String,
+}
+
 /// Every metric of the node, registered once at start.
 pub struct Metrics {
     registry: Registry,
@@ -100,6 +114,17 @@ pub struct Metrics {
     pub compensations_dead_lettered: Gauge,
     /// Time from detection of a conflict to a succeeded compensation, seconds.
     pub compensation_seconds: Histogram,
+    /// Expected duplicates among this node's provisional allocations.
+    pub exposure_expected_duplicates: Gauge<f64, AtomicU64>,
+    /// Value at risk of this node's provisional allocations, by currency.
+    pub exposure_value_at_risk: Family<Currency, Gauge<f64, AtomicU64>>,
+    /// Estimated chance that an allocation made in a situation meets a failover attempt.
+    pub failover_rate: Family<SituationLabel, Gauge<f64, AtomicU64>>,
+    /// Mean confidence minus the share without conflict over resolved allocations,
+    /// by situation: positive means overconfident.
+    pub calibration_gap: Family<SituationLabel, Gauge<f64, AtomicU64>>,
+    /// Resolved allocations the calibration score counts, by situation.
+    pub calibration_resolved: Family<SituationLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -145,6 +170,11 @@ impl Metrics {
             compensations_in_flight: Gauge::default(),
             compensations_dead_lettered: Gauge::default(),
             compensation_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
+            exposure_expected_duplicates: Gauge::default(),
+            exposure_value_at_risk: Family::default(),
+            failover_rate: Family::default(),
+            calibration_gap: Family::default(),
+            calibration_resolved: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -299,6 +329,31 @@ impl Metrics {
             "compensation_seconds",
             "Detection to succeeded compensation",
             m.compensation_seconds.clone(),
+        );
+        r.register(
+            "exposure_expected_duplicates",
+            "Expected duplicates among own provisional allocations (sum of 1 - confidence)",
+            m.exposure_expected_duplicates.clone(),
+        );
+        r.register(
+            "exposure_value_at_risk",
+            "Sum of (1 - confidence) x amount over own provisional allocations, by currency",
+            m.exposure_value_at_risk.clone(),
+        );
+        r.register(
+            "confidence_failover_rate",
+            "Estimated chance that an allocation made in a situation meets a failover attempt",
+            m.failover_rate.clone(),
+        );
+        r.register(
+            "calibration_gap",
+            "Mean confidence minus share without conflict over resolved allocations",
+            m.calibration_gap.clone(),
+        );
+        r.register(
+            "calibration_resolved_allocations",
+            "Resolved own allocations counted by the calibration score",
+            m.calibration_resolved.clone(),
         );
         Self { registry, ..m }
     }

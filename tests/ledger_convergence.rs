@@ -116,6 +116,7 @@ proptest! {
                     let shard = key.shard(SHARD_COUNT);
                     let out = nodes[node].allocate_batch(shard, &[AllocateRequest {
                         key: key.clone(), fingerprint: fp.clone(), confidence: 0.9,
+                        stake: None,
                     }]);
                     match &out[0] {
                         Ok(a) => {
@@ -185,6 +186,7 @@ fn winner_is_smallest_hlc_then_node_even_when_a_third_allocation_arrives_late() 
                 key: key.clone(),
                 fingerprint: fp.clone(),
                 confidence: 1.0,
+                stake: None,
             }],
         );
         made.push(out[0].as_ref().unwrap().allocation.record.clone());
@@ -215,6 +217,7 @@ fn only_the_first_replay_of_another_nodes_allocation_is_a_near_miss() {
             key: key.clone(),
             fingerprint: fp.clone(),
             confidence: 1.0,
+            stake: None,
         };
         let out = nodes[node].allocate_batch(key.shard(SHARD_COUNT), &[request]);
         let made = out.into_iter().next().unwrap().unwrap();
@@ -253,6 +256,7 @@ fn compensation_states_written_together_take_one_change_per_document_and_reach_e
                 key,
                 fingerprint: fp.clone(),
                 confidence: 1.0,
+                stake: None,
             };
             nodes[node].allocate_batch(shard, &[request])[0]
                 .as_ref()

@@ -43,7 +43,7 @@ fn fail(status: u16, body: &Value) -> i32 {
     1
 }
 
-fn s(v: &Value) -> String {
+pub(super) fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -67,7 +67,7 @@ fn print_json(v: &Value) {
 /// GETs a report. `Ok(Some(body))` when a table is to be printed;
 /// `Ok(None)` when the answer was already printed (`--json`) or was an error,
 /// with the exit code in `code`.
-async fn report(
+pub(super) async fn report(
     args: &ClientArgs,
     path: &str,
     state: Option<&str>,
@@ -240,6 +240,7 @@ pub async fn status(args: &ClientArgs) -> anyhow::Result<i32> {
         ],
     ];
     println!("{}", render(&["INDICATOR", "VALUE"], &rows));
+    println!("{}", super::calibration::exposure_lines(&body["exposure"]));
     Ok(0)
 }
 

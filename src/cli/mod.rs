@@ -2,6 +2,7 @@
 //! id, the other subcommands are clients of a node's HTTP API, and `demo`
 //! replays the incident end to end on one machine.
 
+mod calibration;
 mod client;
 mod demo;
 mod table;
@@ -59,6 +60,15 @@ pub enum Command {
     },
     /// Show the node's health and the leading indicators behind it.
     Status {
+        /// How to reach the node.
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show how well this node's confidence held: per situation (in sync, some
+    /// peers unreachable, isolated) the mean confidence given against the share
+    /// that ended without a conflict, and per partition episode the duplicates
+    /// expected against those found.
+    Calibration {
         /// How to reach the node.
         #[command(flatten)]
         client: ClientArgs,
@@ -128,6 +138,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Conflicts { state, client } => client::conflicts(&client, state.as_deref()).await,
         Command::Status { client } => client::status(&client).await,
         Command::Peers { client } => client::peers(&client).await,
+        Command::Calibration { client } => calibration::show(&client).await,
         Command::Compensations { state, client } => {
             client::compensations(&client, state.as_deref()).await
         }

@@ -112,6 +112,7 @@ pub fn router(node: Arc<Node>) -> Router {
             post(reports::retry_compensation),
         )
         .route("/v1/peers", get(reports::peers))
+        .route("/v1/calibration", get(reports::calibration))
         .route("/v1/documents", get(documents::list))
         .route(
             "/v1/documents/{id}",

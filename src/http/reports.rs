@@ -44,6 +44,14 @@ pub async fn conflicts(
     .await?
 }
 
+/// `GET /v1/calibration`: how well this node's confidence held, per
+/// situation and per partition episode.
+pub async fn calibration(
+    State(node): State<Arc<Node>>,
+) -> Json<crate::confidence::calibration::CalibrationReport> {
+    Json(node.calibration_report())
+}
+
 /// Filter of the compensation list.
 #[derive(Deserialize)]
 pub struct CompensationFilter {

@@ -4,6 +4,7 @@
 use super::doc_id::{DocId, Windows};
 use super::document::ShardDocument;
 use super::key_index::KeyIndex;
+use super::provisional::{OwnProvisional, Stake};
 use super::relay::HeldBack;
 use super::view::{Allocation, KeyView};
 use super::{ChunkSink, COMPACT_MIN_BYTES};
@@ -107,6 +108,8 @@ pub(super) struct Pending {
     pub text: String,
     /// Journal sequence to forget once the document's chunk is durable.
     pub journal_seq: u64,
+    /// What it was given, while it is followed as provisional (`None`: not followed).
+    pub stake: Option<Stake>,
 }
 
 /// A shard: documents by epoch plus the key index.
@@ -120,6 +123,9 @@ pub(super) struct Group {
     pub conflicts: BTreeMap<String, u64>,
     /// Local allocations waiting to be folded into documents, oldest first.
     pub pending: Vec<Pending>,
+    /// This node's provisional allocations (folded ones; pending ones keep
+    /// their stake in `pending`), and their exposure.
+    pub own: OwnProvisional,
 }
 
 impl Group {
@@ -132,6 +138,7 @@ impl Group {
             compensations: HashMap::new(),
             conflicts: BTreeMap::new(),
             pending: Vec::new(),
+            own: OwnProvisional::default(),
         }
     }
 
@@ -279,6 +286,7 @@ impl Group {
         }
         for epoch in &expired {
             self.docs.remove(epoch);
+            self.own.expire(*epoch);
         }
         let mut dropped = 0u64;
         let compensations = &mut self.compensations;

@@ -21,11 +21,13 @@ pub mod document;
 mod encoded_changes;
 mod group;
 mod key_index;
+mod provisional;
 pub mod relay;
 mod sync_receive;
 mod view;
 
 pub use doc_id::{DocId, Windows};
+pub use provisional::{Resolution, Stake};
 pub use relay::{NodeTag, Withhold};
 pub use view::{Allocation, ConflictView, KeyState, KeyView};
 
@@ -105,6 +107,9 @@ pub struct AllocateRequest {
     pub fingerprint: Fingerprint,
     /// Confidence to record if a new allocation is made.
     pub confidence: f64,
+    /// What a new allocation is given, to follow it as provisional until it
+    /// resolves (exposure, learning, calibration); `None` not to follow it.
+    pub stake: Option<Stake>,
 }
 
 /// What an allocate request resulted in.
@@ -211,6 +216,10 @@ pub struct Ledger {
     my_node: Arc<str>,
     /// The last settlement scan and when it ran.
     scan: Mutex<Option<(Instant, SettlementScan)>>,
+    /// Own allocations resolved since the node last took them.
+    resolutions: Mutex<Vec<Resolution>>,
+    /// Whether `resolutions` may hold any, so that an empty take costs no lock.
+    resolutions_waiting: std::sync::atomic::AtomicBool,
 }
 
 impl Ledger {
@@ -254,6 +263,10 @@ impl Ledger {
                         hlc.observe_local(record.hlc);
                         let arrival = group.arrive(id.epoch);
                         let record = Arc::new(names.intern(record));
+                        if let Some(stake) = recovered_stake(&record, &me) {
+                            group.own.admit(&stake);
+                            group.own.folded(id.epoch, arrival, record.clone(), stake);
+                        }
                         group.insert(id.epoch, record, arrival, Durable::Store(0), now);
                     }
                     Entry::Compensation(record) => {
@@ -289,11 +302,16 @@ impl Ledger {
             hlc.observe_local(record.hlc);
             let durable = Durable::Journal(entry.seq);
             group.insert(entry.epoch, record.clone(), NOT_ARRIVED, durable, now);
+            let stake = recovered_stake(&record, &me);
+            if let Some(stake) = &stake {
+                group.own.admit(stake);
+            }
             group.pending.push(Pending {
                 epoch: entry.epoch,
                 text: String::from_utf8_lossy(&entry.bytes).into_owned(),
                 record,
                 journal_seq: entry.seq,
+                stake,
             });
             recovered += 1;
         }
@@ -318,6 +336,8 @@ impl Ledger {
             recovered_from_journal: recovered,
             names,
             scan: Mutex::new(None),
+            resolutions: Mutex::new(Vec::new()),
+            resolutions_waiting: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -469,11 +489,15 @@ impl Ledger {
             let journal_seq = self.sink.journal(epoch, text.as_bytes().to_vec());
             let durable = Durable::Journal(journal_seq);
             group.insert(epoch, record.clone(), NOT_ARRIVED, durable, 0);
+            if let Some(stake) = &request.stake {
+                group.own.admit(stake);
+            }
             group.pending.push(Pending {
                 epoch,
                 record: record.clone(),
                 text,
                 journal_seq,
+                stake: request.stake,
             });
             out.push(Ok(Allocated {
                 allocation: Allocation {
@@ -512,6 +536,9 @@ impl Ledger {
                 if group.contains(&entry.record) {
                     by_epoch.entry(entry.epoch).or_default().push(entry);
                 } else {
+                    if let Some(stake) = &entry.stake {
+                        group.own.forget(stake);
+                    }
                     forget.push(entry.journal_seq);
                 }
             }
@@ -532,6 +559,9 @@ impl Ledger {
                     let arrival = group.arrive(epoch);
                     if let Some(slot) = group.find_mut(&entry.record) {
                         slot.arrival = arrival;
+                    }
+                    if let Some(stake) = entry.stake {
+                        group.own.folded(epoch, arrival, entry.record, stake);
                     }
                     forget.push(entry.journal_seq);
                     folded += 1;
@@ -599,6 +629,7 @@ impl Ledger {
             return Ok(outcome);
         }
         let mut last_names = LastInterned::default();
+        let mut resolved = Vec::new();
         let seq = state.persist(&*self.sink);
         outcome.durable_seq = seq;
         for entry in entries {
@@ -614,6 +645,7 @@ impl Ledger {
                     let record = Arc::new(self.names.intern_after(record, &mut last_names));
                     if group.insert(id.epoch, record.clone(), arrival, durable, now) {
                         outcome.conflicts_changed.push(record.key.to_string());
+                        self.resolve_own_competitors(group, &record, &mut resolved);
                     }
                     outcome.new_allocations.push(record);
                 }
@@ -627,7 +659,74 @@ impl Ledger {
                 }
             }
         }
+        self.hand_over(resolved);
         Ok(outcome)
+    }
+
+    /// `arrived` competes with allocations of its key: ours among them are
+    /// resolved, as conflicted.
+    fn resolve_own_competitors(
+        &self,
+        group: &mut Group,
+        arrived: &AllocationRecord,
+        out: &mut Vec<Resolution>,
+    ) {
+        if arrived.node == self.my_node {
+            return;
+        }
+        let Some(list) = group.keys.get(&arrived.key) else {
+            return;
+        };
+        let ours: Vec<(u32, u64, Arc<AllocationRecord>)> = list
+            .iter()
+            .filter(|a| a.record.node == self.my_node)
+            .map(|a| (a.epoch, a.arrival, a.record.clone()))
+            .collect();
+        for (epoch, arrival, record) in ours {
+            let after_ms = record.hlc.physical_ms.abs_diff(arrived.hlc.physical_ms);
+            if arrival != NOT_ARRIVED {
+                group.own.conflicted(epoch, arrival, &record, after_ms, out);
+                continue;
+            }
+            let stake = group
+                .pending
+                .iter_mut()
+                .find(|p| Arc::ptr_eq(&p.record, &record))
+                .and_then(|p| p.stake.take());
+            if let Some(stake) = stake {
+                group.own.conflicted_pending(stake, after_ms, out);
+            }
+        }
+    }
+
+    /// Queues resolutions for [`Ledger::take_resolutions`].
+    fn hand_over(&self, resolved: Vec<Resolution>) {
+        if resolved.is_empty() {
+            return;
+        }
+        self.resolutions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(resolved);
+        self.resolutions_waiting.store(true, Ordering::Release);
+    }
+
+    /// This node's allocations that resolved (settled, or met a competitor)
+    /// since the last call, for the confidence model and the calibration score.
+    pub fn take_resolutions(&self) -> Vec<Resolution> {
+        if !self.resolutions_waiting.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.resolutions.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The exposure of this node's provisional allocations, summed over shards.
+    pub fn exposure(&self) -> crate::exposure::ExposureSums {
+        let mut sums = crate::exposure::ExposureSums::default();
+        for shard in 0..SHARD_COUNT {
+            sums.merge(self.group(shard).own.sums());
+        }
+        sums
     }
 
     /// Writes compensation records (only ever for this node's own losers),
@@ -729,6 +828,12 @@ impl Ledger {
             .entry(peer.to_owned())
             .or_default()
             .synced_arrival = Some(arrivals);
+        if let Some(through) = guard.settled_through(doc.epoch, &self.peers) {
+            let mut settled = Vec::new();
+            guard.own.settled_through(doc.epoch, through, &mut settled);
+            drop(guard);
+            self.hand_over(settled);
+        }
         true
     }
 
@@ -950,6 +1055,13 @@ pub struct LedgerStats {
     pub documents: u64,
     /// Allocations dropped since start because they passed the retention.
     pub expired_allocations: u64,
+}
+
+/// What an allocation of this node read back from disk is followed with: one
+/// given confidence 1 cannot be a duplicate and adds nothing to the exposure.
+fn recovered_stake(record: &AllocationRecord, me: &NodeIdentity) -> Option<Stake> {
+    (*record.node == *me.node && record.confidence < 1.0)
+        .then(|| Stake::recovered(record.confidence))
 }
 
 /// Where in `existing` (a key's allocations) the one with `fingerprint` is.

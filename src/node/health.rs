@@ -89,6 +89,7 @@ pub fn report(node: &Node) -> Value {
         "cross_region_replays": node.metrics.cross_region_replays.get(),
         "compensations": { "in_flight": in_flight, "dead_lettered": dead_lettered },
         "confidence_model": node.confidence_model().summary(),
+        "exposure": node.exposure(),
         "durable_seq": node.storage.durable_seq(),
     })
 }
@@ -126,4 +127,43 @@ pub fn refresh_gauges(node: &Node) {
     let (in_flight, dead) = crate::compensation::own_counts(node);
     m.compensations_in_flight.set(in_flight as i64);
     m.compensations_dead_lettered.set(dead as i64);
+    refresh_uncertainty(node);
+}
+
+/// The exposure, failover and calibration gauges.
+fn refresh_uncertainty(node: &Node) {
+    use crate::metrics::{Currency, SituationLabel};
+    let m = &node.metrics;
+    let exposure = node.exposure();
+    m.exposure_expected_duplicates
+        .set(exposure.expected_duplicates);
+    // A currency with nothing at risk any more leaves the exposition.
+    m.exposure_value_at_risk.clear();
+    for (currency, value) in &exposure.value_at_risk {
+        m.exposure_value_at_risk
+            .get_or_create(&Currency {
+                currency: currency.clone(),
+            })
+            .set(*value);
+    }
+    let calibration = node.calibration_report();
+    let summary = node.confidence_model().summary();
+    for s in &summary.situations {
+        let label = SituationLabel {
+            situation: s.situation.as_str().to_owned(),
+        };
+        m.failover_rate.get_or_create(&label).set(s.failover_rate);
+    }
+    for table in &calibration.situations {
+        let Some(situation) = table.situation else {
+            continue;
+        };
+        let label = SituationLabel {
+            situation: situation.as_str().to_owned(),
+        };
+        m.calibration_gap.get_or_create(&label).set(table.gap);
+        m.calibration_resolved
+            .get_or_create(&label)
+            .set(table.resolved as i64);
+    }
 }

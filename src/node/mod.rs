@@ -6,12 +6,14 @@ pub mod health;
 mod heap;
 pub mod identity;
 
-use crate::confidence::{ConfidenceModel, ConfidenceParams, PeerView};
+use crate::confidence::calibration::{Calibration, CalibrationReport};
+use crate::confidence::{ConfidenceModel, ConfidenceParams, Estimate, PeerView, Situation};
 use crate::config::NodeConfig;
+use crate::exposure::{Exposure, Pricing};
 use crate::key::{fingerprint, IdempotencyKey, InputError};
 use crate::ledger::{
     AllocateError, AllocateRequest, Allocated, ChunkSink, DocId, Ledger, MergeOutcome,
-    NodeIdentity, Stored, StoredDocument, Windows, SHARD_COUNT,
+    NodeIdentity, Stake, Stored, StoredDocument, Windows, SHARD_COUNT,
 };
 use crate::metrics::{Kind, Metrics};
 use crate::p2p::status::PeerTable;
@@ -48,6 +50,9 @@ pub enum StartError {
     /// The peer network could not start.
     #[error("peer network: {0}")]
     Network(String),
+    /// A payload pointer for the value at risk is not a JSON pointer.
+    #[error(transparent)]
+    Pricing(#[from] crate::exposure::PointerError),
 }
 
 /// Why an allocate call failed, in API terms.
@@ -144,6 +149,11 @@ pub struct Node {
     pub changes: Arc<ChangeFeed>,
     /// Confidence estimator fed by what this node observes.
     pub confidence: Mutex<ConfidenceModel>,
+    /// The score of this node's confidence: reliability per situation and
+    /// partition episodes.
+    calibration: Mutex<Calibration>,
+    /// Reads amounts and currencies from payloads, for the value at risk.
+    pricing: Pricing,
     /// Wakes the compensation engine when a conflict appears or an operator retries.
     pub compensation_wakeup: Notify,
     /// This node's own compensations.
@@ -240,6 +250,23 @@ fn spawn_compaction(node: Arc<Node>, tasks: &TaskTracker, shutdown: Cancellation
     });
 }
 
+/// Keeps the partition episodes and the confidence model up to date when
+/// no allocation comes: notes the node's situation and learns from what
+/// resolved, twice a second.
+fn spawn_learning(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) {
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            node.observe_situation();
+        }
+    });
+}
+
 /// Seconds between two releases of freed heap memory ([`heap`]).
 const HEAP_TRIM_TICKS: u32 = 10;
 
@@ -313,6 +340,7 @@ impl Node {
                 .iter()
                 .map(|p| (p.peer_id.to_string(), p.addr.to_string())),
         ));
+        let pricing = Pricing::new(&config.amount_pointer, &config.currency_pointer)?;
         let tasks = TaskTracker::new();
         let fold_wanted = Arc::new(Notify::new());
         allocator::spawn_folder(
@@ -343,6 +371,8 @@ impl Node {
             peers,
             changes,
             confidence: Mutex::new(ConfidenceModel::new(ConfidenceParams::default())),
+            calibration: Mutex::new(Calibration::default()),
+            pricing,
             compensation_wakeup: Notify::new(),
             compensations: Default::default(),
             conflict_inbox: Mutex::new(BTreeSet::new()),
@@ -354,6 +384,7 @@ impl Node {
             crate::p2p::spawn(node.clone(), keypair, &tasks, shutdown.clone()).await?;
         crate::compensation::spawn(node.clone(), &tasks, shutdown.clone());
         spawn_retention(node.clone(), &tasks, shutdown.clone());
+        spawn_learning(node.clone(), &tasks, shutdown.clone());
         spawn_compaction(node.clone(), &tasks, shutdown.clone());
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
@@ -415,11 +446,22 @@ impl Node {
         let key = IdempotencyKey::parse(key)?;
         let fingerprint = fingerprint(payload)?;
         let shard = key.shard(SHARD_COUNT);
-        let confidence = self.confidence_now(self.ledger.peers());
+        let estimate = self.estimate_now(self.ledger.peers());
+        let episode = self
+            .calibration()
+            .observe_situation(estimate.situation, self.ledger.wall_ms());
+        // With no peers nothing can compete: nothing to follow.
+        let stake = (!self.ledger.peers().is_empty()).then(|| Stake {
+            confidence: estimate.confidence,
+            estimate: Some(estimate),
+            episode,
+            price: self.pricing.price(payload),
+        });
         let request = AllocateRequest {
             key,
             fingerprint,
-            confidence,
+            confidence: estimate.confidence,
+            stake,
         };
         let allocated = self.allocators[shard]
             .submit(request)
@@ -438,6 +480,8 @@ impl Node {
             }
         } else {
             self.confidence_model().observe_allocation();
+            self.calibration()
+                .record_allocation(episode, record.confidence);
             self.metrics
                 .confidence_at_allocation
                 .observe(record.confidence);
@@ -452,9 +496,21 @@ impl Node {
         if unsynced.is_empty() {
             return 1.0;
         }
+        self.estimate_now(unsynced).confidence
+    }
+
+    /// [`Node::confidence_now`] with the situation and the terms behind it,
+    /// after learning from what resolved meanwhile.
+    fn estimate_now(&self, unsynced: &[String]) -> Estimate {
+        self.learn();
+        let views = self.peer_views(unsynced);
+        self.confidence_model().estimate(&views)
+    }
+
+    /// One view per allowlisted peer, as the confidence model takes them.
+    fn peer_views(&self, unsynced: &[String]) -> Vec<PeerView> {
         let now = self.ledger.wall_ms();
-        let views: Vec<PeerView> = self
-            .peers
+        self.peers
             .snapshot()
             .into_iter()
             .map(|p| {
@@ -475,8 +531,60 @@ impl Node {
                     connected: p.connected,
                 }
             })
-            .collect();
-        self.confidence_model().confidence(&views)
+            .collect()
+    }
+
+    /// Feeds the confidence model and the calibration score with this node's
+    /// allocations that resolved since the last call.
+    pub fn learn(&self) {
+        let resolved = self.ledger.take_resolutions();
+        if resolved.is_empty() {
+            return;
+        }
+        {
+            let mut model = self.confidence_model();
+            for r in &resolved {
+                let Some(estimate) = r.stake.estimate else {
+                    continue;
+                };
+                if let Some(ms) = r.conflict_after_ms {
+                    model.observe_conflict(Duration::from_millis(ms), estimate.situation);
+                }
+                model.observe_resolved(&estimate, r.conflict_after_ms.is_some());
+            }
+        }
+        let mut calibration = self.calibration();
+        for r in &resolved {
+            calibration.record_resolved(
+                r.stake.estimate.map(|e| e.situation),
+                r.stake.episode,
+                r.stake.confidence,
+                r.conflict_after_ms.is_some(),
+            );
+        }
+    }
+
+    /// Tells the episode tracker where this node stands now, and learns.
+    fn observe_situation(&self) {
+        self.learn();
+        let situation = Situation::of(&self.peer_views(self.ledger.peers()));
+        self.calibration()
+            .observe_situation(situation, self.ledger.wall_ms());
+    }
+
+    /// `GET /v1/calibration`: how well this node's confidence held.
+    pub fn calibration_report(&self) -> CalibrationReport {
+        self.observe_situation();
+        self.calibration().report()
+    }
+
+    /// Expected duplicates and value at risk of this node's provisional allocations.
+    pub fn exposure(&self) -> Exposure {
+        self.pricing.report(&self.ledger.exposure())
+    }
+
+    fn calibration(&self) -> std::sync::MutexGuard<'_, Calibration> {
+        self.calibration.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues a key for the compensation engine to look at again.
@@ -509,31 +617,15 @@ impl Node {
             self.metrics
                 .conflicts_detected
                 .inc_by(outcome.conflicts_changed.len() as u64);
-            let me = &self.ledger.identity().node;
             for key in &outcome.conflicts_changed {
                 let Some(view) = self.ledger.key(key) else {
                     continue;
                 };
                 tracing::warn!(key, allocations = view.allocations.len(), winner = %view.allocations[0].record.txn_id, "conflict detected");
-                // The model learns from conflicts involving our allocations,
-                // once per competing allocation that just arrived.
-                let Some(ours) = view.allocations.iter().find(|a| *a.record.node == **me) else {
-                    continue;
-                };
-                for arrived in &outcome.new_allocations {
-                    if *arrived.key == **key && *arrived.node != **me {
-                        let delay = ours
-                            .record
-                            .hlc
-                            .physical_ms
-                            .abs_diff(arrived.hlc.physical_ms);
-                        self.confidence_model().observe_conflict(
-                            Duration::from_millis(delay),
-                            crate::confidence::Situation::InSync,
-                        );
-                    }
-                }
             }
+            // Conflicts involving our allocations reach the confidence model
+            // as those allocations' resolutions.
+            self.learn();
             self.conflict_inbox
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
