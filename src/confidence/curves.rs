@@ -9,13 +9,13 @@
 
 use super::delays::Distribution;
 
-/// Grid points per decade of staleness.
-const PER_DECADE: f64 = 12.0;
-/// Smallest tabulated staleness above zero, seconds.
-const FIRST_AGE: f64 = 0.01;
-/// Tabulated decades: 10 ms to 10⁶ s (about 12 days); beyond, the last value.
-const DECADES: usize = 8;
-const POINTS: usize = DECADES * PER_DECADE as usize + 1;
+/// Grid points per octave of staleness, evenly spaced within the octave.
+const PER_OCTAVE: usize = 4;
+/// Smallest tabulated staleness above zero: 2^FIRST_OCTAVE s (about 8 ms).
+const FIRST_OCTAVE: i32 = -7;
+/// Tabulated octaves: 8 ms to 2^20 s (about 12 days); beyond, the last value.
+const OCTAVES: usize = 27;
+const POINTS: usize = OCTAVES * PER_OCTAVE + 1;
 
 /// A peer's risk terms by staleness, for one delay distribution and outage model.
 #[derive(Debug, Clone)]
@@ -30,8 +30,7 @@ pub(super) struct Curves {
 }
 
 impl Curves {
-    /// Tabulates the terms; index 0 is staleness zero, index `i > 0` is
-    /// `FIRST_AGE · 10^((i-1)/PER_DECADE)`.
+    /// Tabulates the terms at the staleness of every grid point ([`age_at`]).
     pub fn build(delays: &Distribution, lag: f64, scale: f64, shape: f64) -> Self {
         let mut backward = [0.0; POINTS + 1];
         let mut before_heal = [0.0; POINTS + 1];
@@ -72,29 +71,40 @@ impl Curves {
     }
 }
 
+/// Staleness at grid point `i`: 0, then `2^(FIRST_OCTAVE + o) · (1 + j / PER_OCTAVE)`
+/// for point `1 + o·PER_OCTAVE + j`.
 fn age_at(i: usize) -> f64 {
     if i == 0 {
-        0.0
-    } else {
-        FIRST_AGE * 10f64.powf((i - 1) as f64 / PER_DECADE)
+        return 0.0;
     }
+    let (octave, step) = ((i - 1) / PER_OCTAVE, (i - 1) % PER_OCTAVE);
+    2f64.powi(FIRST_OCTAVE + octave as i32) * (1.0 + step as f64 / PER_OCTAVE as f64)
 }
 
-/// The grid cell of `age` seconds and the fraction inside it (linear in the
-/// first cell, which starts at zero, and in log-age after).
+/// The grid cell of `age` seconds and the fraction inside it, read from the
+/// bits of the float (exponent: the octave; mantissa: the place in it), so
+/// that a query takes no logarithm per peer.
 fn position(age: f64) -> (usize, f64) {
+    let first = 2f64.powi(FIRST_OCTAVE);
     if age.is_nan() || age <= 0.0 {
         return (0, 0.0);
     }
-    if age < FIRST_AGE {
-        return (0, age / FIRST_AGE);
+    if age < first {
+        return (0, age / first);
     }
-    let steps = PER_DECADE * (age / FIRST_AGE).log10();
-    if !steps.is_finite() || steps >= (POINTS - 1) as f64 {
+    let bits = age.to_bits();
+    let octave = ((bits >> 52) & 0x7ff) as i32 - 1023 - FIRST_OCTAVE;
+    if octave >= OCTAVES as i32 || !age.is_finite() {
         return (POINTS, 0.0);
     }
-    let cell = steps.floor();
-    (1 + cell as usize, steps - cell)
+    // The mantissa as a number in [1, 2).
+    let mantissa = f64::from_bits((bits & ((1u64 << 52) - 1)) | (1023u64 << 52));
+    let steps = (mantissa - 1.0) * PER_OCTAVE as f64;
+    let step = (steps as usize).min(PER_OCTAVE - 1);
+    (
+        1 + octave as usize * PER_OCTAVE + step,
+        (steps - step as f64).clamp(0.0, 1.0),
+    )
 }
 
 #[cfg(test)]
@@ -132,6 +142,11 @@ mod tests {
         for age in [f64::NAN, -5.0, 0.0, 1e-9, 0.01, 1e6, 1e300, f64::INFINITY] {
             let (at, frac) = position(age);
             assert!(at <= POINTS && (0.0..=1.0).contains(&frac), "{age}");
+        }
+        // Grid points are found where they are.
+        for i in 1..POINTS {
+            let (at, frac) = position(age_at(i));
+            assert_eq!((at, frac), (i, 0.0), "point {i} at {}", age_at(i));
         }
     }
 }
