@@ -18,15 +18,14 @@
 //! (a torn tail after a crash). Every start opens a new segment, so nothing
 //! is ever appended after a torn tail.
 
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{Commit, GroupCommit, NotDurable, Sequenced};
 use crate::storage::{CommitStats, OnCommit};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::sync::watch;
 
 /// Directory of the journal inside the data dir.
 pub const JOURNAL_DIR: &str = "journal";
@@ -50,9 +49,24 @@ pub enum JournalError {
         /// Cause.
         source: std::io::Error,
     },
-    /// The writer has stopped (after an I/O error or at shutdown).
+    /// The writer has stopped (at shutdown).
     #[error("the allocation journal writer has stopped; nothing more can be made durable")]
     WriterStopped,
+    /// Appends are failing (a full disk, an I/O error); the writer retries
+    /// them with backoff and resumes by itself once they succeed.
+    #[error(
+        "the allocation journal cannot write now ({0}); retrying, nothing acknowledged is lost"
+    )]
+    WriteFailing(String),
+}
+
+impl From<NotDurable> for JournalError {
+    fn from(e: NotDurable) -> Self {
+        match e {
+            NotDurable::Stopped => JournalError::WriterStopped,
+            NotDurable::Failing(reason) => JournalError::WriteFailing(reason.to_string()),
+        }
+    }
 }
 
 fn io<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JournalError + 'a {
@@ -205,11 +219,15 @@ impl Journal {
         }
         segments.written_through = next - 1;
         let segments = Arc::new(Mutex::new(segments));
-        let writer_segments = segments.clone();
-        let writer = GroupCommit::start("oncemesh-journal", next - 1, move |rx, durable| {
-            write_loop(&dir, rx, durable, writer_segments, on_commit)
-        })
-        .map_err(io("starting the writer thread for", data_dir))?;
+        let appender = Appender {
+            dir,
+            open: None,
+            buffer: Vec::new(),
+            segments: segments.clone(),
+            on_commit,
+        };
+        let writer = GroupCommit::start("oncemesh-journal", next - 1, appender)
+            .map_err(io("starting the writer thread for", data_dir))?;
         Ok((Arc::new(Self { writer, segments }), entries))
     }
 
@@ -230,10 +248,17 @@ impl Journal {
 
     /// Waits until every entry up to `seq` is on disk.
     pub async fn wait_durable(&self, seq: u64) -> Result<(), JournalError> {
-        self.writer
-            .wait_durable(seq)
-            .await
-            .map_err(|_| JournalError::WriterStopped)
+        Ok(self.writer.wait_durable(seq).await?)
+    }
+
+    /// Why appends are failing now, if they are.
+    pub fn failing(&self) -> Option<Arc<str>> {
+        self.writer.failing()
+    }
+
+    /// Appends that failed since start.
+    pub fn failures(&self) -> u64 {
+        self.writer.failures()
     }
 
     /// Entries not yet forgotten, over every segment.
@@ -304,7 +329,11 @@ fn read_segment(path: &Path) -> Result<Vec<JournalEntry>, JournalError> {
 struct OpenSegment {
     first: u64,
     file: File,
+    /// Bytes of whole, synced entries; past it the file may hold the torn
+    /// remains of a failed append until they are cut off.
     len: u64,
+    /// A failed append may have left bytes past `len`.
+    torn: bool,
 }
 
 fn start_segment(
@@ -338,86 +367,100 @@ fn start_segment(
         first,
         file,
         len: 0,
+        torn: false,
     })
 }
 
-fn write_loop(
-    dir: &Path,
-    rx: mpsc::Receiver<Append>,
-    durable: watch::Sender<u64>,
+/// The journal's side of group commit: one write and one `fdatasync` per batch.
+struct Appender {
+    dir: PathBuf,
+    open: Option<OpenSegment>,
+    buffer: Vec<u8>,
     segments: Arc<Mutex<Segments>>,
     on_commit: OnCommit,
-) {
-    let mut open: Option<OpenSegment> = None;
-    let mut buffer = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter().take(8192));
-        let started = Instant::now();
-        match write_batch(dir, &mut open, &batch, &mut buffer, &segments) {
-            Ok(last) => {
-                on_commit(CommitStats {
-                    journal: true,
-                    jobs: batch.len(),
-                    duration: started.elapsed(),
-                });
-                durable.send_replace(last);
-            }
-            Err(e) => {
-                // Never acknowledge what is not on disk: stop, so every waiter
-                // sees the writer gone and answers with an error.
-                tracing::error!(error = %e, "allocation journal write failed; refusing further allocations");
-                return;
-            }
-        }
-    }
-    if let Some(segment) = open {
-        segments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .seal(segment.first);
+}
+
+impl Sequenced for Append {
+    fn seq(&self) -> u64 {
+        self.seq
     }
 }
 
-/// Appends a batch with one write and one fdatasync; returns its last sequence.
-fn write_batch(
-    dir: &Path,
-    open: &mut Option<OpenSegment>,
-    batch: &[Append],
-    buffer: &mut Vec<u8>,
-    segments: &Mutex<Segments>,
-) -> Result<u64, JournalError> {
-    let first_seq = batch[0].seq;
-    if open.as_ref().is_none_or(|s| s.len >= SEGMENT_BYTES) {
-        if let Some(full) = open.take() {
-            segments
+impl Commit<Append> for Appender {
+    fn commit(&mut self, batch: &[Append]) -> Result<(), String> {
+        let started = Instant::now();
+        let last = self.write_batch(batch).map_err(|e| e.to_string())?;
+        (self.on_commit)(CommitStats {
+            journal: true,
+            jobs: batch.len(),
+            duration: started.elapsed(),
+        });
+        debug_assert!(last >= batch[0].seq);
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        if let Some(segment) = self.open.take() {
+            self.segments
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .seal(full.first);
+                .seal(segment.first);
         }
-        *open = Some(start_segment(dir, first_seq, segments)?);
     }
-    let Some(segment) = open.as_mut() else {
-        return Err(JournalError::WriterStopped);
-    };
-    buffer.clear();
-    for entry in batch {
-        encode(entry, buffer);
+}
+
+impl Appender {
+    /// Appends a batch with one write and one fdatasync; returns its last sequence.
+    fn write_batch(&mut self, batch: &[Append]) -> Result<u64, JournalError> {
+        let Some(first_seq) = batch.first().map(|e| e.seq) else {
+            return Ok(0);
+        };
+        // A failed append is cut off before anything else is written: a
+        // reader stops at the first entry that does not check, so entries
+        // appended after torn bytes would never be read back.
+        if let Some(segment) = self.open.as_mut().filter(|s| s.torn) {
+            let path = self.dir.join(format!("{:020}.wal", segment.first));
+            segment
+                .file
+                .set_len(segment.len)
+                .and_then(|()| segment.file.sync_all())
+                .map_err(io("cutting a failed append off", &path))?;
+            segment.torn = false;
+        }
+        if self.open.as_ref().is_none_or(|s| s.len >= SEGMENT_BYTES) {
+            if let Some(full) = self.open.take() {
+                self.segments
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .seal(full.first);
+            }
+            self.open = Some(start_segment(&self.dir, first_seq, &self.segments)?);
+        }
+        let Some(segment) = self.open.as_mut() else {
+            return Err(JournalError::WriterStopped);
+        };
+        self.buffer.clear();
+        for entry in batch {
+            encode(entry, &mut self.buffer);
+        }
+        let path = self.dir.join(format!("{:020}.wal", segment.first));
+        let written = segment
+            .file
+            .write_all(&self.buffer)
+            .map_err(io("appending to", &path))
+            .and_then(|()| segment.file.sync_data().map_err(io("syncing", &path)));
+        if let Err(e) = written {
+            segment.torn = true;
+            return Err(e);
+        }
+        segment.len += self.buffer.len() as u64;
+        let last = batch.iter().map(|e| e.seq).max().unwrap_or(first_seq);
+        self.segments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .written(segment.first, batch.len() as u64, last);
+        Ok(last)
     }
-    let path = dir.join(format!("{:020}.wal", segment.first));
-    segment
-        .file
-        .write_all(buffer)
-        .map_err(io("appending to", &path))?;
-    segment.file.sync_data().map_err(io("syncing", &path))?;
-    segment.len += buffer.len() as u64;
-    let last = batch.iter().map(|e| e.seq).max().unwrap_or(first_seq);
-    segments.lock().unwrap_or_else(|p| p.into_inner()).written(
-        segment.first,
-        batch.len() as u64,
-        last,
-    );
-    Ok(last)
 }
 
 #[cfg(test)]

@@ -9,14 +9,13 @@
 //! publishes a watermark: every job with a sequence at or below it is on
 //! disk. Callers acknowledge only once the watermark has reached their job.
 
-use crate::group_commit::GroupCommit;
+use crate::group_commit::{Commit, GroupCommit, NotDurable, Sequenced};
 pub use crate::journal::JournalEntry;
 use crate::journal::{Journal, JournalError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 /// (epoch, shard, sequence) → automerge chunk or saved document.
 const CHUNKS: TableDefinition<(u32, u8, u64), &[u8]> = TableDefinition::new("document_chunks");
@@ -45,9 +44,13 @@ pub enum StorageError {
         /// Cause.
         reason: String,
     },
-    /// The writer thread has stopped (after an I/O error): nothing more can be made durable.
+    /// The writer thread has stopped (at shutdown): nothing more can be made durable.
     #[error("the storage writer has stopped; no further writes can be made durable")]
     WriterStopped,
+    /// Writes are failing (a full disk, an I/O error); the writer retries
+    /// them with backoff and resumes by itself once they succeed.
+    #[error("storage cannot write now ({0}); retrying, nothing acknowledged is lost")]
+    WriteFailing(String),
     /// The allocation journal failed.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -116,10 +119,19 @@ pub struct CommitStats {
 /// Called by the writer threads after each group commit.
 pub type OnCommit = Arc<dyn Fn(CommitStats) + Send + Sync>;
 
+impl From<NotDurable> for StorageError {
+    fn from(e: NotDurable) -> Self {
+        match e {
+            NotDurable::Stopped => StorageError::WriterStopped,
+            NotDurable::Failing(reason) => StorageError::WriteFailing(reason.to_string()),
+        }
+    }
+}
+
 /// Handle to the durable store. Cheap to share; writes go through one
-/// background thread, reads open their own read transactions.
+/// background thread, which alone holds the database after it is read at
+/// open (so that after an I/O error it can close and reopen it).
 pub struct Storage {
-    db: Arc<Database>,
     journal: Arc<Journal>,
     writer: GroupCommit<Job>,
 }
@@ -134,6 +146,8 @@ pub struct Loaded {
     pub documents: std::collections::BTreeMap<DocKey, Vec<u8>>,
     /// Allocations not yet folded into their documents, in sequence order.
     pub journal: Vec<JournalEntry>,
+    /// Every compensation log entry, grouped by transaction, in order.
+    pub compensation_log: Vec<LogOfTransaction>,
 }
 
 impl Storage {
@@ -148,24 +162,19 @@ impl Storage {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-        let db = Arc::new(db);
         let (mut loaded, max_seq) = read_documents(&db)?;
+        loaded.compensation_log = read_compensation_log(&db)?;
         let (journal, entries) = Journal::open(dir, on_commit.clone())?;
         loaded.journal = entries;
-        let writer_db = db.clone();
-        let writer_journal = journal.clone();
-        let writer = GroupCommit::start("oncemesh-storage", max_seq, move |rx, durable| {
-            write_loop(&writer_db, &writer_journal, rx, durable, on_commit)
-        })
-        .map_err(io("starting the writer thread"))?;
-        Ok((
-            Arc::new(Self {
-                db,
-                journal,
-                writer,
-            }),
-            loaded,
-        ))
+        let store = StoreWriter {
+            path,
+            db: Some(db),
+            journal: journal.clone(),
+            on_commit,
+        };
+        let writer = GroupCommit::start("oncemesh-storage", max_seq, store)
+            .map_err(io("starting the writer thread"))?;
+        Ok((Arc::new(Self { journal, writer }), loaded))
     }
 
     fn enqueue(&self, make: impl FnOnce(u64) -> Job) -> u64 {
@@ -231,43 +240,26 @@ impl Storage {
 
     /// Waits until everything up to `seq` is on disk.
     pub async fn wait_durable(&self, seq: u64) -> Result<(), StorageError> {
-        self.writer
-            .wait_durable(seq)
-            .await
-            .map_err(|_| StorageError::WriterStopped)
+        Ok(self.writer.wait_durable(seq).await?)
     }
 
-    /// Whether the writer has stopped (after an I/O error or at shutdown).
-    pub fn is_stopped(&self) -> bool {
-        self.writer.is_stopped()
+    /// Why writes are failing now (store or journal), if they are: nothing
+    /// new can be acknowledged until they succeed again.
+    pub fn failing(&self) -> Option<String> {
+        self.writer
+            .failing()
+            .or_else(|| self.journal.failing())
+            .map(|reason| reason.to_string())
+    }
+
+    /// Commits that failed since start (store and journal).
+    pub fn write_failures(&self) -> u64 {
+        self.writer.failures() + self.journal.failures()
     }
 
     /// Highest durable sequence so far.
     pub fn durable_seq(&self) -> u64 {
         self.writer.durable_seq()
-    }
-
-    /// Every compensation log entry, grouped by transaction, in order.
-    pub fn compensation_log(&self) -> Result<Vec<LogOfTransaction>, StorageError> {
-        let read = self
-            .db
-            .begin_read()
-            .map_err(io("reading the compensation log"))?;
-        let table = match read.open_table(COMPENSATION_LOG) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(io("opening the compensation log")(e)),
-        };
-        let mut out: Vec<LogOfTransaction> = Vec::new();
-        for row in table.iter().map_err(io("reading the compensation log"))? {
-            let (k, v) = row.map_err(io("reading the compensation log"))?;
-            let (txn, _) = k.value();
-            match out.last_mut() {
-                Some((last, entries)) if last == txn => entries.push(v.value().to_vec()),
-                _ => out.push((txn.to_owned(), vec![v.value().to_vec()])),
-            }
-        }
-        Ok(out)
     }
 
     /// Stops the writer after it has written everything queued so far,
@@ -276,6 +268,27 @@ impl Storage {
         self.writer.close();
         self.journal.close();
     }
+}
+
+fn read_compensation_log(db: &Database) -> Result<Vec<LogOfTransaction>, StorageError> {
+    let read = db
+        .begin_read()
+        .map_err(io("reading the compensation log"))?;
+    let table = match read.open_table(COMPENSATION_LOG) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(io("opening the compensation log")(e)),
+    };
+    let mut out: Vec<LogOfTransaction> = Vec::new();
+    for row in table.iter().map_err(io("reading the compensation log"))? {
+        let (k, v) = row.map_err(io("reading the compensation log"))?;
+        let (txn, _) = k.value();
+        match out.last_mut() {
+            Some((last, entries)) if last == txn => entries.push(v.value().to_vec()),
+            _ => out.push((txn.to_owned(), vec![v.value().to_vec()])),
+        }
+    }
+    Ok(out)
 }
 
 fn read_documents(db: &Database) -> Result<(Loaded, u64), StorageError> {
@@ -307,50 +320,53 @@ fn read_documents(db: &Database) -> Result<(Loaded, u64), StorageError> {
     Ok((loaded, max_seq))
 }
 
-fn write_loop(
-    db: &Database,
-    journal: &Journal,
-    rx: mpsc::Receiver<Job>,
-    durable: watch::Sender<u64>,
+/// The store's side of group commit: one redb write transaction per batch.
+struct StoreWriter {
+    path: PathBuf,
+    /// `None` after a failed commit: redb refuses every operation after an
+    /// I/O error until the database is closed and opened again.
+    db: Option<Database>,
+    journal: Arc<Journal>,
     on_commit: OnCommit,
-) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        jobs.extend(rx.try_iter().take(4096));
+}
+
+impl Commit<Job> for StoreWriter {
+    fn commit(&mut self, jobs: &[Job]) -> Result<(), String> {
         let started = Instant::now();
-        let last_seq = jobs.iter().map(job_seq).max().unwrap_or(0);
-        match commit(db, &jobs) {
-            Ok(()) => {
-                for job in &jobs {
-                    if let Job::Folded { journal: seqs, .. } = job {
-                        journal.forget(seqs);
-                    }
-                }
-                on_commit(CommitStats {
-                    journal: false,
-                    jobs: jobs.len(),
-                    duration: started.elapsed(),
-                });
-                durable.send_replace(last_seq);
-            }
-            Err(e) => {
-                // Never acknowledge what is not on disk: stop, so every waiter
-                // sees the writer gone and answers with an error.
-                tracing::error!(error = %e, "storage commit failed; refusing further writes");
-                return;
+        let db = match self.db.take() {
+            Some(db) => db,
+            None => Database::builder()
+                .set_cache_size(64 * 1024 * 1024)
+                .create(&self.path)
+                .map_err(|e| format!("reopening {}: {e}", self.path.display()))?,
+        };
+        // On failure the database is dropped, and opened again next time.
+        commit(&db, jobs).map_err(|e| e.to_string())?;
+        self.db = Some(db);
+        for job in jobs {
+            if let Job::Folded { journal: seqs, .. } = job {
+                self.journal.forget(seqs);
             }
         }
+        (self.on_commit)(CommitStats {
+            journal: false,
+            jobs: jobs.len(),
+            duration: started.elapsed(),
+        });
+        Ok(())
     }
 }
 
-fn job_seq(job: &Job) -> u64 {
-    match job {
-        Job::Chunk { seq, .. }
-        | Job::Snapshot { seq, .. }
-        | Job::Drop { seq, .. }
-        | Job::DropLog { seq, .. }
-        | Job::LogEntry { seq, .. }
-        | Job::Folded { seq, .. } => *seq,
+impl Sequenced for Job {
+    fn seq(&self) -> u64 {
+        match self {
+            Job::Chunk { seq, .. }
+            | Job::Snapshot { seq, .. }
+            | Job::Drop { seq, .. }
+            | Job::DropLog { seq, .. }
+            | Job::LogEntry { seq, .. }
+            | Job::Folded { seq, .. } => *seq,
+        }
     }
 }
 

@@ -199,7 +199,14 @@ impl Outbox {
 }
 
 /// Starts the engine task.
-pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) {
+/// Starts the engine; `log` is the compensation log as read at open, which
+/// it replays first.
+pub fn spawn(
+    node: Arc<Node>,
+    log: Vec<crate::storage::LogOfTransaction>,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) {
     tasks.spawn(async move {
         let policy = RetryPolicy {
             max_attempts: node.config.compensation_max_attempts,
@@ -212,7 +219,7 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
             node.config.webhook_timeout,
         );
         let outbox = Outbox::default();
-        recover(&node, &policy, &outbox).await;
+        recover(&node, log, &policy, &outbox).await;
         // At start every conflict is looked at once; after that only the
         // keys merges report as changed (the node's conflict inbox).
         let mut changed: Vec<KeyView> =
@@ -293,14 +300,12 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// Replays the log; attempts cut short by a crash are resumed.
-async fn recover(node: &Node, policy: &RetryPolicy, outbox: &Outbox) {
-    let log = match node.storage.compensation_log() {
-        Ok(log) => log,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the compensation log");
-            return;
-        }
-    };
+async fn recover(
+    node: &Node,
+    log: Vec<crate::storage::LogOfTransaction>,
+    policy: &RetryPolicy,
+    outbox: &Outbox,
+) {
     let mut losers: std::collections::HashMap<String, (String, String)> =
         std::collections::HashMap::new();
     for conflict in node.ledger.conflicts() {

@@ -17,11 +17,11 @@ pub fn report(node: &Node) -> Value {
     let mut reasons: Vec<String> = Vec::new();
     let mut critical = false;
 
-    if node.storage.is_stopped() {
+    if let Some(reason) = node.storage.failing() {
         critical = true;
-        reasons.push(
-            "storage writer stopped after an I/O error: allocations cannot be made durable".into(),
-        );
+        reasons.push(format!(
+            "storage cannot write ({reason}): new allocations are refused until writes succeed again; retrying"
+        ));
     }
     let mut max_staleness_ms = 0u64;
     for p in &peers {
@@ -91,6 +91,7 @@ pub fn report(node: &Node) -> Value {
         "confidence_model": node.confidence_model().summary(),
         "exposure": node.exposure(),
         "durable_seq": node.storage.durable_seq(),
+        "storage": { "failing": node.storage.failing(), "write_failures": node.storage.write_failures() },
     })
 }
 

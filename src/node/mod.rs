@@ -281,7 +281,7 @@ impl Node {
         let peer_id = keypair.public().to_peer_id();
         let metrics = Arc::new(Metrics::new());
         let commit_metrics = metrics.clone();
-        let (storage, loaded) = Storage::open(
+        let (storage, mut loaded) = Storage::open(
             &config.data_dir,
             Arc::new(move |stats| {
                 let (seconds, batch) = if stats.journal {
@@ -296,6 +296,7 @@ impl Node {
                 batch.observe(stats.jobs as f64);
             }),
         )?;
+        let compensation_log = std::mem::take(&mut loaded.compensation_log);
         let changes = Arc::new(ChangeFeed::default());
         let sink = Arc::new(StorageSink {
             storage: storage.clone(),
@@ -382,7 +383,7 @@ impl Node {
         });
         let listen_addrs =
             crate::p2p::spawn(node.clone(), keypair, &tasks, shutdown.clone()).await?;
-        crate::compensation::spawn(node.clone(), &tasks, shutdown.clone());
+        crate::compensation::spawn(node.clone(), compensation_log, &tasks, shutdown.clone());
         spawn_retention(node.clone(), &tasks, shutdown.clone());
         spawn_learning(node.clone(), &tasks, shutdown.clone());
         spawn_compaction(node.clone(), &tasks, shutdown.clone());
@@ -445,6 +446,16 @@ impl Node {
     ) -> Result<Allocated, AllocationFailure> {
         let key = IdempotencyKey::parse(key)?;
         let fingerprint = fingerprint(payload)?;
+        // While writes fail nothing new can be acknowledged: refuse before
+        // the key enters the ledger (a replay of a durable allocation is
+        // still answered, below).
+        if let Some(reason) = self.storage.failing() {
+            if self.ledger.key(key.as_str()).is_none() {
+                return Err(AllocationFailure::Storage(StorageError::WriteFailing(
+                    reason,
+                )));
+            }
+        }
         let shard = key.shard(SHARD_COUNT);
         let estimate = self.estimate_now(self.ledger.peers());
         let episode = self
