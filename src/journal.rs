@@ -301,34 +301,50 @@ fn read_segment(path: &Path) -> Result<Vec<JournalEntry>, JournalError> {
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut data))
         .map_err(io("reading", path))?;
-    let mut entries = Vec::new();
+    let read = decode_segment(&data);
+    if read.skipped_bytes > 0 {
+        tracing::warn!(
+            path = %path.display(),
+            kept = read.entries.len(),
+            skipped_bytes = read.skipped_bytes,
+            damaged_runs = read.damaged_runs,
+            "journal segment holds bytes that are not whole entries (a torn tail after a crash, or damage on disk); skipped them"
+        );
+    }
+    Ok(read.entries)
+}
+
+/// What [`decode_segment`] found in a segment's bytes.
+#[derive(Debug, Default)]
+pub struct DecodedSegment {
+    /// Every whole entry that checks, in file order.
+    pub entries: Vec<JournalEntry>,
+    /// Bytes that belong to no whole entry.
+    pub skipped_bytes: usize,
+    /// Runs of such bytes.
+    pub damaged_runs: usize,
+}
+
+/// Reads the entries of a segment's bytes. Public so that recovery from a
+/// damaged data dir can be fuzzed on bytes alone; never panics.
+pub fn decode_segment(data: &[u8]) -> DecodedSegment {
+    let mut read = DecodedSegment::default();
     let mut at = 0;
-    let mut skipped = 0usize;
-    let mut damaged_runs = 0usize;
     while at < data.len() {
-        if let Some(entry) = entry_at(&data, at) {
+        if let Some(entry) = entry_at(data, at) {
             at += HEADER + entry.bytes.len();
-            entries.push(entry);
+            read.entries.push(entry);
             continue;
         }
         // Not an entry here: find where the next one starts.
         let next = (at + 1..data.len())
-            .find(|&from| entry_at(&data, from).is_some())
+            .find(|&from| entry_at(data, from).is_some())
             .unwrap_or(data.len());
-        skipped += next - at;
-        damaged_runs += 1;
+        read.skipped_bytes += next - at;
+        read.damaged_runs += 1;
         at = next;
     }
-    if skipped > 0 {
-        tracing::warn!(
-            path = %path.display(),
-            kept = entries.len(),
-            skipped_bytes = skipped,
-            damaged_runs,
-            "journal segment holds bytes that are not whole entries (a torn tail after a crash, or damage on disk); skipped them"
-        );
-    }
-    Ok(entries)
+    read
 }
 
 /// The entry starting at `at`, if a whole one that checks starts there.

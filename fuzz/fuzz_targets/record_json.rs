@@ -1,0 +1,7 @@
+#![no_main]
+//! cargo-fuzz driver of the `record_json` target (tests/fuzz_targets).
+
+#[path = "../../tests/fuzz_targets/mod.rs"]
+mod fuzz_targets;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_targets::record_json(data));
