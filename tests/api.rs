@@ -252,14 +252,15 @@ async fn allocate_replay_and_misuse() {
         msg.contains("order-1"),
         "409 message must name the key: {msg}"
     );
-    // A value that is equal as a number but not as JSON text is another payload.
-    let (status, _) = allocate(
+    // The same number written another way is the same payload (RFC 8785).
+    let (status, same) = allocate(
         node,
         "order-1",
-        json!({"amount": 1250.0, "currency": "EUR", "meta": {"a": 1, "b": [1, 2]}}),
+        json!({"amount": 1250.0, "currency": "EUR", "meta": {"a": 1.0, "b": [1e0, 2]}}),
     )
     .await;
-    assert_eq!(status, 409, "1250.0 is not the canonical JSON of 1250");
+    assert_eq!(status, 200, "1250.0 is 1250: {same}");
+    assert_eq!(same["txn_id"], txn.as_str());
 
     let (status, shown) = node.get_json("/v1/allocations/order-1").await;
     assert_eq!(status, 200, "{shown}");
@@ -290,6 +291,105 @@ async fn allocate_replay_and_misuse() {
     assert_eq!(status, 200, "{no_payload}");
     assert_eq!(no_payload["txn_id"], second["txn_id"]);
     assert_eq!(allocation_count(node).await, 2);
+}
+
+/// POSTs `body` to `/v1/allocations` with `Idempotency-Key: <header>`.
+async fn allocate_with_header(node: &Node, header: &[u8], body: &str) -> (u16, Value) {
+    let value = reqwest::header::HeaderValue::from_bytes(header).expect("a header value");
+    let resp = node
+        .client()
+        .post(node.url("/v1/allocations"))
+        .header("idempotency-key", value)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST with header: {e:#}\n{}", node.describe()));
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_key_header_takes_the_body_as_the_payload() {
+    let cluster = Cluster::start(1, one("sgp")).await;
+    let node = cluster.node(0);
+
+    let (status, made) = allocate_with_header(
+        node,
+        b"pay-9",
+        r#"{"amount": 1250, "currency": "EUR", "meta": {"a": 1, "b": 2}}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "header form, new key: {made}");
+    check_allocation_fields(&made, "pay-9", "sgp", node.peer_id());
+    assert_eq!(made["replay"], false);
+    let txn = made["txn_id"].as_str().unwrap().to_owned();
+
+    // Keys reordered, the number written another way, the key as the
+    // draft's quoted string: the same request.
+    let (status, again) = allocate_with_header(
+        node,
+        br#""pay-9""#,
+        r#"{"meta": {"b": 2, "a": 1}, "currency": "EUR", "amount": 1250.0}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "replay: {again}");
+    assert_eq!(again["replay"], true, "{again}");
+    assert_eq!(again["txn_id"], txn.as_str());
+    // The body form names the same allocation.
+    let (status, body_form) = allocate(
+        node,
+        "pay-9",
+        json!({"amount": 1250, "currency": "EUR", "meta": {"a": 1, "b": 2}}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body_form["txn_id"]),
+        (200, &json!(txn)),
+        "{body_form}"
+    );
+    // So does the body form under the header, when both name one key.
+    let (status, both) = allocate_with_header(
+        node,
+        b"pay-9",
+        r#"{"key": "pay-9", "payload": {"amount": 1250, "currency": "EUR", "meta": {"a": 1, "b": 2}}}"#,
+    )
+    .await;
+    assert_eq!((status, &both["txn_id"]), (200, &json!(txn)), "{both}");
+
+    // Another payload: 409, as in the body form (docs/API.md says why not 422).
+    let (status, misuse) = allocate_with_header(node, b"pay-9", r#"{"amount": 1}"#).await;
+    assert_eq!(status, 409, "{misuse}");
+    assert!(error_message(status, &misuse, "misuse").contains("pay-9"));
+
+    // Two different keys in one request: 400, nothing written.
+    let (status, two) = allocate_with_header(
+        node,
+        b"pay-10",
+        r#"{"key": "pay-11", "payload": {"amount": 1}}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{two}");
+    let msg = error_message(status, &two, "two keys");
+    assert!(msg.contains("pay-10") && msg.contains("pay-11"), "{msg}");
+
+    // A header key outside printable ASCII: 422, as in the body form.
+    for bad in [&b"caf\xc3\xa9"[..], b"\xff", br#""a b""#] {
+        let (status, refused) = allocate_with_header(node, bad, r#"{"amount": 1}"#).await;
+        assert_eq!(status, 422, "{bad:?}: {refused}");
+        assert!(error_message(status, &refused, "bad key").contains("Idempotency-Key"));
+    }
+    let (status, _) = allocate(node, "caf\u{e9}", json!({})).await;
+    assert_eq!(status, 422, "the body form agrees");
+    // A body that is not JSON, under the header: 400.
+    let (status, _) = allocate_with_header(node, b"pay-12", "amount=1").await;
+    assert_eq!(status, 400);
+
+    for key in ["pay-10", "pay-11", "pay-12"] {
+        let (status, _) = node.get_json(&format!("/v1/allocations/{key}")).await;
+        assert_eq!(status, 404, "{key} must not be written");
+    }
+    assert_eq!(allocation_count(node).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
