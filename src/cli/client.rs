@@ -13,7 +13,7 @@ async fn call(
     body: Option<Value>,
 ) -> anyhow::Result<(u16, Value)> {
     let url = format!("{}{}", args.node.trim_end_matches('/'), path);
-    let mut request = reqwest::Client::new().request(method, &url);
+    let mut request = crate::tls::http_client().build()?.request(method, &url);
     if let Some(token) = &args.api_token {
         request = request.bearer_auth(token);
     }

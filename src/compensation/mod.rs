@@ -198,8 +198,13 @@ impl Outbox {
     }
 }
 
-/// Starts the engine task.
-pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) {
+/// Starts the engine task, running `executor`'s action for each loser.
+pub fn spawn(
+    node: Arc<Node>,
+    executor: Executor,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) {
     tasks.spawn(async move {
         let policy = RetryPolicy {
             max_attempts: node.config.compensation_max_attempts,
@@ -207,10 +212,6 @@ pub fn spawn(node: Arc<Node>, tasks: &TaskTracker, shutdown: CancellationToken) 
             max_backoff_ms: millis(node.config.compensation_max_backoff),
             ..RetryPolicy::default()
         };
-        let executor = Executor::new(
-            node.config.compensation.clone(),
-            node.config.webhook_timeout,
-        );
         let outbox = Outbox::default();
         recover(&node, &policy, &outbox).await;
         // At start every conflict is looked at once; after that only the

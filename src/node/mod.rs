@@ -48,6 +48,9 @@ pub enum StartError {
     /// The peer network could not start.
     #[error("peer network: {0}")]
     Network(String),
+    /// The compensation webhook's TLS files could not be used.
+    #[error(transparent)]
+    Compensation(#[from] crate::compensation::action::SetupError),
 }
 
 /// Why an allocate call failed, in API terms.
@@ -250,6 +253,11 @@ impl Node {
         config: NodeConfig,
         shutdown: CancellationToken,
     ) -> Result<Started, StartError> {
+        let executor = crate::compensation::action::Executor::new(
+            &config.compensation,
+            &config.webhook,
+            config.webhook_timeout,
+        )?;
         let keypair = identity::load_or_create(&config.data_dir)?;
         let peer_id = keypair.public().to_peer_id();
         let metrics = Arc::new(Metrics::new());
@@ -352,7 +360,7 @@ impl Node {
         });
         let listen_addrs =
             crate::p2p::spawn(node.clone(), keypair, &tasks, shutdown.clone()).await?;
-        crate::compensation::spawn(node.clone(), &tasks, shutdown.clone());
+        crate::compensation::spawn(node.clone(), executor, &tasks, shutdown.clone());
         spawn_retention(node.clone(), &tasks, shutdown.clone());
         spawn_compaction(node.clone(), &tasks, shutdown.clone());
         let listener = tokio::net::TcpListener::bind(config.http)

@@ -72,7 +72,7 @@ async fn play(args: &DemoArgs, root: &std::path::Path) -> anyhow::Result<i32> {
         REGIONS.join(", ")
     );
     let (mut regions, links) = start_regions(args, root).await?;
-    let http = reqwest::Client::new();
+    let http = crate::tls::http_client().build()?;
     let result = scenario(args, &http, &regions, &links).await;
     for region in &mut regions {
         let _ = region.child.start_kill();
