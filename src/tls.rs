@@ -31,37 +31,39 @@ pub fn http_client() -> reqwest::ClientBuilder {
 /// handshake alert), so a failed call can say so rather than only "error
 /// sending request".
 pub fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if e.is::<rustls::Error>() {
-            return true;
-        }
-        // io::Error hides the error it wraps from `source()`.
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-            {
-                return true;
-            }
-        }
-        cause = e.source();
-    }
-    false
+    causes(error).any(|e| e.is::<rustls::Error>())
 }
 
 /// `error` and every error it was caused by, joined with `: `, so a
 /// failure names its root cause (reqwest's own message does not).
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
+    let mut text = String::new();
+    for e in causes(error) {
         let next = e.to_string();
         if !text.ends_with(&next) {
-            text.push_str(": ");
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
             text.push_str(&next);
         }
-        cause = e.source();
     }
     text
+}
+
+/// `error`, then what caused it, and so on. An `io::Error` that wraps
+/// another error hides it from `source()` (and shows its text as its own),
+/// so the walk steps into it: TLS failures arrive as rustls errors wrapped
+/// in two layers of `io::Error`.
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| {
+        match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        }
+    })
 }
