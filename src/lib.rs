@@ -21,12 +21,14 @@
 //! - [`compensation`]: the state machine, its durable log, and the actions.
 //! - [`p2p`]: the libp2p swarm and the sync protocol.
 //! - [`node`]: wires everything together and owns shutdown.
-//! - [`http`]: the JSON API; [`cli`]: the `oncemesh` command line.
+//! - [`http`]: the JSON API; [`client`]: a typed client of it; [`cli`]: the
+//!   `oncemesh` command line.
 //! - [`metrics`]: Prometheus metrics; [`config`]: flags and TOML.
 //! - [`tls`]: the rustls provider every HTTP client uses.
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod client;
 pub mod compensation;
 pub mod confidence;
 pub mod config;

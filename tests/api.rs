@@ -1217,3 +1217,128 @@ async fn command_line_client() {
         "{out:?}"
     );
 }
+
+/// `oncemesh::client` against real nodes: every call, both allocate forms,
+/// keys that need escaping in a path, typed errors, and a conflict made by
+/// carrying a document between two unpeered regions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_client_reads_every_answer_of_a_real_node() {
+    use oncemesh::client::{Client, ClientError, ConflictFilter, HealthStatus};
+    let (a, b) = tokio::join!(Cluster::start(1, one("sgp")), Cluster::start(1, one("lon")));
+    let (a, b) = (a.node(0), b.node(0));
+    let (ca, cb) = (
+        Client::new(&a.http_url()).expect("client of A"),
+        Client::new(&b.http_url()).expect("client of B"),
+    );
+    let payload = json!({"amount": 1299, "currency": "EUR"});
+
+    let made = ca.allocate("pay/1?x=%", &payload).await.expect("allocate");
+    assert!(!made.replay);
+    assert_eq!(made.allocation.key, "pay/1?x=%");
+    assert_eq!(made.allocation.region, "sgp");
+    assert_eq!(made.allocation.node, a.peer_id());
+    assert!(made.allocation.fingerprint.starts_with("jcs:"));
+    let again = ca
+        .allocate_with_header("pay/1?x=%", &json!({"currency": "EUR", "amount": 1299.0}))
+        .await
+        .expect("allocate with the header");
+    assert!(again.replay);
+    assert_eq!(again.allocation.txn_id, made.allocation.txn_id);
+    let report = ca.allocation("pay/1?x=%").await.expect("key report");
+    let report = report.expect("the key is known");
+    assert_eq!(report.allocations.len(), 1);
+    assert_eq!(report.allocations[0].txn_id, made.allocation.txn_id);
+    assert_eq!(
+        ca.allocation("never-made").await.expect("404 is None"),
+        None
+    );
+
+    let reused = ca.allocate("pay/1?x=%", &json!({"amount": 1})).await;
+    assert!(
+        reused.as_ref().is_err_and(ClientError::is_key_reused),
+        "{reused:?}"
+    );
+    let invalid = ca.allocate("bad key", &payload).await;
+    assert!(
+        matches!(invalid, Err(ClientError::InvalidKey(_))),
+        "{invalid:?}"
+    );
+    let dead = Client::new(&format!("http://127.0.0.1:{}", support::free_port())).unwrap();
+    assert!(matches!(
+        dead.health().await,
+        Err(ClientError::Unreachable { .. })
+    ));
+
+    let health = ca.health().await.expect("health");
+    assert_eq!(health.status, HealthStatus::Ok, "{health:?}");
+    assert_eq!(health.extra["region"], "sgp");
+    assert!(ca.peers().await.expect("peers").is_empty());
+
+    // One key in both regions, then each region's document carried to the other.
+    let in_a = ca.allocate("dup-2", &payload).await.expect("allocate in A");
+    let in_b = cb.allocate("dup-2", &payload).await.expect("allocate in B");
+    let (doc, bytes_a) = document_with_key(a, "dup-2").await;
+    let (_, bytes_b) = document_with_key(b, "dup-2").await;
+    let path = format!("/v1/documents/{doc}");
+    assert_eq!(
+        post_raw(b, &path, "application/octet-stream", bytes_a, None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        post_raw(a, &path, "application/octet-stream", bytes_b, None)
+            .await
+            .0,
+        200
+    );
+    for client in [&ca, &cb] {
+        let conflicts = client.conflicts(None).await.expect("conflicts");
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        let c = &conflicts[0];
+        assert_eq!(c.key, "dup-2");
+        let txns: BTreeSet<&str> = c.allocations.iter().map(|x| x.txn_id.as_str()).collect();
+        assert_eq!(
+            txns,
+            BTreeSet::from([
+                in_a.allocation.txn_id.as_str(),
+                in_b.allocation.txn_id.as_str()
+            ])
+        );
+        assert_eq!(c.compensations.len(), 1, "{c:?}");
+        assert_ne!(
+            c.winner.as_deref(),
+            Some(c.compensations[0].txn_id.as_str())
+        );
+        let open = client.conflicts(Some(ConflictFilter::Open)).await.unwrap();
+        let resolved = client
+            .conflicts(Some(ConflictFilter::Resolved))
+            .await
+            .unwrap();
+        assert_eq!(open.len() + resolved.len(), 1, "{open:?} {resolved:?}");
+    }
+    // The loser's own node compensates it (log action) and says so.
+    let loser = {
+        let c = &ca.conflicts(None).await.unwrap()[0];
+        c.compensations[0].clone()
+    };
+    let owner = if loser.owner == a.peer_id() { &ca } else { &cb };
+    let mut done = Vec::new();
+    let compensated = support::wait_until_async(Duration::from_secs(10), async || {
+        done = owner
+            .compensations(Some("succeeded"))
+            .await
+            .unwrap_or_default();
+        !done.is_empty()
+    })
+    .await;
+    assert!(compensated, "{:?}", owner.compensations(None).await);
+    assert_eq!(done[0].txn_id, loser.txn_id);
+    assert!(done[0].idempotency_key.is_some());
+    // Only a dead-lettered compensation can be retried: the node's 4xx comes back typed.
+    let retried = owner.retry_compensation(&loser.txn_id).await;
+    assert!(
+        retried.as_ref().is_err_and(|e| e.status().is_some()),
+        "{retried:?}"
+    );
+}
