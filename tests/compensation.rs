@@ -98,20 +98,10 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 
 impl Receiver {
     async fn start() -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the webhook receiver");
-        let addr = listener.local_addr().expect("receiver address");
-        let (inner, app) = Self::app();
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("webhook receiver");
-        });
-        Receiver {
-            addr,
-            scheme: "http",
-            inner,
-            handshakes_failed: Arc::default(),
-        }
+        Self::serve(tcp, "http", Arc::default())
     }
 
     /// A receiver behind TLS with `config` (its certificate, and whether it
@@ -120,31 +110,33 @@ impl Receiver {
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the webhook receiver");
-        let addr = tcp.local_addr().expect("receiver address");
-        let handshakes_failed = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
         let listener = TlsListener {
             tcp,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-            failed: handshakes_failed.clone(),
+            failed: failed.clone(),
         };
-        let (inner, app) = Self::app();
+        Self::serve(listener, "https", failed)
+    }
+
+    fn serve<L>(listener: L, scheme: &'static str, handshakes_failed: Arc<AtomicUsize>) -> Receiver
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
+        let addr = listener.local_addr().expect("receiver address");
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let app = Router::new()
+            .route("/refund/{from}", post(refund))
+            .with_state(inner.clone());
         tokio::spawn(async move {
             axum::serve(listener, app).await.expect("webhook receiver");
         });
         Receiver {
             addr,
-            scheme: "https",
+            scheme,
             inner,
             handshakes_failed,
         }
-    }
-
-    fn app() -> (Arc<Mutex<Inner>>, Router) {
-        let inner = Arc::new(Mutex::new(Inner::default()));
-        let app = Router::new()
-            .route("/refund/{from}", post(refund))
-            .with_state(inner.clone());
-        (inner, app)
     }
 
     /// The webhook URL node `i` is given.

@@ -245,6 +245,14 @@ mod tests {
         CompensationAction::Webhook("https://127.0.0.1:9/void".into())
     }
 
+    /// The message of the error setting up a webhook with `options`.
+    fn setup_error(options: &WebhookOptions) -> String {
+        Executor::new(&https(), options, Duration::from_secs(1))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn tls_files_that_do_not_parse_are_named() {
         let dir = tempfile::tempdir().unwrap();
@@ -262,10 +270,7 @@ mod tests {
                 ca: Some(path.clone()),
                 ..WebhookOptions::default()
             };
-            let err = Executor::new(&https(), &options, Duration::from_secs(1))
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
+            let err = setup_error(&options);
             assert!(err.contains(&path.display().to_string()), "{err}");
         }
         let options = WebhookOptions {
@@ -275,10 +280,7 @@ mod tests {
             }),
             ..WebhookOptions::default()
         };
-        let err = Executor::new(&https(), &options, Duration::from_secs(1))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = setup_error(&options);
         assert!(err.contains(&missing.display().to_string()), "{err}");
     }
 
