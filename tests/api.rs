@@ -373,7 +373,10 @@ async fn the_idempotency_key_header_takes_the_body_as_the_payload() {
     let msg = error_message(status, &two, "two keys");
     assert!(msg.contains("pay-10") && msg.contains("pay-11"), "{msg}");
 
-    // A header key outside printable ASCII: 422, as in the body form.
+    // A header key outside printable ASCII: 422, as in the body form, and
+    // counted with the body form's invalid requests.
+    let invalid = r#"oncemesh_allocations_total{kind="invalid"}"#;
+    let invalid_before = node.metric(invalid).await;
     for bad in [&b"caf\xc3\xa9"[..], b"\xff", br#""a b""#] {
         let (status, refused) = allocate_with_header(node, bad, r#"{"amount": 1}"#).await;
         assert_eq!(status, 422, "{bad:?}: {refused}");
@@ -381,6 +384,7 @@ async fn the_idempotency_key_header_takes_the_body_as_the_payload() {
     }
     let (status, _) = allocate(node, "caf\u{e9}", json!({})).await;
     assert_eq!(status, 422, "the body form agrees");
+    assert_eq!(node.metric(invalid).await, invalid_before + 4.0);
     // A body that is not JSON, under the header: 400.
     let (status, _) = allocate_with_header(node, b"pay-12", "amount=1").await;
     assert_eq!(status, 400);

@@ -392,10 +392,12 @@ impl Node {
     }
 
     /// Allocates `key` for `payload`: a new allocation, a replay, or a
-    /// refusal. Answers only once the allocation is durable here.
+    /// refusal. Answers only once the allocation is durable here. The key
+    /// is raw bytes, as an HTTP header may carry any: an invalid key is
+    /// refused (and counted) here, whatever form it came in.
     pub async fn allocate(
         &self,
-        key: &str,
+        key: &[u8],
         payload: &serde_json::Value,
     ) -> Result<Allocated, AllocationFailure> {
         let outcome = self.try_allocate(key, payload).await;
@@ -417,10 +419,10 @@ impl Node {
 
     async fn try_allocate(
         &self,
-        key: &str,
+        key: &[u8],
         payload: &serde_json::Value,
     ) -> Result<Allocated, AllocationFailure> {
-        let key = IdempotencyKey::parse(key)?;
+        let key = IdempotencyKey::parse_bytes(key)?;
         let fingerprint = fingerprint(payload)?;
         let shard = key.shard(SHARD_COUNT);
         let confidence = self.confidence_now(self.ledger.peers());
