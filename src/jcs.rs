@@ -20,7 +20,8 @@ use serde_json::{Number, Value};
 /// ```
 /// let sent: serde_json::Value =
 ///     serde_json::from_str(r#"{ "b": [1.0, 1e2], "a": "caf\u00e9" }"#).unwrap();
-/// assert_eq!(oncemesh::jcs::canonical(&sent), br#"{"a":"café","b":[1,100]}"#);
+/// let canonical = oncemesh::jcs::canonical(&sent);
+/// assert_eq!(String::from_utf8(canonical).unwrap(), r#"{"a":"café","b":[1,100]}"#);
 /// ```
 pub fn canonical(value: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
