@@ -70,7 +70,7 @@ pub struct RunArgs {
     /// Bearer token required on every API request except /v1/health and /metrics.
     #[arg(long, env = "ONCEMESH_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
-    /// Compensation action for this node's losing allocations: `log` or `webhook:URL` [default: log].
+    /// Compensation action for this node's losing allocations: `log` or `webhook:URL` (http:// or https://) [default: log].
     #[arg(long, value_name = "log|webhook:URL")]
     pub compensation: Option<String>,
     /// Remote clocks further ahead than this count as skew violations, e.g. 500ms [default: 500ms].
