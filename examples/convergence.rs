@@ -253,7 +253,7 @@ struct NodeProc {
 }
 
 async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResult> {
-    let http = reqwest::Client::builder()
+    let http = oncemesh::tls::http_client()
         .pool_max_idle_per_host(args.clients)
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(120))

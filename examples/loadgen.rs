@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
         .prefix
         .clone()
         .unwrap_or_else(|| format!("lg{:012x}", rand::random::<u64>() >> 16));
-    let client = reqwest::Client::builder()
+    let client = oncemesh::tls::http_client()
         .pool_max_idle_per_host(args.clients)
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(30))

@@ -5,6 +5,7 @@
 use clap::Args;
 use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -69,7 +70,7 @@ pub struct RunArgs {
     /// Bearer token required on every API request except /v1/health and /metrics.
     #[arg(long, env = "ONCEMESH_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
-    /// Compensation action for this node's losing allocations: `log` or `webhook:URL` [default: log].
+    /// Compensation action for this node's losing allocations: `log` or `webhook:URL` (http:// or https://) [default: log].
     #[arg(long, value_name = "log|webhook:URL")]
     pub compensation: Option<String>,
     /// Remote clocks further ahead than this count as skew violations, e.g. 500ms [default: 500ms].
@@ -87,6 +88,28 @@ pub struct RunArgs {
     /// Timeout of one webhook call [default: 10s].
     #[arg(long, value_name = "DURATION")]
     pub webhook_timeout: Option<String>,
+    /// PEM bundle of the CA certificates an https:// webhook endpoint must
+    /// chain to; replaces the system roots (for a private CA).
+    #[arg(long, value_name = "FILE")]
+    pub webhook_ca: Option<PathBuf>,
+    /// PEM certificate (chain) this node presents to an https:// webhook
+    /// endpoint that requires client certificates (mTLS).
+    #[arg(long, value_name = "FILE")]
+    pub webhook_client_cert: Option<PathBuf>,
+    /// PEM private key of --webhook-client-cert.
+    #[arg(long, value_name = "FILE")]
+    pub webhook_client_key: Option<PathBuf>,
+    /// Extra headers of every webhook call, such as `Authorization`: a
+    /// `[webhook_headers]` table in the TOML file only, never a flag, since
+    /// a command line is visible to every user of the machine.
+    #[arg(skip)]
+    #[serde(default)]
+    pub webhook_headers: BTreeMap<String, String>,
+    /// A file of extra webhook headers, one `Name: value` a line (`#`
+    /// starts a comment), named in the TOML file only: credentials kept
+    /// apart from the configuration, e.g. a mounted secret.
+    #[arg(skip)]
+    pub webhook_headers_file: Option<PathBuf>,
     /// Drill: run this node's clock ahead (e.g. 2s) or behind (e.g. -2s) of
     /// the host clock, to rehearse clock skew between regions [default: 0s].
     #[arg(long, value_name = "[-]DURATION", allow_hyphen_values = true)]
@@ -116,6 +139,55 @@ pub enum CompensationAction {
     /// POST to this URL with an `Idempotency-Key` header.
     Webhook(String),
 }
+
+/// How webhook calls reach their endpoint beyond the URL: the TLS material
+/// an https:// endpoint needs and the extra headers every call carries.
+/// The files are read when the node starts ([`crate::compensation`]), so a
+/// file that does not parse stops the node, naming the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WebhookOptions {
+    /// CA bundle that replaces the system roots.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key for mTLS.
+    pub client_identity: Option<ClientIdentity>,
+    /// Extra request headers, in the order given.
+    pub headers: Vec<Header>,
+}
+
+/// A client certificate (chain) and its private key, both PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
+}
+
+/// An extra webhook header. Its value is usually a credential, so debug
+/// output shows only the name.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Header name.
+    pub name: String,
+    /// Header value.
+    pub value: String,
+}
+
+impl std::fmt::Debug for Header {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: <redacted>", self.name)
+    }
+}
+
+/// Headers a webhook call sets itself; configuring them would break the
+/// call's contract with the receiver.
+const RESERVED_HEADERS: [&str; 5] = [
+    "idempotency-key",
+    "content-type",
+    "content-length",
+    "host",
+    "transfer-encoding",
+];
 
 /// A peer from the allowlist.
 #[derive(Clone, Debug)]
@@ -151,6 +223,8 @@ pub struct NodeConfig {
     pub sync_interval: Duration,
     /// Webhook call timeout.
     pub webhook_timeout: Duration,
+    /// TLS material and extra headers of webhook calls.
+    pub webhook: WebhookOptions,
     /// Attempts before dead-lettering.
     pub compensation_max_attempts: u32,
     /// Wait after the first failed compensation attempt.
@@ -193,6 +267,11 @@ impl RunArgs {
             retention: self.retention.or(file.retention),
             sync_interval: self.sync_interval.or(file.sync_interval),
             webhook_timeout: self.webhook_timeout.or(file.webhook_timeout),
+            webhook_ca: self.webhook_ca.or(file.webhook_ca),
+            webhook_client_cert: self.webhook_client_cert.or(file.webhook_client_cert),
+            webhook_client_key: self.webhook_client_key.or(file.webhook_client_key),
+            webhook_headers: file.webhook_headers,
+            webhook_headers_file: file.webhook_headers_file,
             drill_clock_offset: self.drill_clock_offset.or(file.drill_clock_offset),
             compensation_max_attempts: self
                 .compensation_max_attempts
@@ -238,23 +317,26 @@ impl RunArgs {
         let compensation = match self.compensation.as_deref().unwrap_or("log") {
             "log" => CompensationAction::Log,
             other => match other.strip_prefix("webhook:") {
-                Some(url) if url.starts_with("http://") => CompensationAction::Webhook(url.to_owned()),
-                Some(url) if url.starts_with("https://") => {
-                    return Err(invalid(
-                        "--compensation",
-                        other,
-                        format!("this build has no TLS client; point the webhook at a local http:// relay in front of {url}"),
-                    ))
+                Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                    CompensationAction::Webhook(url.to_owned())
                 }
                 _ => {
                     return Err(invalid(
                         "--compensation",
                         other,
-                        "expected 'log' or 'webhook:http://...'",
+                        "expected 'log', 'webhook:http://...' or 'webhook:https://...'",
                     ))
                 }
             },
         };
+        let webhook = webhook_options(
+            &compensation,
+            self.webhook_ca,
+            self.webhook_client_cert,
+            self.webhook_client_key,
+            self.webhook_headers,
+            self.webhook_headers_file,
+        )?;
         if self.api_token.as_deref() == Some("") {
             return Err(invalid("--api-token", "", "must not be empty"));
         }
@@ -306,6 +388,7 @@ impl RunArgs {
             retention: duration("--retention", self.retention, "24h")?,
             sync_interval: duration("--sync-interval", self.sync_interval, "1s")?,
             webhook_timeout: duration("--webhook-timeout", self.webhook_timeout, "10s")?,
+            webhook,
             compensation_max_attempts: attempts,
             compensation_initial_backoff: initial_backoff,
             compensation_max_backoff: max_backoff,
@@ -314,6 +397,126 @@ impl RunArgs {
             currency_pointer,
         })
     }
+}
+
+/// Checks the webhook settings against the action: TLS material only for
+/// an https:// endpoint, a client certificate with its key, headers with
+/// valid names and values that the call does not set itself.
+fn webhook_options(
+    action: &CompensationAction,
+    ca: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    headers: BTreeMap<String, String>,
+    headers_file: Option<PathBuf>,
+) -> Result<WebhookOptions, ConfigError> {
+    let https = matches!(action, CompensationAction::Webhook(url) if url.starts_with("https://"));
+    let webhook = matches!(action, CompensationAction::Webhook(_));
+    for (setting, given) in [
+        ("--webhook-ca", &ca),
+        ("--webhook-client-cert", &client_cert),
+        ("--webhook-client-key", &client_key),
+    ] {
+        if let (Some(path), false) = (given, https) {
+            return Err(invalid(
+                setting,
+                path.display(),
+                "is only used by a --compensation webhook:https://... endpoint",
+            ));
+        }
+    }
+    let client_identity = match (client_cert, client_key) {
+        (Some(cert), Some(key)) => Some(ClientIdentity { cert, key }),
+        (None, None) => None,
+        (Some(cert), None) => {
+            return Err(invalid(
+                "--webhook-client-cert",
+                cert.display(),
+                "needs --webhook-client-key as well",
+            ))
+        }
+        (None, Some(key)) => {
+            return Err(invalid(
+                "--webhook-client-key",
+                key.display(),
+                "needs --webhook-client-cert as well",
+            ))
+        }
+    };
+    let mut all: Vec<Header> = headers
+        .into_iter()
+        .map(|(name, value)| Header { name, value })
+        .collect();
+    if let Some(path) = headers_file {
+        all.extend(read_headers_file(&path)?);
+    }
+    if !all.is_empty() && !webhook {
+        return Err(invalid(
+            "webhook_headers",
+            all.iter()
+                .map(|h| h.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            "are only sent by a --compensation webhook:... action",
+        ));
+    }
+    for header in &all {
+        check_header(header)?;
+    }
+    Ok(WebhookOptions {
+        ca,
+        client_identity,
+        headers: all,
+    })
+}
+
+/// Reads `Name: value` lines; blank lines and lines starting with `#` are
+/// skipped. The error names the file and the line, never a value.
+fn read_headers_file(path: &Path) -> Result<Vec<Header>, ConfigError> {
+    let file_error = |reason: String| ConfigError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    let mut headers = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(file_error(format!(
+                "line {}: expected `Name: value`",
+                n + 1
+            )));
+        };
+        headers.push(Header {
+            name: name.trim().to_owned(),
+            value: value.trim().to_owned(),
+        });
+    }
+    Ok(headers)
+}
+
+fn check_header(header: &Header) -> Result<(), ConfigError> {
+    let name = reqwest::header::HeaderName::from_bytes(header.name.as_bytes())
+        .map_err(|e| invalid("webhook header name", &header.name, e))?;
+    if RESERVED_HEADERS.contains(&name.as_str()) {
+        return Err(invalid(
+            "webhook header name",
+            &header.name,
+            "is set by every webhook call itself",
+        ));
+    }
+    if reqwest::header::HeaderValue::from_str(&header.value).is_err() {
+        // The value is not repeated: it is usually a credential.
+        return Err(invalid(
+            "webhook header value",
+            &header.name,
+            "the value must be visible ASCII (or spaces and tabs)",
+        ));
+    }
+    Ok(())
 }
 
 fn read_file(path: &Path) -> Result<RunArgs, ConfigError> {
@@ -406,6 +609,89 @@ mod tests {
             ..RunArgs::default()
         };
         assert!(bad.resolve().is_err());
+    }
+
+    #[test]
+    fn https_webhooks_take_tls_files_and_headers_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("headers");
+        std::fs::write(&secrets, "# credentials\nX-Api-Key: k-123\n\n").unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "compensation = \"webhook:https://refunds.example/void\"\nwebhook_ca = \"ca.pem\"\nwebhook_headers_file = {:?}\n[webhook_headers]\nAuthorization = \"Bearer s3cret\"\n",
+                secrets.display().to_string()
+            ),
+        )
+        .unwrap();
+        let config = RunArgs {
+            config: Some(path),
+            ..RunArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            config.compensation,
+            CompensationAction::Webhook("https://refunds.example/void".into())
+        );
+        assert_eq!(config.webhook.ca, Some(PathBuf::from("ca.pem")));
+        let names: Vec<&str> = config
+            .webhook
+            .headers
+            .iter()
+            .map(|h| h.name.as_str())
+            .collect();
+        assert_eq!(names, ["Authorization", "X-Api-Key"]);
+        assert_eq!(config.webhook.headers[1].value, "k-123");
+        assert!(
+            !format!("{config:?}").contains("s3cret"),
+            "debug output hides header values"
+        );
+    }
+
+    #[test]
+    fn webhook_settings_that_cannot_work_are_refused() {
+        let https = || RunArgs {
+            compensation: Some("webhook:https://refunds.example/void".into()),
+            ..RunArgs::default()
+        };
+        let plain_with_ca = RunArgs {
+            compensation: Some("webhook:http://127.0.0.1:9/void".into()),
+            webhook_ca: Some("ca.pem".into()),
+            ..RunArgs::default()
+        };
+        let err = plain_with_ca.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("--webhook-ca") && err.contains("https"),
+            "{err}"
+        );
+        let cert_only = RunArgs {
+            webhook_client_cert: Some("me.pem".into()),
+            ..https()
+        };
+        assert!(cert_only
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("--webhook-client-key"));
+        for (name, value) in [
+            ("Idempotency-Key", "x"),
+            ("bad name", "x"),
+            ("X-Ok", "line\nbreak"),
+        ] {
+            let bad = RunArgs {
+                webhook_headers: BTreeMap::from([(name.to_owned(), value.to_owned())]),
+                ..https()
+            };
+            let err = bad.resolve().unwrap_err().to_string();
+            assert!(err.contains(name) && !err.contains("break"), "{err}");
+        }
+        let headers_for_log = RunArgs {
+            webhook_headers: BTreeMap::from([("Authorization".to_owned(), "x".to_owned())]),
+            ..RunArgs::default()
+        };
+        assert!(headers_for_log.resolve().is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! allocation only while it is provisional. A payload without them never
 //! fails an allocation: it counts under `unknown`. Everything here is pure.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -223,7 +223,7 @@ impl ExposureSums {
 }
 
 /// `exposure` in `GET /v1/health`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Exposure {
     /// Expected duplicates among this node's provisional allocations.
     pub expected_duplicates: f64,

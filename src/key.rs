@@ -61,21 +61,35 @@ impl IdempotencyKey {
     /// assert!(IdempotencyKey::parse("has space").is_err());
     /// ```
     pub fn parse(raw: &str) -> Result<Self, InputError> {
+        Self::parse_bytes(raw.as_bytes())
+    }
+
+    /// Checks raw bytes, such as an HTTP header value, which need not be
+    /// UTF-8: the error names the first byte outside the rules.
+    ///
+    /// ```
+    /// use oncemesh::key::{IdempotencyKey, InputError};
+    /// assert_eq!(
+    ///     IdempotencyKey::parse_bytes(b"caf\xe9"),
+    ///     Err(InputError::KeyByte { byte: 0xe9, offset: 3 })
+    /// );
+    /// ```
+    pub fn parse_bytes(raw: &[u8]) -> Result<Self, InputError> {
         if raw.is_empty() {
             return Err(InputError::EmptyKey);
         }
         if raw.len() > MAX_KEY_LEN {
             return Err(InputError::KeyTooLong { len: raw.len() });
         }
-        if let Some((offset, &byte)) = raw
-            .as_bytes()
+        match raw
             .iter()
             .enumerate()
             .find(|(_, b)| !(0x21..=0x7e).contains(*b))
         {
-            return Err(InputError::KeyByte { byte, offset });
+            Some((offset, &byte)) => Err(InputError::KeyByte { byte, offset }),
+            // Printable ASCII is UTF-8.
+            None => Ok(Self(String::from_utf8_lossy(raw).into_owned())),
         }
-        Ok(Self(raw.to_owned()))
     }
 
     /// The key as text.
@@ -106,37 +120,87 @@ impl fmt::Display for IdempotencyKey {
     }
 }
 
-/// blake3 of a payload's canonical JSON, hex encoded.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Fingerprint(pub String);
+/// Tag of the fingerprint scheme: blake3 of the payload's RFC 8785 form.
+/// Part of the data model (docs/DATA_MODEL.md): a stored fingerprint
+/// without it was written by a node of an earlier version, which hashed
+/// serde_json's compact text with numbers as sent.
+pub const JCS_TAG: &str = "jcs:";
+
+/// A payload's fingerprint, as new records store it and as a record of the
+/// earlier scheme would, so a replay is recognised whichever scheme the
+/// node that made the allocation used (a rolling upgrade). Two fingerprints
+/// are equal when their payloads have one canonical form, whatever text
+/// they came in.
+#[derive(Clone, Debug)]
+pub struct Fingerprint {
+    /// `jcs:` + hex blake3 of the RFC 8785 form: what new records carry.
+    current: String,
+    /// Hex blake3 of the earlier scheme's text, when that text differs
+    /// from the RFC 8785 form (the digest is then another one).
+    legacy: Option<String>,
+}
+
+impl PartialEq for Fingerprint {
+    fn eq(&self, other: &Self) -> bool {
+        self.current == other.current
+    }
+}
+
+impl Eq for Fingerprint {}
+
+impl Fingerprint {
+    /// The value written into a new record.
+    pub fn as_str(&self) -> &str {
+        &self.current
+    }
+
+    /// Whether `stored`, a record's fingerprint of either scheme, is the
+    /// fingerprint of this payload.
+    pub fn matches(&self, stored: &str) -> bool {
+        if stored.starts_with(JCS_TAG) {
+            return stored == self.current;
+        }
+        match &self.legacy {
+            Some(legacy) => stored == legacy,
+            None => Some(stored) == self.current.strip_prefix(JCS_TAG),
+        }
+    }
+}
 
 /// Validates a payload and returns its fingerprint.
 ///
 /// ```
 /// use oncemesh::key::fingerprint;
 /// let a = fingerprint(&serde_json::json!({"amount": 1299, "currency": "EUR"})).unwrap();
-/// let b = fingerprint(&serde_json::from_str(r#"{"currency":"EUR","amount":1299}"#).unwrap()).unwrap();
-/// assert_eq!(a, b); // key order does not matter
+/// let b = fingerprint(&serde_json::from_str(r#"{"currency":"EUR","amount":1299.0}"#).unwrap()).unwrap();
+/// assert_eq!(a, b); // neither key order nor number formatting matters
+/// assert!(a.as_str().starts_with("jcs:"));
 /// assert!(fingerprint(&serde_json::json!([1, 2])).is_err()); // payloads are objects
 /// ```
 ///
-/// Canonical JSON here is serde_json's compact form with object keys sorted
-/// by bytes (serde_json's default map is ordered) and numbers kept as sent.
-/// Two requests whose payloads differ only in key order or white space get
-/// the same fingerprint; `1` and `1.0` do not.
+/// The fingerprint is blake3 of the payload's RFC 8785 canonical form
+/// ([`crate::jcs`]): two requests whose payloads differ only in key order,
+/// white space, string escapes or number notation (`1`, `1.0`, `1e0`) get
+/// the same fingerprint.
 pub fn fingerprint(payload: &Value) -> Result<Fingerprint, InputError> {
     if !payload.is_object() {
         return Err(InputError::PayloadNotObject {
             kind: json_kind(payload),
         });
     }
-    let canonical = serde_json::to_vec(payload).unwrap_or_default();
+    let canonical = crate::jcs::canonical(payload);
     if canonical.len() > MAX_PAYLOAD_BYTES {
         return Err(InputError::PayloadTooLarge {
             len: canonical.len(),
         });
     }
-    Ok(Fingerprint(blake3::hash(&canonical).to_hex().to_string()))
+    let digest = blake3::hash(&canonical).to_hex();
+    // The earlier scheme: serde_json's compact text, keys in byte order.
+    let earlier = serde_json::to_vec(payload).unwrap_or_default();
+    Ok(Fingerprint {
+        current: format!("{JCS_TAG}{digest}"),
+        legacy: (earlier != canonical).then(|| blake3::hash(&earlier).to_hex().to_string()),
+    })
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -183,6 +247,47 @@ mod tests {
         let b: Value = serde_json::from_str(r#"{ "b": {"y": null, "x": true}, "a": 1 }"#).unwrap();
         assert_eq!(a, fingerprint(&b).unwrap());
         assert_ne!(a, fingerprint(&json!({"a": 2, "b": {}})).unwrap());
+    }
+
+    #[test]
+    fn number_formatting_does_not_matter() {
+        let text = |t: &str| fingerprint(&serde_json::from_str(t).unwrap()).unwrap();
+        let one = text(r#"{"amount": 1}"#);
+        assert_eq!(one, text(r#"{"amount": 1.0}"#));
+        assert_eq!(one, text(r#"{"amount": 1e0}"#));
+        assert_eq!(one, text(r#"{"amount": 10E-1}"#));
+        assert_ne!(one, text(r#"{"amount": 1.5}"#));
+        assert_eq!(text(r#"{"s": "\u00e9"}"#), text(r#"{"s": "é"}"#));
+    }
+
+    #[test]
+    fn records_of_the_earlier_scheme_still_match() {
+        let earlier = |payload: &Value| {
+            blake3::hash(&serde_json::to_vec(payload).unwrap())
+                .to_hex()
+                .to_string()
+        };
+        // Same text in both schemes: the digest is the same, only the tag differs.
+        let plain = json!({"amount": 1250, "currency": "EUR"});
+        let fp = fingerprint(&plain).unwrap();
+        assert!(fp.matches(&earlier(&plain)));
+        assert!(fp.matches(fp.as_str()));
+        assert_eq!(fp.as_str(), format!("jcs:{}", earlier(&plain)));
+        // A payload whose text the schemes write differently.
+        let float: Value = serde_json::from_str(r#"{"amount": 1250.0}"#).unwrap();
+        let fp = fingerprint(&float).unwrap();
+        assert!(
+            fp.matches(&earlier(&float)),
+            "the old node's record of 1250.0"
+        );
+        assert!(
+            !fp.matches(&earlier(&json!({"amount": 1250}))),
+            "the old scheme kept 1250 and 1250.0 apart"
+        );
+        assert!(fp.matches(fingerprint(&json!({"amount": 1250})).unwrap().as_str()));
+        // Another payload matches neither scheme.
+        let other = fingerprint(&json!({"amount": 9})).unwrap();
+        assert!(!other.matches(fp.as_str()) && !other.matches(&earlier(&float)));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! compensates it, exactly once in effect.
 //!
 //! # Layout
-//! - [`key`]: validation of keys and payloads, payload fingerprints.
+//! - [`key`]: validation of keys and payloads, payload fingerprints over
+//!   their RFC 8785 form ([`jcs`]).
 //! - [`hlc`]: the hybrid logical clock.
 //! - [`record`]: the replicated records (JSON inside automerge).
 //! - [`ledger`]: sharded automerge documents plus the in-memory index of
@@ -22,11 +23,14 @@
 //! - [`compensation`]: the state machine, its durable log, and the actions.
 //! - [`p2p`]: the libp2p swarm and the sync protocol.
 //! - [`node`]: wires everything together and owns shutdown.
-//! - [`http`]: the JSON API; [`cli`]: the `oncemesh` command line.
+//! - [`http`]: the JSON API; [`client`]: a typed client of it; [`cli`]: the
+//!   `oncemesh` command line.
 //! - [`metrics`]: Prometheus metrics; [`config`]: flags and TOML.
+//! - [`tls`]: the rustls provider every HTTP client uses.
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod client;
 pub mod compensation;
 pub mod confidence;
 pub mod config;
@@ -34,6 +38,7 @@ pub mod exposure;
 pub mod group_commit;
 pub mod hlc;
 pub mod http;
+pub mod jcs;
 pub mod journal;
 pub mod key;
 pub mod ledger;
@@ -42,3 +47,4 @@ pub mod node;
 pub mod p2p;
 pub mod record;
 pub mod storage;
+pub mod tls;

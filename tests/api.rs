@@ -252,14 +252,15 @@ async fn allocate_replay_and_misuse() {
         msg.contains("order-1"),
         "409 message must name the key: {msg}"
     );
-    // A value that is equal as a number but not as JSON text is another payload.
-    let (status, _) = allocate(
+    // The same number written another way is the same payload (RFC 8785).
+    let (status, same) = allocate(
         node,
         "order-1",
-        json!({"amount": 1250.0, "currency": "EUR", "meta": {"a": 1, "b": [1, 2]}}),
+        json!({"amount": 1250.0, "currency": "EUR", "meta": {"a": 1.0, "b": [1e0, 2]}}),
     )
     .await;
-    assert_eq!(status, 409, "1250.0 is not the canonical JSON of 1250");
+    assert_eq!(status, 200, "1250.0 is 1250: {same}");
+    assert_eq!(same["txn_id"], txn.as_str());
 
     let (status, shown) = node.get_json("/v1/allocations/order-1").await;
     assert_eq!(status, 200, "{shown}");
@@ -290,6 +291,109 @@ async fn allocate_replay_and_misuse() {
     assert_eq!(status, 200, "{no_payload}");
     assert_eq!(no_payload["txn_id"], second["txn_id"]);
     assert_eq!(allocation_count(node).await, 2);
+}
+
+/// POSTs `body` to `/v1/allocations` with `Idempotency-Key: <header>`.
+async fn allocate_with_header(node: &Node, header: &[u8], body: &str) -> (u16, Value) {
+    let value = reqwest::header::HeaderValue::from_bytes(header).expect("a header value");
+    let resp = node
+        .client()
+        .post(node.url("/v1/allocations"))
+        .header("idempotency-key", value)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST with header: {e:#}\n{}", node.describe()));
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_key_header_takes_the_body_as_the_payload() {
+    let cluster = Cluster::start(1, one("sgp")).await;
+    let node = cluster.node(0);
+
+    let (status, made) = allocate_with_header(
+        node,
+        b"pay-9",
+        r#"{"amount": 1250, "currency": "EUR", "meta": {"a": 1, "b": 2}}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "header form, new key: {made}");
+    check_allocation_fields(&made, "pay-9", "sgp", node.peer_id());
+    assert_eq!(made["replay"], false);
+    let txn = made["txn_id"].as_str().unwrap().to_owned();
+
+    // Keys reordered, the number written another way, the key as the
+    // draft's quoted string: the same request.
+    let (status, again) = allocate_with_header(
+        node,
+        br#""pay-9""#,
+        r#"{"meta": {"b": 2, "a": 1}, "currency": "EUR", "amount": 1250.0}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "replay: {again}");
+    assert_eq!(again["replay"], true, "{again}");
+    assert_eq!(again["txn_id"], txn.as_str());
+    // The body form names the same allocation.
+    let (status, body_form) = allocate(
+        node,
+        "pay-9",
+        json!({"amount": 1250, "currency": "EUR", "meta": {"a": 1, "b": 2}}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body_form["txn_id"]),
+        (200, &json!(txn)),
+        "{body_form}"
+    );
+    // So does the body form under the header, when both name one key.
+    let (status, both) = allocate_with_header(
+        node,
+        b"pay-9",
+        r#"{"key": "pay-9", "payload": {"amount": 1250, "currency": "EUR", "meta": {"a": 1, "b": 2}}}"#,
+    )
+    .await;
+    assert_eq!((status, &both["txn_id"]), (200, &json!(txn)), "{both}");
+
+    // Another payload: 409, as in the body form (docs/API.md says why not 422).
+    let (status, misuse) = allocate_with_header(node, b"pay-9", r#"{"amount": 1}"#).await;
+    assert_eq!(status, 409, "{misuse}");
+    assert!(error_message(status, &misuse, "misuse").contains("pay-9"));
+
+    // Two different keys in one request: 400, nothing written.
+    let (status, two) = allocate_with_header(
+        node,
+        b"pay-10",
+        r#"{"key": "pay-11", "payload": {"amount": 1}}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{two}");
+    let msg = error_message(status, &two, "two keys");
+    assert!(msg.contains("pay-10") && msg.contains("pay-11"), "{msg}");
+
+    // A header key outside printable ASCII: 422, as in the body form, and
+    // counted with the body form's invalid requests.
+    let invalid = r#"oncemesh_allocations_total{kind="invalid"}"#;
+    let invalid_before = node.metric(invalid).await;
+    for bad in [&b"caf\xc3\xa9"[..], b"\xff", br#""a b""#] {
+        let (status, refused) = allocate_with_header(node, bad, r#"{"amount": 1}"#).await;
+        assert_eq!(status, 422, "{bad:?}: {refused}");
+        assert!(error_message(status, &refused, "bad key").contains("Idempotency-Key"));
+    }
+    let (status, _) = allocate(node, "caf\u{e9}", json!({})).await;
+    assert_eq!(status, 422, "the body form agrees");
+    assert_eq!(node.metric(invalid).await, invalid_before + 4.0);
+    // A body that is not JSON, under the header: 400.
+    let (status, _) = allocate_with_header(node, b"pay-12", "amount=1").await;
+    assert_eq!(status, 400);
+
+    for key in ["pay-10", "pay-11", "pay-12"] {
+        let (status, _) = node.get_json(&format!("/v1/allocations/{key}")).await;
+        assert_eq!(status, 404, "{key} must not be written");
+    }
+    assert_eq!(allocation_count(node).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1115,5 +1219,130 @@ async fn command_line_client() {
     assert!(
         !text(&out.stdout).contains("oncemesh node started"),
         "{out:?}"
+    );
+}
+
+/// `oncemesh::client` against real nodes: every call, both allocate forms,
+/// keys that need escaping in a path, typed errors, and a conflict made by
+/// carrying a document between two unpeered regions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_client_reads_every_answer_of_a_real_node() {
+    use oncemesh::client::{Client, ClientError, ConflictFilter, HealthStatus};
+    let (a, b) = tokio::join!(Cluster::start(1, one("sgp")), Cluster::start(1, one("lon")));
+    let (a, b) = (a.node(0), b.node(0));
+    let (ca, cb) = (
+        Client::new(&a.http_url()).expect("client of A"),
+        Client::new(&b.http_url()).expect("client of B"),
+    );
+    let payload = json!({"amount": 1299, "currency": "EUR"});
+
+    let made = ca.allocate("pay/1?x=%", &payload).await.expect("allocate");
+    assert!(!made.replay);
+    assert_eq!(made.allocation.key, "pay/1?x=%");
+    assert_eq!(made.allocation.region, "sgp");
+    assert_eq!(made.allocation.node, a.peer_id());
+    assert!(made.allocation.fingerprint.starts_with("jcs:"));
+    let again = ca
+        .allocate_with_header("pay/1?x=%", &json!({"currency": "EUR", "amount": 1299.0}))
+        .await
+        .expect("allocate with the header");
+    assert!(again.replay);
+    assert_eq!(again.allocation.txn_id, made.allocation.txn_id);
+    let report = ca.allocation("pay/1?x=%").await.expect("key report");
+    let report = report.expect("the key is known");
+    assert_eq!(report.allocations.len(), 1);
+    assert_eq!(report.allocations[0].txn_id, made.allocation.txn_id);
+    assert_eq!(
+        ca.allocation("never-made").await.expect("404 is None"),
+        None
+    );
+
+    let reused = ca.allocate("pay/1?x=%", &json!({"amount": 1})).await;
+    assert!(
+        reused.as_ref().is_err_and(ClientError::is_key_reused),
+        "{reused:?}"
+    );
+    let invalid = ca.allocate("bad key", &payload).await;
+    assert!(
+        matches!(invalid, Err(ClientError::InvalidKey(_))),
+        "{invalid:?}"
+    );
+    let dead = Client::new(&format!("http://127.0.0.1:{}", support::free_port())).unwrap();
+    assert!(matches!(
+        dead.health().await,
+        Err(ClientError::Unreachable { .. })
+    ));
+
+    let health = ca.health().await.expect("health");
+    assert_eq!(health.status, HealthStatus::Ok, "{health:?}");
+    assert_eq!(health.extra["region"], "sgp");
+    assert!(ca.peers().await.expect("peers").is_empty());
+
+    // One key in both regions, then each region's document carried to the other.
+    let in_a = ca.allocate("dup-2", &payload).await.expect("allocate in A");
+    let in_b = cb.allocate("dup-2", &payload).await.expect("allocate in B");
+    let (doc, bytes_a) = document_with_key(a, "dup-2").await;
+    let (_, bytes_b) = document_with_key(b, "dup-2").await;
+    let path = format!("/v1/documents/{doc}");
+    assert_eq!(
+        post_raw(b, &path, "application/octet-stream", bytes_a, None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        post_raw(a, &path, "application/octet-stream", bytes_b, None)
+            .await
+            .0,
+        200
+    );
+    for client in [&ca, &cb] {
+        let conflicts = client.conflicts(None).await.expect("conflicts");
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        let c = &conflicts[0];
+        assert_eq!(c.key, "dup-2");
+        let txns: BTreeSet<&str> = c.allocations.iter().map(|x| x.txn_id.as_str()).collect();
+        assert_eq!(
+            txns,
+            BTreeSet::from([
+                in_a.allocation.txn_id.as_str(),
+                in_b.allocation.txn_id.as_str()
+            ])
+        );
+        assert_eq!(c.compensations.len(), 1, "{c:?}");
+        assert_ne!(
+            c.winner.as_deref(),
+            Some(c.compensations[0].txn_id.as_str())
+        );
+        let open = client.conflicts(Some(ConflictFilter::Open)).await.unwrap();
+        let resolved = client
+            .conflicts(Some(ConflictFilter::Resolved))
+            .await
+            .unwrap();
+        assert_eq!(open.len() + resolved.len(), 1, "{open:?} {resolved:?}");
+    }
+    // The loser's own node compensates it (log action) and says so.
+    let loser = {
+        let c = &ca.conflicts(None).await.unwrap()[0];
+        c.compensations[0].clone()
+    };
+    let owner = if loser.owner == a.peer_id() { &ca } else { &cb };
+    let mut done = Vec::new();
+    let compensated = support::wait_until_async(Duration::from_secs(10), async || {
+        done = owner
+            .compensations(Some("succeeded"))
+            .await
+            .unwrap_or_default();
+        !done.is_empty()
+    })
+    .await;
+    assert!(compensated, "{:?}", owner.compensations(None).await);
+    assert_eq!(done[0].txn_id, loser.txn_id);
+    assert!(done[0].idempotency_key.is_some());
+    // Only a dead-lettered compensation can be retried: the node's 4xx comes back typed.
+    let retried = owner.retry_compensation(&loser.txn_id).await;
+    assert!(
+        retried.as_ref().is_err_and(|e| e.status().is_some()),
+        "{retried:?}"
     );
 }

@@ -21,6 +21,8 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use support::{Cluster, ClusterOptions};
@@ -50,6 +52,8 @@ struct Call {
     from: usize,
     /// The `Idempotency-Key` header.
     key: Option<String>,
+    /// The `Authorization` header (an extra header from the node's config).
+    authorization: Option<String>,
     body: Value,
     at: Instant,
     /// What the receiver answered (or will answer, for a slow call).
@@ -81,7 +85,11 @@ struct Inner {
 
 struct Receiver {
     addr: SocketAddr,
+    /// `http` or `https`.
+    scheme: &'static str,
     inner: Arc<Mutex<Inner>>,
+    /// TLS handshakes the receiver refused or that failed (https only).
+    handshakes_failed: Arc<AtomicUsize>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -90,23 +98,50 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 
 impl Receiver {
     async fn start() -> Receiver {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the webhook receiver");
+        Self::serve(tcp, "http", Arc::default())
+    }
+
+    /// A receiver behind TLS with `config` (its certificate, and whether it
+    /// asks clients for theirs).
+    async fn start_tls(config: rustls::ServerConfig) -> Receiver {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the webhook receiver");
+        let failed = Arc::new(AtomicUsize::new(0));
+        let listener = TlsListener {
+            tcp,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            failed: failed.clone(),
+        };
+        Self::serve(listener, "https", failed)
+    }
+
+    fn serve<L>(listener: L, scheme: &'static str, handshakes_failed: Arc<AtomicUsize>) -> Receiver
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
+        let addr = listener.local_addr().expect("receiver address");
         let inner = Arc::new(Mutex::new(Inner::default()));
         let app = Router::new()
             .route("/refund/{from}", post(refund))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the webhook receiver");
-        let addr = listener.local_addr().expect("receiver address");
         tokio::spawn(async move {
             axum::serve(listener, app).await.expect("webhook receiver");
         });
-        Receiver { addr, inner }
+        Receiver {
+            addr,
+            scheme,
+            inner,
+            handshakes_failed,
+        }
     }
 
     /// The webhook URL node `i` is given.
     fn url(&self, i: usize) -> String {
-        format!("http://{}/refund/{i}", self.addr)
+        format!("{}://{}/refund/{i}", self.scheme, self.addr)
     }
 
     fn state(&self) -> MutexGuard<'_, Inner> {
@@ -165,10 +200,13 @@ async fn refund(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (key, authorization) = (header("idempotency-key"), header("authorization"));
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let (status, answer, delay) = {
         let mut st = lock(&inner);
@@ -194,6 +232,7 @@ async fn refund(
         st.calls.push(Call {
             from,
             key,
+            authorization,
             body,
             at: Instant::now(),
             status,
@@ -247,16 +286,26 @@ impl Scenario {
 
 /// Starts `n` nodes, each posting compensations to the receiver, cuts every
 /// link, allocates `key` on each node in `allocating` (same payload: a
-/// client's retry that hit another region), and returns without healing.
+/// client's retry that hit another region; the first one made wins), and
+/// returns without healing.
 async fn partitioned_conflict(
     n: usize,
     allocating: &[usize],
     rx: &Receiver,
     extra_args: &[&str],
 ) -> Scenario {
-    let mut opts = ClusterOptions::default()
-        .args(BACKOFF_ARGS)
-        .args(extra_args.iter().copied());
+    let opts = ClusterOptions::default().args(extra_args.iter().copied());
+    partitioned_conflict_with(n, allocating, rx, opts).await
+}
+
+/// [`partitioned_conflict`] with the cluster's options (e.g. per-node flags).
+async fn partitioned_conflict_with(
+    n: usize,
+    allocating: &[usize],
+    rx: &Receiver,
+    opts: ClusterOptions,
+) -> Scenario {
+    let mut opts = opts.args(BACKOFF_ARGS);
     for i in 0..n {
         opts = opts.node_args(
             i,
@@ -273,6 +322,9 @@ async fn partitioned_conflict(
     let key = "order-7-refund".to_owned();
     let mut made = Vec::new();
     for &node in allocating {
+        // A few ms apart, on one machine's clock: allocations win in the
+        // order made, so a test can give the winner and losers roles.
+        tokio::time::sleep(Duration::from_millis(5)).await;
         let (code, body) = c
             .node(node)
             .post_json(
@@ -787,4 +839,301 @@ async fn a_dead_lettered_compensation_is_forgotten_loudly_once_its_allocation_ex
         owner.log_tail(40)
     );
     assert_eq!(rx.calls_for(&loser.txn).len(), 1, "{}", rx.describe());
+}
+
+// ---------------------------------------------------------------------------
+// HTTPS endpoints: a private CA made by the test, mTLS.
+// ---------------------------------------------------------------------------
+
+/// A TLS listener for axum: handshakes each connection before handing it
+/// over, and counts the handshakes that fail (a client that refuses the
+/// certificate, or comes without the one required).
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    failed: Arc<AtomicUsize>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            let handshake = self.acceptor.accept(tcp);
+            match tokio::time::timeout(Duration::from_secs(5), handshake).await {
+                Ok(Ok(tls)) => return (tls, addr),
+                _ => {
+                    self.failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// Certificates made for one test, the ones nodes read as PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+    server: rcgen::Certificate,
+    server_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca, ca_key) = self_signed_ca("oncemesh test CA");
+        let server_key = rcgen::KeyPair::generate().expect("server key");
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("server certificate parameters");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let server = params
+            .signed_by(&server_key, &ca, &ca_key)
+            .expect("server certificate");
+        let pki = Pki {
+            dir,
+            ca,
+            ca_key,
+            server,
+            server_key,
+        };
+        pki.write("ca.pem", &pki.ca.pem());
+        pki
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).expect("write a PEM file");
+        path
+    }
+
+    /// Another CA, which signed nothing the receiver presents.
+    fn other_ca(&self) -> PathBuf {
+        let (other, _) = self_signed_ca("some other CA");
+        self.write("other-ca.pem", &other.pem())
+    }
+
+    /// A client certificate signed by the CA: (certificate, key) files.
+    fn client_identity(&self, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().expect("client key");
+        let mut params =
+            rcgen::CertificateParams::new(vec![name.to_owned()]).expect("client parameters");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("client certificate");
+        (
+            self.write(&format!("{name}.pem"), &cert.pem()),
+            self.write(&format!("{name}-key.pem"), &key.serialize_pem()),
+        )
+    }
+
+    /// The receiver's TLS configuration; with `require_client_cert` it
+    /// refuses clients without a certificate signed by the CA.
+    fn server_config(&self, require_client_cert: bool) -> rustls::ServerConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions");
+        let builder = if require_client_cert {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.ca.der().clone()).expect("CA as a root");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let key = rustls::pki_types::PrivateKeyDer::try_from(self.server_key.serialize_der())
+            .expect("server key DER");
+        builder
+            .with_single_cert(vec![self.server.der().clone()], key)
+            .expect("server certificate and key")
+    }
+}
+
+fn self_signed_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().expect("CA key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    (params.self_signed(&key).expect("CA certificate"), key)
+}
+
+fn arg(path: &FsPath) -> String {
+    path.to_str().expect("UTF-8 temp path").to_owned()
+}
+
+/// An https:// endpoint under a private CA: the losers are compensated once
+/// each in effect, and every call carries the extra header that the TOML
+/// file (not the command line) gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_endpoint_under_a_private_ca_is_compensated_once() {
+    let pki = Pki::new();
+    let rx = Receiver::start_tls(pki.server_config(false)).await;
+    let config = pki.write(
+        "node.toml",
+        &format!(
+            "webhook_ca = {:?}\n[webhook_headers]\nAuthorization = \"Bearer refund-token\"\n",
+            arg(&pki.path("ca.pem"))
+        ),
+    );
+    let s = partitioned_conflict(3, &[0, 1, 2], &rx, &["--config", &arg(&config)]).await;
+    s.c.heal_all();
+    for node in 0..3 {
+        wait_for_report(
+            &s,
+            &rx,
+            node,
+            s.losers(),
+            "succeeded",
+            state_is("succeeded"),
+        )
+        .await;
+    }
+    assert_compensated_once_by_owner(&s, &rx);
+    let calls = rx.calls();
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.authorization.as_deref() == Some("Bearer refund-token")),
+        "{}",
+        rx.describe()
+    );
+    assert_eq!(rx.handshakes_failed.load(Ordering::SeqCst), 0);
+    assert_no_more_calls(&rx, Duration::from_secs(1)).await;
+}
+
+/// A certificate that does not verify (signed by a CA the node was not
+/// told to trust) is a failed attempt with a TLS error, every time, until
+/// the compensation dead-letters: never a success, and no refund.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_does_not_verify_fails_every_attempt_and_dead_letters() {
+    let pki = Pki::new();
+    let rx = Receiver::start_tls(pki.server_config(false)).await;
+    let other_ca = pki.other_ca();
+    let s = partitioned_conflict(
+        2,
+        &[0, 1],
+        &rx,
+        &[
+            "--webhook-ca",
+            &arg(&other_ca),
+            "--compensation-max-attempts",
+            "3",
+        ],
+    )
+    .await;
+    s.c.heal_all();
+    let loser = s.loser().clone();
+    for node in 0..2 {
+        let (comp, entry) = wait_for_loser_state(&s, &rx, node, &loser, "dead-lettered").await;
+        assert_eq!(attempts(&comp), 3, "node {node}: {entry}");
+        let error = comp["last_error"].as_str().unwrap_or("");
+        assert!(
+            error.contains("TLS error") && error.contains("certificate"),
+            "node {node}: {entry}"
+        );
+    }
+    assert!(rx.calls().is_empty(), "{}", rx.describe());
+    assert_eq!(rx.effects(), 0);
+    assert!(rx.handshakes_failed.load(Ordering::SeqCst) >= 3);
+}
+
+/// An endpoint that requires client certificates: the loser whose node
+/// presents one signed by the CA is compensated; the one whose node has
+/// none is refused at the handshake, with a TLS error, and dead-letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_refuses_a_node_without_a_client_certificate_and_serves_one_with_it() {
+    let pki = Pki::new();
+    let rx = Receiver::start_tls(pki.server_config(true)).await;
+    let (cert, key) = pki.client_identity("lon");
+    let ca = arg(&pki.path("ca.pem"));
+    let opts = ClusterOptions::default()
+        .args(["--webhook-ca", &ca, "--compensation-max-attempts", "2"])
+        .node_args(
+            1,
+            [
+                "--webhook-client-cert",
+                &arg(&cert),
+                "--webhook-client-key",
+                &arg(&key),
+            ],
+        );
+    // Node 0 wins; node 1 (with a certificate) and node 2 (without) lose.
+    let s = partitioned_conflict_with(3, &[0, 1, 2], &rx, opts).await;
+    assert_eq!(
+        s.made.iter().map(|m| m.node).collect::<Vec<_>>(),
+        [0, 1, 2],
+        "allocations win in the order made: {:?}",
+        s.made
+    );
+    s.c.heal_all();
+    let (with_cert, without) = (s.made[1].clone(), s.made[2].clone());
+    for node in 0..3 {
+        let (_, entry) = wait_for_loser_state(&s, &rx, node, &with_cert, "succeeded").await;
+        let (refused, entry_2) =
+            wait_for_loser_state(&s, &rx, node, &without, "dead-lettered").await;
+        let error = refused["last_error"].as_str().unwrap_or("");
+        assert!(
+            error.contains("TLS error"),
+            "node {node}: {entry} {entry_2}"
+        );
+        assert_eq!(attempts(&refused), 2, "node {node}: {entry_2}");
+    }
+    assert!(rx.calls_for(&without.txn).is_empty(), "{}", rx.describe());
+    assert_eq!(rx.calls_for(&with_cert.txn).len(), 1, "{}", rx.describe());
+    assert_eq!(rx.effects_for(&with_cert.txn), 1, "{}", rx.describe());
+    assert!(rx.handshakes_failed.load(Ordering::SeqCst) >= 2);
+}
+
+/// A CA file that does not parse stops the node at start, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_that_does_not_parse_stops_the_node_naming_it() {
+    let pki = Pki::new();
+    let bad = pki.write(
+        "not-a-ca.pem",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
+    let data = pki.path("data");
+    let (code, out) = cli(&[
+        "run",
+        "--data-dir",
+        &arg(&data),
+        "--http",
+        "127.0.0.1:0",
+        "--compensation",
+        "webhook:https://127.0.0.1:9/refund",
+        "--webhook-ca",
+        &arg(&bad),
+    ])
+    .await;
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains(&arg(&bad)),
+        "the message names the file: {out}"
+    );
+    assert!(!out.contains("oncemesh node started"), "{out}");
 }

@@ -57,7 +57,7 @@ fn payload_of(cycle: usize, task: usize, i: u64) -> Value {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
+    oncemesh::tls::http_client()
         .no_proxy()
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))

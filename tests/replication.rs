@@ -98,6 +98,35 @@ async fn an_allocation_reaches_every_region_and_replays_there() {
         "never settled\n{}",
         c.logs(30)
     );
+
+    // Number formatting does not make another payload (RFC 8785
+    // fingerprints): a replay on the node that made it and on its peers.
+    let (code, made) = allocate(&c, 0, "order-2", json!({"amount": 1.0})).await;
+    assert_eq!(code, 201, "{made}");
+    for (node, amount) in [(0, "1"), (1, "1e0"), (2, "10E-1")] {
+        assert!(
+            c.wait_until_async(Duration::from_secs(5), async || {
+                c.node(node).get_json("/v1/allocations/order-2").await.0 == 200
+            })
+            .await,
+            "node {node} never saw order-2\n{}",
+            c.logs(30)
+        );
+        let text = format!(r#"{{"key": "order-2", "payload": {{"amount": {amount}}}}}"#);
+        let answer = c
+            .node(node)
+            .client()
+            .post(c.node(node).url("/v1/allocations"))
+            .header("content-type", "application/json")
+            .body(text)
+            .send()
+            .await
+            .expect("allocate");
+        assert_eq!(answer.status(), 200, "amount {amount} on node {node}");
+        let replay: Value = answer.json().await.expect("JSON answer");
+        assert_eq!(replay["replay"], true, "{replay}");
+        assert_eq!(replay["txn_id"], made["txn_id"], "{replay}");
+    }
 }
 
 /// Isolates node 0, allocates `dup` on 0 and 1 plus `unique` keys each,

@@ -1,32 +1,32 @@
 //! `oncemesh calibration`, and the exposure lines of `oncemesh status`: can
 //! this node's numbers be trusted, and what do they mean in money.
 
-use super::client::{report, s};
+use super::client::connect;
 use super::table::render;
 use super::ClientArgs;
-use serde_json::Value;
+use crate::confidence::calibration::ReliabilityReport;
+use crate::exposure::Exposure;
 
 /// `oncemesh calibration`.
 pub async fn show(args: &ClientArgs) -> anyhow::Result<i32> {
-    let mut code = 0;
-    let Some(body) = report(args, "/v1/calibration", None, &mut code).await? else {
-        return Ok(code);
+    let report = connect(args)?.calibration().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(0);
+    }
+    let row = |t: &ReliabilityReport| {
+        vec![
+            t.situation.map_or("all", |s| s.as_str()).to_owned(),
+            t.resolved.to_string(),
+            format!("{:.4}", t.mean_confidence),
+            format!("{:.4}", t.conflict_free_share),
+            format!("{:+.4}", t.gap),
+            format!("{:.4}", t.ece),
+            t.verdict.as_str().to_owned(),
+        ]
     };
-    let tables = body["situations"].as_array().into_iter().flatten();
-    let rows: Vec<Vec<String>> = tables
-        .chain(std::iter::once(&body["overall"]))
-        .map(|t| {
-            vec![
-                t["situation"].as_str().unwrap_or("all").to_owned(),
-                s(&t["resolved"]),
-                fixed(&t["mean_confidence"], 4),
-                fixed(&t["conflict_free_share"], 4),
-                fixed(&t["gap"], 4),
-                fixed(&t["ece"], 4),
-                s(&t["verdict"]),
-            ]
-        })
-        .collect();
+    let mut rows: Vec<Vec<String>> = report.situations.iter().map(row).collect();
+    rows.push(row(&report.overall));
     println!(
         "{}",
         render(
@@ -42,27 +42,20 @@ pub async fn show(args: &ClientArgs) -> anyhow::Result<i32> {
             &rows
         )
     );
-    let episodes: Vec<Vec<String>> = body["episodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let episodes: Vec<Vec<String>> = report
+        .episodes
+        .iter()
         .map(|e| {
-            let duration = match (e["started_ms"].as_u64(), e["ended_ms"].as_u64()) {
-                (Some(start), Some(end)) => {
-                    format!("{:.1} s", end.saturating_sub(start) as f64 / 1e3)
-                }
-                _ => "under way".into(),
-            };
             vec![
-                s(&e["id"]),
-                s(&e["worst"]),
-                duration,
-                s(&e["allocations"]),
-                fixed(&e["expected_duplicates"], 2),
-                s(&e["conflicts_found"]),
-                (e["allocations"].as_u64().unwrap_or(0))
-                    .saturating_sub(e["resolved"].as_u64().unwrap_or(0))
-                    .to_string(),
+                e.id.to_string(),
+                e.worst.as_str().to_owned(),
+                e.ended_ms.map_or("under way".into(), |end| {
+                    format!("{:.1} s", end.saturating_sub(e.started_ms) as f64 / 1e3)
+                }),
+                e.allocations.to_string(),
+                format!("{:.2}", e.expected_duplicates),
+                e.conflicts_found.to_string(),
+                e.allocations.saturating_sub(e.resolved).to_string(),
             ]
         })
         .collect();
@@ -88,18 +81,17 @@ pub async fn show(args: &ClientArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// The exposure section of `oncemesh status`, from health's `exposure`.
-pub fn exposure_lines(exposure: &Value) -> String {
+/// The exposure section of `oncemesh status`.
+pub fn exposure_lines(exposure: &Exposure) -> String {
     let mut rows = vec![vec![
         "expected duplicates".to_owned(),
-        fixed(&exposure["expected_duplicates"], 3),
+        format!("{:.3}", exposure.expected_duplicates),
     ]];
-    for (currency, value) in exposure["value_at_risk"].as_object().into_iter().flatten() {
-        rows.push(vec![format!("value at risk, {currency}"), fixed(value, 2)]);
+    for (currency, value) in &exposure.value_at_risk {
+        rows.push(vec![
+            format!("value at risk, {currency}"),
+            format!("{value:.2}"),
+        ]);
     }
     render(&["EXPOSURE", "VALUE"], &rows)
-}
-
-fn fixed(v: &Value, digits: usize) -> String {
-    v.as_f64().map_or_else(|| s(v), |x| format!("{x:.digits$}"))
 }

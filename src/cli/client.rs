@@ -1,49 +1,22 @@
-//! Client subcommands: call a node's HTTP API, print a table or the JSON.
+//! Client subcommands: call a node's HTTP API through [`crate::client`],
+//! print a table or the JSON.
 
 use super::table::render;
 use super::ClientArgs;
-use anyhow::Context;
+use crate::client::{Client, ConflictFilter};
+use serde::Serialize;
 use serde_json::Value;
 
-/// Calls the API; returns (status, JSON body).
-async fn call(
-    args: &ClientArgs,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> anyhow::Result<(u16, Value)> {
-    let url = format!("{}{}", args.node.trim_end_matches('/'), path);
-    let mut request = reqwest::Client::new().request(method, &url);
-    if let Some(token) = &args.api_token {
-        request = request.bearer_auth(token);
-    }
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.with_context(|| {
-        format!(
-            "cannot reach the node at {} (is it running? see --node)",
-            args.node
-        )
-    })?;
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
-    let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Ok((status, json))
+/// The client for `--node` and `--api-token`.
+pub(super) fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    let client = Client::new(&args.node)?;
+    Ok(match &args.api_token {
+        Some(token) => client.with_api_token(token.clone()),
+        None => client,
+    })
 }
 
-/// Prints an API error and returns the exit code for it.
-fn fail(status: u16, body: &Value) -> i32 {
-    let message = body
-        .get("error")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .unwrap_or_else(|| body.to_string());
-    eprintln!("error ({status}): {message}");
-    1
-}
-
-pub(super) fn s(v: &Value) -> String {
+fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -51,74 +24,36 @@ pub(super) fn s(v: &Value) -> String {
     }
 }
 
-fn short(id: &Value) -> String {
-    let text = s(id);
+fn or_dash(v: Option<&str>) -> String {
+    v.unwrap_or("-").to_owned()
+}
+
+fn short(text: &str) -> String {
     if text.len() > 16 {
         format!("…{}", &text[text.len() - 12..])
     } else {
-        text
+        text.to_owned()
     }
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-/// GETs a report. `Ok(Some(body))` when a table is to be printed;
-/// `Ok(None)` when the answer was already printed (`--json`) or was an error,
-/// with the exit code in `code`.
-pub(super) async fn report(
-    args: &ClientArgs,
-    path: &str,
-    state: Option<&str>,
-    code: &mut i32,
-) -> anyhow::Result<Option<Value>> {
-    let path = match state {
-        Some(state) => format!("{path}?state={state}"),
-        None => path.to_owned(),
-    };
-    let (status, body) = call(args, reqwest::Method::GET, &path, None).await?;
-    if status != 200 {
-        *code = fail(status, &body);
-        return Ok(None);
-    }
-    if args.json {
-        print_json(&body);
-        return Ok(None);
-    }
-    Ok(Some(body))
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
 }
 
 /// `oncemesh allocate`.
 pub async fn allocate(args: &ClientArgs, key: &str, payload: &str) -> anyhow::Result<i32> {
     let payload: Value = serde_json::from_str(payload)
-        .with_context(|| format!("--payload is not JSON: {payload}"))?;
-    let (status, body) = call(
-        args,
-        reqwest::Method::POST,
-        "/v1/allocations",
-        Some(serde_json::json!({ "key": key, "payload": payload })),
-    )
-    .await?;
-    if !(200..300).contains(&status) {
-        return Ok(fail(status, &body));
-    }
+        .map_err(|e| anyhow::anyhow!("--payload is not JSON ({e}): {payload}"))?;
+    let answer = connect(args)?.allocate(key, &payload).await?;
     if args.json {
-        print_json(&body);
+        print_json(&answer)?;
     } else {
-        let what = if body["replay"] == Value::Bool(true) {
-            "replay of"
-        } else {
-            "new"
-        };
+        let a = &answer.allocation;
+        let what = if answer.replay { "replay of" } else { "new" };
         println!(
             "{what} transaction {} for key {} (region {}, hlc {}, confidence {:.4}, {})",
-            s(&body["txn_id"]),
-            s(&body["key"]),
-            s(&body["region"]),
-            s(&body["hlc"]),
-            body["confidence"].as_f64().unwrap_or(0.0),
-            s(&body["state"])
+            a.txn_id, a.key, a.region, a.hlc, a.confidence, a.state
         );
     }
     Ok(0)
@@ -126,39 +61,42 @@ pub async fn allocate(args: &ClientArgs, key: &str, payload: &str) -> anyhow::Re
 
 /// `oncemesh conflicts`.
 pub async fn conflicts(args: &ClientArgs, state: Option<&str>) -> anyhow::Result<i32> {
-    let mut code = 0;
-    let Some(body) = report(args, "/v1/conflicts", state, &mut code).await? else {
-        return Ok(code);
+    let filter = match state {
+        Some("open") => Some(ConflictFilter::Open),
+        Some("resolved") => Some(ConflictFilter::Resolved),
+        Some(other) => anyhow::bail!("unknown state '{other}'; use open or resolved"),
+        None => None,
     };
-    let list = body["conflicts"].as_array().cloned().unwrap_or_default();
+    let list = connect(args)?.conflicts(filter).await?;
+    if args.json {
+        print_json(&serde_json::json!({ "conflicts": list }))?;
+        return Ok(0);
+    }
     let mut rows = Vec::new();
     for c in &list {
-        let winner = s(&c["winner"]);
-        for a in c["allocations"].as_array().into_iter().flatten() {
-            let txn = s(&a["txn_id"]);
-            let compensation = c["compensations"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|comp| comp["txn_id"] == a["txn_id"]);
-            let role = if txn == winner {
-                if c["winner_final"] == Value::Bool(true) {
+        let winner = c.winner.as_deref().unwrap_or("-");
+        for a in &c.allocations {
+            let role = if a.txn_id == winner {
+                if c.winner_final {
                     "winner (final)".to_owned()
                 } else {
                     "winner (provisional)".to_owned()
                 }
             } else {
-                let comp = compensation
-                    .map(|comp| format!("{} x{}", s(&comp["state"]), s(&comp["attempts"])))
+                let comp = c
+                    .compensations
+                    .iter()
+                    .find(|comp| comp.txn_id == a.txn_id)
+                    .map(|comp| format!("{} x{}", comp.state, comp.attempts))
                     .unwrap_or_else(|| "pending".into());
                 format!("loser: {comp}")
             };
             rows.push(vec![
-                s(&c["key"]),
-                s(&a["region"]),
-                short(&a["txn_id"]),
-                s(&a["hlc"]),
-                format!("{:.4}", a["confidence"].as_f64().unwrap_or(0.0)),
+                c.key.clone(),
+                a.region.clone(),
+                short(&a.txn_id),
+                a.hlc.to_string(),
+                format!("{:.4}", a.confidence),
                 role,
             ]);
         }
@@ -183,17 +121,21 @@ pub async fn conflicts(args: &ClientArgs, state: Option<&str>) -> anyhow::Result
 
 /// `oncemesh status`.
 pub async fn status(args: &ClientArgs) -> anyhow::Result<i32> {
-    let mut code = 0;
-    let Some(body) = report(args, "/v1/health", None, &mut code).await? else {
-        return Ok(code);
-    };
+    let health = connect(args)?.health().await?;
+    if args.json {
+        print_json(&health)?;
+        return Ok(0);
+    }
+    let exposure = health.exposure.clone();
+    // The indicators' shape is still growing: read them as JSON.
+    let body = Value::Object(health.extra);
     println!(
         "status: {} (region {}, peer {})",
-        s(&body["status"]),
+        health.status.as_str(),
         s(&body["region"]),
         s(&body["peer_id"])
     );
-    for reason in body["reasons"].as_array().into_iter().flatten() {
+    for reason in &health.reasons {
         println!("  - {}", s(reason));
     }
     let l = &body["ledger"];
@@ -240,32 +182,30 @@ pub async fn status(args: &ClientArgs) -> anyhow::Result<i32> {
         ],
     ];
     println!("{}", render(&["INDICATOR", "VALUE"], &rows));
-    println!("{}", super::calibration::exposure_lines(&body["exposure"]));
+    if let Some(exposure) = &exposure {
+        println!("{}", super::calibration::exposure_lines(exposure));
+    }
     Ok(0)
 }
 
 /// `oncemesh peers`.
 pub async fn peers(args: &ClientArgs) -> anyhow::Result<i32> {
-    let mut code = 0;
-    let Some(body) = report(args, "/v1/peers", None, &mut code).await? else {
-        return Ok(code);
-    };
-    let rows: Vec<Vec<String>> = body["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let peers = connect(args)?.peers().await?;
+    if args.json {
+        print_json(&serde_json::json!({ "peers": peers }))?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = peers
+        .iter()
         .map(|p| {
+            let delta = p.extra.get("store_delta").unwrap_or(&Value::Null);
             vec![
-                s(&p["peer_id"]),
-                if p["connected"] == Value::Bool(true) {
-                    "yes".into()
-                } else {
-                    "no".into()
-                },
-                s(&p["last_in_sync"]),
-                s(&p["store_delta"]["they_lack_changes"]),
-                s(&p["store_delta"]["we_lack_heads"]),
-                s(&p["clock_offset_ms"]),
+                p.peer_id.clone(),
+                if p.connected { "yes" } else { "no" }.into(),
+                or_dash(p.last_in_sync.as_deref()),
+                s(&delta["they_lack_changes"]),
+                s(&delta["we_lack_heads"]),
+                p.clock_offset_ms.map_or("-".into(), |ms| ms.to_string()),
             ]
         })
         .collect();
@@ -288,23 +228,22 @@ pub async fn peers(args: &ClientArgs) -> anyhow::Result<i32> {
 
 /// `oncemesh compensations`.
 pub async fn compensations(args: &ClientArgs, state: Option<&str>) -> anyhow::Result<i32> {
-    let mut code = 0;
-    let Some(body) = report(args, "/v1/compensations", state, &mut code).await? else {
-        return Ok(code);
-    };
-    let rows: Vec<Vec<String>> = body["compensations"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let list = connect(args)?.compensations(state).await?;
+    if args.json {
+        print_json(&serde_json::json!({ "compensations": list }))?;
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
         .map(|c| {
             vec![
-                s(&c["key"]),
-                s(&c["txn_id"]),
-                short(&c["owner"]),
-                s(&c["state"]),
-                s(&c["attempts"]),
-                s(&c["next_attempt_at"]),
-                s(&c["last_error"]),
+                or_dash(c.key.as_deref()),
+                c.txn_id.clone(),
+                short(&c.owner),
+                c.state.clone(),
+                c.attempts.to_string(),
+                or_dash(c.next_attempt_at.as_deref()),
+                or_dash(c.last_error.as_deref()),
             ]
         })
         .collect();
@@ -328,15 +267,11 @@ pub async fn compensations(args: &ClientArgs, state: Option<&str>) -> anyhow::Re
 
 /// `oncemesh retry-compensation`.
 pub async fn retry(args: &ClientArgs, txn: &str) -> anyhow::Result<i32> {
-    let path = format!("/v1/compensations/{txn}/retry");
-    let (status, body) = call(args, reqwest::Method::POST, &path, None).await?;
-    if status != 200 {
-        return Ok(fail(status, &body));
-    }
+    let compensation = connect(args)?.retry_compensation(txn).await?;
     if args.json {
-        print_json(&body);
+        print_json(&compensation)?;
     } else {
-        println!("compensation of {txn} is {} again", s(&body["state"]));
+        println!("compensation of {txn} is {} again", compensation.state);
     }
     Ok(0)
 }

@@ -198,11 +198,11 @@ impl Outbox {
     }
 }
 
-/// Starts the engine task.
-/// Starts the engine; `log` is the compensation log as read at open, which
-/// it replays first.
+/// Starts the engine, running `executor`'s action for each loser; `log` is
+/// the compensation log as read at open, which it replays first.
 pub fn spawn(
     node: Arc<Node>,
+    executor: Executor,
     log: Vec<crate::storage::LogOfTransaction>,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
@@ -214,10 +214,6 @@ pub fn spawn(
             max_backoff_ms: millis(node.config.compensation_max_backoff),
             ..RetryPolicy::default()
         };
-        let executor = Executor::new(
-            node.config.compensation.clone(),
-            node.config.webhook_timeout,
-        );
         let outbox = Outbox::default();
         recover(&node, log, &policy, &outbox).await;
         // At start every conflict is looked at once; after that only the

@@ -11,7 +11,7 @@
 //! fixed: ten bins per situation and the last [`MAX_EPISODES`] episodes.
 
 use super::Situation;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 /// Bins of a reliability table, by confidence: `[0, 0.1)`, ..., `[0.9, 1.0]`.
@@ -111,7 +111,7 @@ impl Reliability {
 }
 
 /// Whether a table's numbers can be trusted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
     /// Fewer than 30 resolved allocations: nothing can be said yet.
@@ -126,8 +126,20 @@ pub enum Verdict {
     Underconfident,
 }
 
+impl Verdict {
+    /// Text form, as in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::TooFewResolved => "too-few-resolved",
+            Verdict::Calibrated => "calibrated",
+            Verdict::Overconfident => "overconfident",
+            Verdict::Underconfident => "underconfident",
+        }
+    }
+}
+
 /// One row of a reliability table.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BinReport {
     /// Lower end of the confidence bin.
     pub from: f64,
@@ -142,7 +154,7 @@ pub struct BinReport {
 }
 
 /// A situation's reliability table, as `GET /v1/calibration` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReliabilityReport {
     /// The situation (`None`: over every situation).
     pub situation: Option<Situation>,
@@ -165,7 +177,7 @@ pub struct ReliabilityReport {
 }
 
 /// A stretch of time during which some peer was unreachable from this node.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Episode {
     /// Number of the episode since the node started (from 1).
     pub id: u32,
@@ -312,7 +324,7 @@ impl Calibration {
 }
 
 /// Resolved allocations whose situation was not known.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Unattributed {
     /// Resolved allocations made before this node last started.
     pub resolved: u64,
@@ -321,7 +333,7 @@ pub struct Unattributed {
 }
 
 /// `GET /v1/calibration`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CalibrationReport {
     /// Every resolved allocation of this node with a known situation.
     pub overall: ReliabilityReport,

@@ -7,10 +7,10 @@
 //! separately for each situation.
 
 use super::PeerView;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where this node stood towards its peers when it made an allocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Situation {
     /// Every peer reachable (possibly still catching up).

@@ -482,7 +482,7 @@ impl Ledger {
                 region: self.my_region.clone(),
                 node: self.my_node.clone(),
                 hlc,
-                fingerprint: request.fingerprint.0.clone(),
+                fingerprint: request.fingerprint.as_str().to_owned(),
                 confidence: request.confidence.clamp(0.0, 1.0),
             });
             let text = document::record_json(&*record);
@@ -1064,7 +1064,8 @@ fn recovered_stake(record: &AllocationRecord, me: &NodeIdentity) -> Option<Stake
         .then(|| Stake::recovered(record.confidence))
 }
 
-/// Where in `existing` (a key's allocations) the one with `fingerprint` is.
+/// Where in `existing` (a key's allocations) the one with `fingerprint` is,
+/// in whichever scheme its record was written.
 fn match_existing(
     key: &str,
     existing: &[Allocation],
@@ -1074,7 +1075,7 @@ fn match_existing(
     // winner whenever the winner matches.
     match existing
         .iter()
-        .position(|a| a.record.fingerprint == fingerprint.0)
+        .position(|a| fingerprint.matches(&a.record.fingerprint))
     {
         Some(at) => Ok(at),
         None => Err(AllocateError::FingerprintMismatch {

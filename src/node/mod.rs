@@ -53,6 +53,9 @@ pub enum StartError {
     /// A payload pointer for the value at risk is not a JSON pointer.
     #[error(transparent)]
     Pricing(#[from] crate::exposure::PointerError),
+    /// The compensation webhook's TLS files could not be used.
+    #[error(transparent)]
+    Compensation(#[from] crate::compensation::action::SetupError),
 }
 
 /// Why an allocate call failed, in API terms.
@@ -277,6 +280,11 @@ impl Node {
         config: NodeConfig,
         shutdown: CancellationToken,
     ) -> Result<Started, StartError> {
+        let executor = crate::compensation::action::Executor::new(
+            &config.compensation,
+            &config.webhook,
+            config.webhook_timeout,
+        )?;
         let keypair = identity::load_or_create(&config.data_dir)?;
         let peer_id = keypair.public().to_peer_id();
         let metrics = Arc::new(Metrics::new());
@@ -383,7 +391,13 @@ impl Node {
         });
         let listen_addrs =
             crate::p2p::spawn(node.clone(), keypair, &tasks, shutdown.clone()).await?;
-        crate::compensation::spawn(node.clone(), compensation_log, &tasks, shutdown.clone());
+        crate::compensation::spawn(
+            node.clone(),
+            executor,
+            compensation_log,
+            &tasks,
+            shutdown.clone(),
+        );
         spawn_retention(node.clone(), &tasks, shutdown.clone());
         spawn_learning(node.clone(), &tasks, shutdown.clone());
         spawn_compaction(node.clone(), &tasks, shutdown.clone());
@@ -416,10 +430,12 @@ impl Node {
     }
 
     /// Allocates `key` for `payload`: a new allocation, a replay, or a
-    /// refusal. Answers only once the allocation is durable here.
+    /// refusal. Answers only once the allocation is durable here. The key
+    /// is raw bytes, as an HTTP header may carry any: an invalid key is
+    /// refused (and counted) here, whatever form it came in.
     pub async fn allocate(
         &self,
-        key: &str,
+        key: &[u8],
         payload: &serde_json::Value,
     ) -> Result<Allocated, AllocationFailure> {
         let outcome = self.try_allocate(key, payload).await;
@@ -441,10 +457,10 @@ impl Node {
 
     async fn try_allocate(
         &self,
-        key: &str,
+        key: &[u8],
         payload: &serde_json::Value,
     ) -> Result<Allocated, AllocationFailure> {
-        let key = IdempotencyKey::parse(key)?;
+        let key = IdempotencyKey::parse_bytes(key)?;
         let fingerprint = fingerprint(payload)?;
         // While writes fail nothing new can be acknowledged: refuse before
         // the key enters the ledger (a replay of a durable allocation is

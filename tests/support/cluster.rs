@@ -765,7 +765,7 @@ impl Cluster {
         if n == 0 {
             return Err("a cluster needs at least one node".into());
         }
-        let client = reqwest::Client::builder()
+        let client = oncemesh::tls::http_client()
             .no_proxy()
             .pool_max_idle_per_host(0)
             .connect_timeout(Duration::from_secs(2))
