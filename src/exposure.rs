@@ -223,7 +223,7 @@ impl ExposureSums {
 }
 
 /// `exposure` in `GET /v1/health`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Exposure {
     /// Expected duplicates among this node's provisional allocations.
     pub expected_duplicates: f64,

@@ -144,6 +144,11 @@ pub struct PartitionPhase {
     pub retries_in_lon: usize,
     /// Of them, allocated a second time: the duplicates of the incident.
     pub duplicates: usize,
+    /// What Singapore's exposure said just before the heal: the duplicates it
+    /// expected among its provisional payments (sum of 1 − confidence).
+    pub expected_duplicates: f64,
+    /// And the money at risk, per currency, in the payloads' units (cents).
+    pub value_at_risk: std::collections::BTreeMap<String, f64>,
 }
 
 /// Phase 3.
@@ -480,6 +485,12 @@ async fn scenario(
     let confidence_early = confidence_of(&regions[0], &watched_key).await?;
     tokio::time::sleep(args.partition.saturating_sub(started.elapsed())).await;
     let confidence_late = confidence_of(&regions[0], &watched_key).await?;
+    let exposure = regions[0]
+        .client
+        .health()
+        .await?
+        .exposure
+        .unwrap_or_default();
     let partition = PartitionPhase {
         duration_ms: args.partition.as_millis() as u64,
         skew_ms: args.skew.as_millis() as u64,
@@ -491,6 +502,8 @@ async fn scenario(
         confidence_late,
         retries_in_lon: retrying.len(),
         duplicates,
+        expected_duplicates: exposure.expected_duplicates,
+        value_at_risk: exposure.value_at_risk,
     };
     say.say(format!(
         "   sgp answered every request (available in the partition) and said how sure it was: confidence {:.3}..{:.3};",
@@ -498,6 +511,17 @@ async fn scenario(
     ));
     say.say(format!("   one provisional payment's confidence fell from {confidence_early:.4} to {confidence_late:.4} as the partition lasted."));
     say.say(format!("   {duplicates} of {} retries were allocated a second time in lon: the duplicates of the incident.", retrying.len()));
+    let at_risk: Vec<String> = partition
+        .value_at_risk
+        .iter()
+        .map(|(currency, cents)| format!("{:.2} {currency}", cents / 100.0))
+        .collect();
+    say.say(format!(
+        "   before the heal sgp expected {:.1} duplicates among its {} provisional payments, {} at risk.",
+        partition.expected_duplicates,
+        exposure.provisional,
+        if at_risk.is_empty() { "nothing".to_owned() } else { at_risk.join(", ") }
+    ));
 
     say.say("\n3. Heal: the regions sync with no coordinator.");
     for row in links {
@@ -536,8 +560,8 @@ async fn scenario(
         seconds_to_compensated: healed.elapsed().as_secs_f64(),
     };
     say.say(format!(
-        "   all {found} conflicts found and compensated, the same on every region, {:.1} s after heal.",
-        heal.seconds_to_compensated
+        "   all {found} conflicts found and compensated, the same on every region, {:.1} s after heal (sgp had expected {:.1}).",
+        heal.seconds_to_compensated, partition.expected_duplicates
     ));
 
     let mut reports = Vec::new();
