@@ -25,7 +25,6 @@
 use criterion::{
     criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use oncemesh::hlc::OffsetClock;
 use oncemesh::key::{fingerprint, Fingerprint, IdempotencyKey};
 use oncemesh::ledger::{
     AllocateRequest, ChunkSink, DiscardSink, DocId, Ledger, NodeIdentity, Stored, StoredDocument,
@@ -167,7 +166,7 @@ fn bench_allocate_durable(c: &mut Criterion) {
         let ledger = Ledger::open(
             identity("disk"),
             Vec::new(),
-            OffsetClock::default(),
+            std::sync::Arc::new(oncemesh::time::SystemClock),
             500,
             Windows::default(),
             Stored::default(),
@@ -249,7 +248,7 @@ fn open_copy(name: &str, saved: &[(DocId, Vec<u8>)]) -> Ledger {
     Ledger::open(
         identity(name),
         Vec::new(),
-        OffsetClock::default(),
+        std::sync::Arc::new(oncemesh::time::SystemClock),
         500,
         Windows::default(),
         Stored {

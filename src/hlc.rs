@@ -15,47 +15,14 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::time::{Clock, SystemClock};
 
 /// Largest logical counter the 5-digit string form holds; one more carries into `physical_ms`.
 pub const MAX_LOGICAL: u32 = 99_999;
 /// Largest physical time the 16-digit string form holds (year ~316 million); inputs clamp here.
 pub const MAX_PHYSICAL_MS: u64 = 9_999_999_999_999_999;
 const STR_LEN: usize = 16 + 1 + 5;
-
-/// Physical time source, injected so the logic is tested on virtual time.
-pub trait PhysicalClock: Send + Sync + 'static {
-    /// Milliseconds since the UNIX epoch; may jump backwards, the HLC copes.
-    fn now_ms(&self) -> u64;
-}
-
-/// Real wall clock (SystemTime since UNIX_EPOCH, ms), the production time source.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SystemClock;
-
-impl PhysicalClock for SystemClock {
-    /// Never panics: a clock before 1970 reads 0.
-    fn now_ms(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-}
-
-/// The wall clock shifted by a fixed offset: the `--drill-clock-offset`
-/// option of `oncemesh run`, so operators (and the tests and the demo) can
-/// rehearse a region whose clock is skewed without touching the host clock.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct OffsetClock {
-    /// Milliseconds added to the system clock (negative: behind).
-    pub offset_ms: i64,
-}
-
-impl PhysicalClock for OffsetClock {
-    fn now_ms(&self) -> u64 {
-        SystemClock.now_ms().saturating_add_signed(self.offset_ms)
-    }
-}
 
 /// An HLC timestamp: physical milliseconds + logical counter, ordered by (physical_ms, logical).
 ///
@@ -180,7 +147,7 @@ pub struct Observation {
 /// [`Timestamp::MAX`]; once there (only reachable via such a stamp) the clock
 /// saturates and repeats `Timestamp::MAX` instead of panicking or wrapping.
 #[derive(Debug)]
-pub struct Hlc<C: PhysicalClock = SystemClock> {
+pub struct Hlc<C: Clock = SystemClock> {
     clock: C,
     max_offset_ms: u64,
     last: Timestamp,
@@ -188,7 +155,7 @@ pub struct Hlc<C: PhysicalClock = SystemClock> {
     max_observed_offset_ms: i64,
 }
 
-impl<C: PhysicalClock> Hlc<C> {
+impl<C: Clock> Hlc<C> {
     /// A clock at [`Timestamp::ZERO`]; remotes more than `max_offset_ms` ahead count as skew.
     pub fn new(clock: C, max_offset_ms: u64) -> Self {
         Self {
@@ -287,32 +254,17 @@ fn carry(physical_ms: u64, logical: u64) -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::time::ManualClock;
     use proptest::prelude::*;
-    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-    use std::sync::Arc;
 
-    /// Virtual time the test moves forward and backward while the `Hlc` owns a handle.
-    #[derive(Clone, Default)]
-    struct VirtualClock(Arc<AtomicU64>);
-    impl PhysicalClock for VirtualClock {
-        fn now_ms(&self) -> u64 {
-            self.0.load(SeqCst)
-        }
-    }
-    impl VirtualClock {
-        fn set(&self, ms: u64) {
-            self.0.store(ms, SeqCst);
-        }
-        /// A remote stamp `ahead` ms from now (negative = behind).
-        fn remote(&self, ahead: i64, logical: u32) -> Timestamp {
-            ts(self.now_ms().saturating_add_signed(ahead), logical)
-        }
+    /// A remote stamp `ahead` ms from `clock`'s now (negative = behind).
+    fn remote(clock: &ManualClock, ahead: i64, logical: u32) -> Timestamp {
+        ts(clock.now_ms().saturating_add_signed(ahead), logical)
     }
 
     const START: u64 = 1_000_000;
-    fn hlc(max_offset_ms: u64) -> (VirtualClock, Hlc<VirtualClock>) {
-        let clock = VirtualClock::default();
-        clock.set(START);
+    fn hlc(max_offset_ms: u64) -> (ManualClock, Hlc<ManualClock>) {
+        let clock = ManualClock::at(START);
         (clock.clone(), Hlc::new(clock, max_offset_ms))
     }
     fn ts(p: u64, l: u32) -> Timestamp {
@@ -353,7 +305,7 @@ mod tests {
                         floor = t;
                     }
                     Op::Update(ahead, logical) => {
-                        let r = clock.remote(ahead, logical);
+                        let r = remote(&clock, ahead, logical);
                         h.update(r);
                         prop_assert!(h.last() > r && h.last() > floor);
                         floor = h.last();
@@ -371,7 +323,7 @@ mod tests {
                     // Physical time only moves forward here.
                     Op::Forward(d) | Op::Back(d) => clock.set(clock.now_ms() + d),
                     Op::Now => drop(h.now()),
-                    Op::Update(ahead, logical) => drop(h.update(clock.remote(ahead, logical))),
+                    Op::Update(ahead, logical) => drop(h.update(remote(&clock, ahead, logical))),
                 }
                 let drift = h.last().physical_ms.saturating_sub(clock.now_ms()) as i64;
                 // +1: a remote with logical == MAX_LOGICAL carries into the next millisecond.
@@ -421,7 +373,7 @@ mod tests {
             let (clock, mut h) = hlc(max);
             let mut expected = 0;
             for a in aheads {
-                let obs = h.update(clock.remote(a, 0));
+                let obs = h.update(remote(&clock, a, 0));
                 prop_assert_eq!(obs, Observation { offset_ms: a, skew_violation: a > max as i64 });
                 expected += u64::from(a > max as i64);
                 prop_assert_eq!(h.skew_violations(), expected);

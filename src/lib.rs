@@ -11,6 +11,7 @@
 //! # Layout
 //! - [`key`]: validation of keys and payloads, payload fingerprints over
 //!   their RFC 8785 form ([`jcs`]).
+//! - [`time`]: the clock the logic takes as an input (wall, drill, virtual).
 //! - [`hlc`]: the hybrid logical clock.
 //! - [`record`]: the replicated records (JSON inside automerge).
 //! - [`ledger`]: sharded automerge documents plus the in-memory index of
@@ -47,4 +48,5 @@ pub mod node;
 pub mod p2p;
 pub mod record;
 pub mod storage;
+pub mod time;
 pub mod tls;

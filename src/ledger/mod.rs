@@ -31,17 +31,18 @@ pub use provisional::{Resolution, Stake};
 pub use relay::{NodeTag, Withhold};
 pub use view::{Allocation, ConflictView, KeyState, KeyView};
 
-use crate::hlc::{Hlc, Observation, OffsetClock, PhysicalClock, Timestamp};
+use crate::hlc::{Hlc, Observation, Timestamp};
 use crate::key::{Fingerprint, IdempotencyKey};
 use crate::record::{AllocationRecord, CompensationRecord, RECORD_VERSION};
 use crate::storage::Durable;
+use crate::time::{Clock, SharedClock};
 use automerge::{sync, ActorId};
 use document::{DocumentError, Entry, ShardDocument};
 use group::{EpochDoc, Group, Pending, NOT_ARRIVED};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Number of shards the key space is split over. Part of the data model:
 /// every node must use the same number.
@@ -203,8 +204,8 @@ pub struct Ledger {
     me: NodeIdentity,
     peers: Vec<String>,
     groups: Vec<Mutex<Group>>,
-    hlc: Mutex<Hlc<OffsetClock>>,
-    clock: OffsetClock,
+    hlc: Mutex<Hlc<SharedClock>>,
+    clock: SharedClock,
     windows: Windows,
     actor: ActorId,
     sink: Arc<dyn ChunkSink>,
@@ -215,7 +216,7 @@ pub struct Ledger {
     my_region: Arc<str>,
     my_node: Arc<str>,
     /// The last settlement scan and when it ran.
-    scan: Mutex<Option<(Instant, SettlementScan)>>,
+    scan: Mutex<Option<(u64, SettlementScan)>>,
     /// Own allocations resolved since the node last took them.
     resolutions: Mutex<Vec<Resolution>>,
     /// Whether `resolutions` may hold any, so that an empty take costs no lock.
@@ -230,7 +231,7 @@ impl Ledger {
     pub fn open(
         me: NodeIdentity,
         peers: Vec<String>,
-        clock: OffsetClock,
+        clock: SharedClock,
         max_clock_offset_ms: u64,
         windows: Windows,
         stored: Stored,
@@ -239,7 +240,7 @@ impl Ledger {
         // A fresh actor per process (a crash can never reuse a sequence
         // number) that names this node to its peers.
         let actor = NodeTag::of(&me.node).new_actor();
-        let mut hlc = Hlc::new(clock, max_clock_offset_ms);
+        let mut hlc = Hlc::new(clock.clone(), max_clock_offset_ms);
         let now = clock.now_ms();
         let mut groups: Vec<Group> = (0..SHARD_COUNT).map(|s| Group::new(s as u8)).collect();
         let mut malformed = 0;
@@ -347,7 +348,7 @@ impl Ledger {
         match Self::open(
             me,
             peers,
-            OffsetClock::default(),
+            Arc::new(crate::time::SystemClock),
             500,
             Windows::default(),
             Stored::default(),
@@ -387,7 +388,7 @@ impl Ledger {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn hlc(&self) -> MutexGuard<'_, Hlc<OffsetClock>> {
+    fn hlc(&self) -> MutexGuard<'_, Hlc<SharedClock>> {
         self.hlc.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -979,8 +980,9 @@ impl Ledger {
     /// that come often share one.
     fn settlement_scan(&self) -> SettlementScan {
         let mut cached = self.scan.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.wall_ms();
         if let Some((at, scan)) = *cached {
-            if at.elapsed() < SCAN_MAX_AGE {
+            if Duration::from_millis(now.saturating_sub(at)) < SCAN_MAX_AGE && at <= now {
                 return scan;
             }
         }
@@ -1006,7 +1008,7 @@ impl Ledger {
                 }
             }
         }
-        *cached = Some((Instant::now(), scan));
+        *cached = Some((now, scan));
         scan
     }
 }

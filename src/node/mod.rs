@@ -315,12 +315,16 @@ impl Node {
             node: peer_id.to_string(),
         };
         let peer_ids: Vec<String> = config.peers.iter().map(|p| p.peer_id.to_string()).collect();
+        // The drill offset (0 unless rehearsing skew) applies to everything
+        // the node's logic reads as time.
+        let clock: crate::time::SharedClock = Arc::new(crate::time::OffsetClock {
+            offset_ms: config.drill_clock_offset_ms,
+        });
+        let started_ms = crate::time::Clock::now_ms(&clock);
         let ledger = Arc::new(Ledger::open(
             me,
             peer_ids,
-            crate::hlc::OffsetClock {
-                offset_ms: config.drill_clock_offset_ms,
-            },
+            clock,
             config.max_clock_offset.as_millis() as u64,
             Windows::for_retention(config.retention.as_millis() as u64),
             Stored {
@@ -386,8 +390,7 @@ impl Node {
             compensations: Default::default(),
             conflict_inbox: Mutex::new(BTreeSet::new()),
             allocators,
-            started_ms: crate::hlc::PhysicalClock::now_ms(&crate::hlc::SystemClock)
-                .saturating_add_signed(config.drill_clock_offset_ms),
+            started_ms,
         });
         let listen_addrs =
             crate::p2p::spawn(node.clone(), keypair, &tasks, shutdown.clone()).await?;

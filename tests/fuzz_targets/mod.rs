@@ -81,7 +81,7 @@ fn ledger() -> &'static Ledger {
 
 /// A live document of the shared ledger, picked by the first byte.
 fn live_doc(pick: u8) -> DocId {
-    let now = oncemesh::hlc::PhysicalClock::now_ms(&oncemesh::hlc::SystemClock);
+    let now = oncemesh::time::Clock::now_ms(&oncemesh::time::SystemClock);
     DocId {
         epoch: Windows::default().epoch_of(now),
         shard: pick % SHARD_COUNT as u8,
