@@ -11,6 +11,7 @@
 //! # Layout
 //! - [`key`]: validation of keys and payloads, payload fingerprints.
 //! - [`hlc`]: the hybrid logical clock.
+//! - [`anomaly`]: rolling baselines that flag indicators above their normal.
 //! - [`record`]: the replicated records (JSON inside automerge).
 //! - [`ledger`]: sharded automerge documents plus the in-memory index of
 //!   every key's allocations; conflicts, winners, settlement. No I/O.
@@ -24,6 +25,7 @@
 //! - [`metrics`]: Prometheus metrics; [`config`]: flags and TOML.
 #![deny(missing_docs)]
 
+pub mod anomaly;
 pub mod cli;
 pub mod compensation;
 pub mod confidence;
