@@ -759,6 +759,9 @@ impl Ledger {
 
     /// Store delta with `peer` summed over documents, from the sync states:
     /// (changes the peer lacks, heads of the peer we have never seen).
+    /// While the peer is away (its session reset), what it lacks is counted
+    /// from the heads it last shared with us, so the delta to a cut-off
+    /// peer grows instead of reading 0.
     pub fn delta(&self, peer: &str) -> (usize, usize) {
         let (mut they_lack, mut we_lack) = (0, 0);
         for shard in 0..SHARD_COUNT {
@@ -767,7 +770,7 @@ impl Ledger {
                 if let Some(heads) = doc
                     .peers
                     .get(peer)
-                    .and_then(|p| p.sync.their_heads.as_ref())
+                    .map(|p| p.sync.their_heads.as_ref().unwrap_or(&p.sync.shared_heads))
                 {
                     they_lack += doc.doc.changes_missing_from(heads);
                     we_lack += doc.doc.unknown_heads(heads);
