@@ -6,7 +6,7 @@ use anyhow::Context;
 use serde_json::Value;
 
 /// Calls the API; returns (status, JSON body).
-async fn call(
+pub(super) async fn call(
     args: &ClientArgs,
     method: reqwest::Method,
     path: &str,
@@ -33,7 +33,7 @@ async fn call(
 }
 
 /// Prints an API error and returns the exit code for it.
-fn fail(status: u16, body: &Value) -> i32 {
+pub(super) fn fail(status: u16, body: &Value) -> i32 {
     let message = body
         .get("error")
         .and_then(Value::as_str)
@@ -43,7 +43,8 @@ fn fail(status: u16, body: &Value) -> i32 {
     1
 }
 
-fn s(v: &Value) -> String {
+/// A JSON value as a table cell (`-` for null).
+pub(super) fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -51,7 +52,8 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn short(id: &Value) -> String {
+/// A long id cut to its last characters.
+pub(super) fn short(id: &Value) -> String {
     let text = s(id);
     if text.len() > 16 {
         format!("…{}", &text[text.len() - 12..])
@@ -60,7 +62,8 @@ fn short(id: &Value) -> String {
     }
 }
 
-fn print_json(v: &Value) {
+/// Prints JSON for scripts.
+pub(super) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -178,110 +181,6 @@ pub async fn conflicts(args: &ClientArgs, state: Option<&str>) -> anyhow::Result
         )
     );
     println!("{} conflicting key(s)", list.len());
-    Ok(0)
-}
-
-/// `oncemesh status`.
-pub async fn status(args: &ClientArgs) -> anyhow::Result<i32> {
-    let mut code = 0;
-    let Some(body) = report(args, "/v1/health", None, &mut code).await? else {
-        return Ok(code);
-    };
-    println!(
-        "status: {} (region {}, peer {})",
-        s(&body["status"]),
-        s(&body["region"]),
-        s(&body["peer_id"])
-    );
-    for reason in body["reasons"].as_array().into_iter().flatten() {
-        println!("  - {}", s(reason));
-    }
-    let l = &body["ledger"];
-    let rows = vec![
-        vec!["keys".into(), s(&l["keys"])],
-        vec!["allocations".into(), s(&l["allocations"])],
-        vec!["provisional".into(), s(&l["provisional"])],
-        vec!["conflicts open".into(), s(&body["conflicts_open"])],
-        vec![
-            "cross-region replays".into(),
-            s(&body["cross_region_replays"]),
-        ],
-        vec![
-            "peers connected".into(),
-            format!(
-                "{} / {}",
-                s(&body["peers"]["connected"]),
-                s(&body["peers"]["allowlisted"])
-            ),
-        ],
-        vec![
-            "max peer staleness ms".into(),
-            s(&body["peers"]["max_staleness_ms"]),
-        ],
-        vec![
-            "store delta (changes peers lack)".into(),
-            s(&body["store_delta"]["they_lack_changes"]),
-        ],
-        vec![
-            "clock skew violations".into(),
-            s(&body["clock"]["skew_violations"]),
-        ],
-        vec![
-            "max remote clock offset ms".into(),
-            s(&body["clock"]["max_observed_offset_ms"]),
-        ],
-        vec![
-            "compensations in flight".into(),
-            s(&body["compensations"]["in_flight"]),
-        ],
-        vec![
-            "compensations dead-lettered".into(),
-            s(&body["compensations"]["dead_lettered"]),
-        ],
-    ];
-    println!("{}", render(&["INDICATOR", "VALUE"], &rows));
-    Ok(0)
-}
-
-/// `oncemesh peers`.
-pub async fn peers(args: &ClientArgs) -> anyhow::Result<i32> {
-    let mut code = 0;
-    let Some(body) = report(args, "/v1/peers", None, &mut code).await? else {
-        return Ok(code);
-    };
-    let rows: Vec<Vec<String>> = body["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|p| {
-            vec![
-                s(&p["peer_id"]),
-                if p["connected"] == Value::Bool(true) {
-                    "yes".into()
-                } else {
-                    "no".into()
-                },
-                s(&p["last_in_sync"]),
-                s(&p["store_delta"]["they_lack_changes"]),
-                s(&p["store_delta"]["we_lack_heads"]),
-                s(&p["clock_offset_ms"]),
-            ]
-        })
-        .collect();
-    println!(
-        "{}",
-        render(
-            &[
-                "PEER",
-                "CONNECTED",
-                "LAST IN SYNC",
-                "THEY LACK",
-                "WE LACK (HEADS)",
-                "CLOCK OFFSET MS"
-            ],
-            &rows
-        )
-    );
     Ok(0)
 }
 
