@@ -192,6 +192,14 @@ impl Metrics {
             indicator_threshold: Family::default(),
             registry: Registry::default(),
         };
+        // Every outcome's series exists from the start, at 0, so rates and
+        // alert rules over them have a series to work on before it happens.
+        for kind in ["created", "replay", "mismatch", "invalid", "error"] {
+            m.allocations.get_or_create(&Kind::of(kind)).inc_by(0);
+        }
+        for kind in ["succeeded", "failed", "dead-lettered"] {
+            m.compensations.get_or_create(&Kind::of(kind)).inc_by(0);
+        }
         let r = &mut registry;
         r.register_collector(Box::new(peers));
         r.register(

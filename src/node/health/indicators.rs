@@ -28,8 +28,8 @@ pub struct Judged {
     pub indicator: &'static str,
     /// The peer, for per-peer indicators.
     pub peer: Option<String>,
-    /// The last reading.
-    pub reading: Reading,
+    /// The last reading (`None` before the first sample).
+    pub reading: Option<Reading>,
 }
 
 /// Every detector of the node.
@@ -123,7 +123,7 @@ impl Indicators {
         self.near_miss_rate
     }
 
-    /// Every indicator with a reading, for the metrics.
+    /// Every indicator, for the metrics.
     pub fn judged(&self) -> Vec<Judged> {
         let mut out = Vec::new();
         for (peer, d) in &self.peers {
@@ -132,22 +132,18 @@ impl Indicators {
                 ("delta", &d.delta),
                 ("clock_offset", &d.offset),
             ] {
-                if let Some(reading) = detector.last() {
-                    out.push(Judged {
-                        indicator,
-                        peer: Some(peer.clone()),
-                        reading,
-                    });
-                }
+                out.push(Judged {
+                    indicator,
+                    peer: Some(peer.clone()),
+                    reading: detector.last(),
+                });
             }
         }
-        if let Some(reading) = self.near_miss.last() {
-            out.push(Judged {
-                indicator: "near_miss_rate",
-                peer: None,
-                reading,
-            });
-        }
+        out.push(Judged {
+            indicator: "near_miss_rate",
+            peer: None,
+            reading: self.near_miss.last(),
+        });
         out
     }
 

@@ -299,13 +299,17 @@ pub fn refresh_gauges(node: &Node) {
             region: regions.get(peer.as_str()).cloned().unwrap_or_default(),
             peer,
         };
+        // NaN while there is no baseline (before the first sample) or no
+        // threshold (warming up): a gap on a graph, not a made-up number.
         let r = judged.reading;
         m.indicator_anomalous
             .get_or_create(&labels)
-            .set(i64::from(r.anomalous));
-        m.indicator_baseline.get_or_create(&labels).set(r.mean);
-        if let Some(t) = r.threshold {
-            m.indicator_threshold.get_or_create(&labels).set(t);
-        }
+            .set(i64::from(r.is_some_and(|r| r.anomalous)));
+        m.indicator_baseline
+            .get_or_create(&labels)
+            .set(r.map_or(f64::NAN, |r| r.mean));
+        m.indicator_threshold
+            .get_or_create(&labels)
+            .set(r.and_then(|r| r.threshold).unwrap_or(f64::NAN));
     }
 }
