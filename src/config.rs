@@ -456,6 +456,27 @@ mod tests {
     }
 
     #[test]
+    fn the_example_deployment_files_are_valid_and_state_the_defaults() {
+        for region in ["sgp", "lon", "nyc"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("examples/deploy/{region}.toml"));
+            let config = RunArgs {
+                config: Some(path),
+                ..RunArgs::default()
+            }
+            .resolve()
+            .unwrap_or_else(|e| panic!("{region}: {e}"));
+            assert_eq!(config.region, region);
+            assert_eq!(config.peers.len(), 2);
+            // The files spell out the [health] defaults: they must be the code's.
+            assert_eq!(
+                config.health,
+                crate::node::health::settings::HealthSettings::default()
+            );
+        }
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.toml");
