@@ -16,6 +16,7 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ListenError, NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, identity::Keypair, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -131,6 +132,8 @@ pub struct EventLoop {
     last_heartbeat: Instant,
     /// When the last link change stops settling (see [`LINK_SETTLE`]).
     settle_ends: Option<Instant>,
+    /// A sampling round ([`crate::node::health::sample_round`]) is running.
+    sampling: Arc<AtomicBool>,
 }
 
 impl EventLoop {
@@ -232,6 +235,7 @@ impl EventLoop {
                 internal_rx,
                 last_heartbeat: Instant::now(),
                 settle_ends: None,
+                sampling: Arc::new(AtomicBool::new(false)),
             },
             listen_addrs,
         ))
@@ -329,8 +333,15 @@ impl EventLoop {
     /// the round goes on in [`EventLoop::heartbeat_with`].
     fn heartbeat(&mut self) {
         self.off_loop(|node| Internal::Digests(node.ledger.digests()));
-        let node = self.node.clone();
-        tokio::task::spawn_blocking(move || crate::node::health::sample_round(&node));
+        // One sampling round at a time: counting a far-behind peer's delta
+        // can take longer than a round, and rounds must not pile up.
+        if !self.sampling.swap(true, Ordering::AcqRel) {
+            let (node, sampling) = (self.node.clone(), self.sampling.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::node::health::sample_round(&node);
+                sampling.store(false, Ordering::Release);
+            });
+        }
     }
 
     /// Runs `work`, which takes shard locks, on the blocking pool and hands

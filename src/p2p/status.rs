@@ -47,6 +47,8 @@ pub struct PeerStatus {
     /// Heads the peer has announced that we have not seen: at least this
     /// many changes are missing here.
     pub we_lack_heads: u64,
+    /// When (wall ms) the two above were last counted.
+    pub delta_counted_ms: u64,
     /// Replication lag now, seconds: how long ago the oldest allocation
     /// made here that the peer's digests do not yet show was made (0 when
     /// the peer shows every one).

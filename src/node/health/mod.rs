@@ -208,13 +208,26 @@ pub fn sample_round(node: &Node) {
     node.lag_tracker()
         .retain(|doc| windows.live(doc.epoch, now));
     let mut total = 0i64;
-    for key in node.ledger.peers() {
-        let (lack, we_lack) = node.ledger.delta(key);
+    for was in node.peers.snapshot() {
+        let key = was.peer_id.as_str();
+        // Counting what an absent peer lacks walks every change since it
+        // left, under the shard locks: while it is away, every tenth round.
+        let recount = was.connected
+            || now.saturating_sub(was.delta_counted_ms)
+                >= 10 * node.config.sync_interval.as_millis() as u64;
+        let (lack, we_lack) = if recount {
+            node.ledger.delta(key)
+        } else {
+            (was.they_lack_changes as usize, was.we_lack_heads as usize)
+        };
         total += lack as i64;
         let lag = node.lag_tracker().lag_ms(key, now) as f64 / 1000.0;
         node.peers.update(key, |s| {
             s.they_lack_changes = lack as u64;
             s.we_lack_heads = we_lack as u64;
+            if recount {
+                s.delta_counted_ms = now;
+            }
             s.sample_lag(lag);
         });
         if let Some(h) = node.peers.histograms(key) {
