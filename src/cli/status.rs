@@ -88,6 +88,9 @@ fn offset(v: &Value) -> String {
 
 /// A row per peer; `short_ids` abbreviates peer ids to fit one screen.
 fn peer_table(peers: &Value, short_ids: bool) -> String {
+    if peers.as_array().is_none_or(|p| p.is_empty()) {
+        return "no peers (a single node: no --peer configured)".into();
+    }
     let rows: Vec<Vec<String>> = peers
         .as_array()
         .into_iter()
