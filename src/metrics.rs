@@ -11,7 +11,7 @@
 //! read.
 
 use crate::hlc::{OffsetClock, PhysicalClock};
-use crate::p2p::status::{PeerHistograms, PeerStatus, PeerTable};
+use crate::p2p::status::{PeerSamples, PeerStatus, PeerTable};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -424,7 +424,7 @@ struct PeerKind {
 
 /// The region label of a peer: as it last reported it, `unknown` before.
 pub fn region_label(status: &PeerStatus) -> String {
-    status.region.clone().unwrap_or_else(|| "unknown".into())
+    status.region.as_deref().unwrap_or("unknown").to_owned()
 }
 
 /// Writes the per-peer series at each scrape, from the peer table: the
@@ -456,7 +456,7 @@ struct PeerFamily {
         &mut prometheus_client::encoding::MetricEncoder,
         &PeerLabels,
         &PeerStatus,
-        &PeerHistograms,
+        &PeerSamples,
         &PeerSeries,
     ) -> std::fmt::Result,
 }
@@ -595,7 +595,7 @@ const PEER_FAMILIES: &[PeerFamily] = &[
 
 impl Collector for PeerSeries {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let peers = self.peers.with_histograms();
+        let peers = self.peers.with_samples();
         if peers.is_empty() {
             return Ok(());
         }
@@ -635,11 +635,7 @@ mod tests {
             s.count_drop("malformed");
             s.count_message(crate::p2p::status::Direction::Sent, 300);
         });
-        table
-            .histograms("12D3KooA")
-            .unwrap()
-            .lag_seconds
-            .observe(0.02);
+        table.samples("12D3KooA").unwrap().lag_seconds.observe(0.02);
         let metrics = Metrics::new(PeerSeries {
             peers: table,
             clock: OffsetClock::default(),

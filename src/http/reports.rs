@@ -92,6 +92,7 @@ pub async fn peers(State(node): State<Arc<Node>>) -> Json<Value> {
         .into_iter()
         .map(|p| {
             let since_in_sync = now.saturating_sub(p.last_in_sync_ms.unwrap_or(node.started_ms()));
+            let samples = node.peers.samples(&p.peer_id);
             json!({
                 "peer_id": p.peer_id,
                 "region": p.region,
@@ -103,8 +104,8 @@ pub async fn peers(State(node): State<Arc<Node>>) -> Json<Value> {
                 "seconds_since_in_sync": since_in_sync as f64 / 1000.0,
                 "replication_lag_seconds": {
                     "now": p.lag_seconds,
-                    "p50": p.recent_lag_quantile(0.5),
-                    "p99": p.recent_lag_quantile(0.99),
+                    "p50": samples.and_then(|s| s.recent_lag_quantile(0.5)),
+                    "p99": samples.and_then(|s| s.recent_lag_quantile(0.99)),
                 },
                 "store_delta": { "they_lack_changes": p.they_lack_changes, "we_lack_heads": p.we_lack_heads },
                 "clock_offset_ms": p.clock_offset_ms,

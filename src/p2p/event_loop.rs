@@ -674,7 +674,7 @@ impl EventLoop {
             s.clock_offset_ms = Some(offset_ms);
             s.skew_violations += u64::from(violation);
             if let Some(o) = origin {
-                s.region = Some(o.region.clone());
+                s.region = Some(o.region.as_str().into());
             }
         });
         if violation {
@@ -690,7 +690,7 @@ impl EventLoop {
         if let Some(o) = origin {
             self.node
                 .peers
-                .update(peer, |s| s.region = Some(o.region.clone()));
+                .update(peer, |s| s.region = Some(o.region.as_str().into()));
         }
     }
 

@@ -9,7 +9,7 @@
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Lag samples kept per peer for the p50 / p99 that `oncemesh peers` and
@@ -33,8 +33,9 @@ pub struct PeerStatus {
     /// Configured address.
     pub address: String,
     /// The region the peer last reported (`None` until it has spoken, or
-    /// if it runs a version that does not report one).
-    pub region: Option<String>,
+    /// if it runs a version that does not report one). Shared, since the
+    /// status is copied for every allocation's confidence.
+    pub region: Option<Arc<str>>,
     /// Whether a connection is open now.
     pub connected: bool,
     /// Wall-clock ms since which the peer is connected (or was last seen).
@@ -73,9 +74,6 @@ pub struct PeerStatus {
     pub redial_attempts: u32,
     /// Redial attempts since start.
     pub redials_total: u64,
-    /// The last [`RECENT_SAMPLES`] lag samples, oldest first.
-    #[serde(skip)]
-    pub recent_lag: VecDeque<f64>,
 }
 
 impl PeerStatus {
@@ -83,14 +81,6 @@ impl PeerStatus {
     pub fn staleness(&self, now_ms: u64) -> Option<Duration> {
         self.last_in_sync_ms
             .map(|t| Duration::from_millis(now_ms.saturating_sub(t)))
-    }
-
-    /// The `q` quantile (0..=1) of the recent lag samples, seconds.
-    pub fn recent_lag_quantile(&self, q: f64) -> Option<f64> {
-        let mut sorted: Vec<f64> = self.recent_lag.iter().copied().collect();
-        sorted.sort_by(f64::total_cmp);
-        let last = sorted.len().checked_sub(1)?;
-        Some(sorted[((last as f64) * q.clamp(0.0, 1.0)).round() as usize])
     }
 
     /// Counts a message and its payload bytes.
@@ -108,27 +98,22 @@ impl PeerStatus {
         self.dropped_messages += 1;
         *self.dropped_by_kind.entry(kind).or_default() += 1;
     }
-
-    /// Records one sync round's lag sample.
-    pub fn sample_lag(&mut self, seconds: f64) {
-        self.lag_seconds = seconds;
-        if self.recent_lag.len() == RECENT_SAMPLES {
-            self.recent_lag.pop_front();
-        }
-        self.recent_lag.push_back(seconds);
-    }
 }
 
-/// The distributions of one peer, sampled every sync round.
-#[derive(Clone, Debug)]
-pub struct PeerHistograms {
+/// The samples of one peer, taken every sync round. Kept apart from
+/// [`PeerStatus`], which is copied on every allocation (for confidence):
+/// these are only read by scrapes and reports.
+#[derive(Debug)]
+pub struct PeerSamples {
     /// Replication lag, seconds.
     pub lag_seconds: Histogram,
     /// Changes the peer lacks.
     pub delta_changes: Histogram,
+    /// The last [`RECENT_SAMPLES`] lag samples, oldest first.
+    recent_lag: Mutex<VecDeque<f64>>,
 }
 
-impl PeerHistograms {
+impl PeerSamples {
     fn new() -> Self {
         Self {
             // 5 ms to about 11 minutes.
@@ -137,7 +122,33 @@ impl PeerHistograms {
             delta_changes: Histogram::new(
                 std::iter::once(0.0).chain(exponential_buckets(1.0, 2.0, 20)),
             ),
+            recent_lag: Mutex::new(VecDeque::with_capacity(RECENT_SAMPLES)),
         }
+    }
+
+    /// Records one sync round: the lag in seconds and the changes the peer lacks.
+    pub fn record_round(&self, lag_seconds: f64, delta: u64) {
+        self.lag_seconds.observe(lag_seconds);
+        self.delta_changes.observe(delta as f64);
+        let mut recent = self.recent_lag.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_SAMPLES {
+            recent.pop_front();
+        }
+        recent.push_back(lag_seconds);
+    }
+
+    /// The `q` quantile (0..=1) of the recent lag samples, seconds.
+    pub fn recent_lag_quantile(&self, q: f64) -> Option<f64> {
+        let mut sorted: Vec<f64> = self
+            .recent_lag
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        sorted.sort_by(f64::total_cmp);
+        let last = sorted.len().checked_sub(1)?;
+        Some(sorted[((last as f64) * q.clamp(0.0, 1.0)).round() as usize])
     }
 }
 
@@ -145,8 +156,8 @@ impl PeerHistograms {
 #[derive(Default)]
 pub struct PeerTable {
     peers: Mutex<BTreeMap<String, PeerStatus>>,
-    /// Fixed at start, so observing needs no lock of the table.
-    histograms: BTreeMap<String, PeerHistograms>,
+    /// Fixed at start, so sampling needs no lock of the table.
+    samples: BTreeMap<String, PeerSamples>,
 }
 
 impl PeerTable {
@@ -165,13 +176,13 @@ impl PeerTable {
                 )
             })
             .collect();
-        let histograms = peers
+        let samples = peers
             .keys()
-            .map(|id| (id.clone(), PeerHistograms::new()))
+            .map(|id| (id.clone(), PeerSamples::new()))
             .collect();
         Self {
             peers: Mutex::new(peers),
-            histograms,
+            samples,
         }
     }
 
@@ -180,17 +191,17 @@ impl PeerTable {
         self.lock().values().cloned().collect()
     }
 
-    /// Every peer's status with its histograms, in peer id order.
-    pub fn with_histograms(&self) -> Vec<(PeerStatus, &PeerHistograms)> {
+    /// Every peer's status with its samples, in peer id order.
+    pub fn with_samples(&self) -> Vec<(PeerStatus, &PeerSamples)> {
         self.lock()
             .values()
-            .filter_map(|s| Some((s.clone(), self.histograms.get(&s.peer_id)?)))
+            .filter_map(|s| Some((s.clone(), self.samples.get(&s.peer_id)?)))
             .collect()
     }
 
-    /// The histograms of `peer` (`None` for a peer outside the allowlist).
-    pub fn histograms(&self, peer: &str) -> Option<&PeerHistograms> {
-        self.histograms.get(peer)
+    /// The samples of `peer` (`None` for a peer outside the allowlist).
+    pub fn samples(&self, peer: &str) -> Option<&PeerSamples> {
+        self.samples.get(peer)
     }
 
     /// Whether any peer is connected now: someone can receive a change.
@@ -222,23 +233,21 @@ mod tests {
         let peers = table.snapshot();
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].dropped_by_kind.get("malformed"), Some(&1));
-        assert!(table.histograms("stranger").is_none());
+        assert!(table.samples("stranger").is_none());
     }
 
     #[test]
     fn recent_lag_quantiles_cover_the_last_samples_only() {
-        let mut s = PeerStatus::default();
+        let s = PeerSamples::new();
         assert_eq!(s.recent_lag_quantile(0.5), None);
         for _ in 0..RECENT_SAMPLES {
-            s.sample_lag(100.0);
+            s.record_round(100.0, 0);
         }
         for i in 0..RECENT_SAMPLES {
-            s.sample_lag(i as f64 / 100.0);
+            s.record_round(i as f64 / 100.0, 0);
         }
-        assert_eq!(s.recent_lag.len(), RECENT_SAMPLES);
         assert_eq!(s.recent_lag_quantile(0.0), Some(0.0));
         assert_eq!(s.recent_lag_quantile(0.5), Some(1.5));
         assert_eq!(s.recent_lag_quantile(0.99), Some(2.96));
-        assert_eq!(s.lag_seconds, 2.99);
     }
 }

@@ -228,11 +228,10 @@ pub fn sample_round(node: &Node) {
             if recount {
                 s.delta_counted_ms = now;
             }
-            s.sample_lag(lag);
+            s.lag_seconds = lag;
         });
-        if let Some(h) = node.peers.histograms(key) {
-            h.lag_seconds.observe(lag);
-            h.delta_changes.observe(lack as f64);
+        if let Some(samples) = node.peers.samples(key) {
+            samples.record_round(lag, lack as u64);
         }
     }
     node.metrics.store_delta_changes.set(total);
