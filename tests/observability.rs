@@ -309,6 +309,7 @@ async fn a_drilled_clock_shows_as_that_peers_offset_and_skew_on_the_others_only(
                 let p = peer_row(&c, at, 1).await;
                 p["clock_offset_ms"].as_i64() > Some(2500)
                     && p["skew_violations"].as_u64() > Some(0)
+                    && peer_row(&c, at, other).await["clock_offset_ms"].is_i64()
             })
             .await,
             "node {at}: {}",

@@ -178,7 +178,11 @@ impl EventLoop {
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
             .build();
         swarm.listen_on(node.config.listen.clone()).map_err(|e| {
-            StartError::Network(format!("cannot listen on {}: {e}", node.config.listen))
+            // libp2p's transport error displays nothing of an I/O cause
+            // (such as the port being taken): name the cause itself.
+            let cause =
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), |c| c.to_string());
+            StartError::Network(format!("cannot listen on {}: {cause}", node.config.listen))
         })?;
         let mut listen_addrs = Vec::new();
         let deadline = tokio::time::sleep(Duration::from_secs(10));
