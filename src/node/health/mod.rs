@@ -7,9 +7,10 @@
 //! - [`reasons`]: the reasons' stable codes and shape.
 //! - [`indicators`]: the rolling baselines, fed by [`sample_round`].
 //!
-//! A report costs O(peers + open conflicts): counts come from the ledger's
+//! A report costs O(peers + conflicted keys): counts come from the ledger's
 //! kept counts, peers from the peer table, anomalies from detectors updated
-//! once per sync round, never from a walk over the keys on the request path.
+//! once per sync round, never from a walk over the keys on the request path
+//! (but for `Ledger::stats`'s settlement scan, cached for a second).
 
 pub mod indicators;
 pub mod reasons;
@@ -34,8 +35,29 @@ pub struct Report {
     pub body: Value,
 }
 
-/// Every reason that holds now.
-fn reasons(node: &Node, peers: &[PeerStatus], malformed: u64, now: u64) -> Vec<Reason> {
+/// What health needs of the conflict report: how many conflicts are open
+/// (not yet compensated) and when the oldest of them was detected. One
+/// look at the conflicts per report: O(conflicted keys), not O(keys).
+fn open_conflicts(node: &Node) -> (usize, Option<u64>) {
+    let conflicts = node.ledger.conflicts();
+    let open = conflicts
+        .iter()
+        .filter(|c| !crate::http::is_resolved(&c.key));
+    open.fold((0, None), |(n, oldest), c| {
+        let t = c.detected_at_ms;
+        (n + 1, Some(oldest.map_or(t, |o: u64| o.min(t))))
+    })
+}
+
+/// Every reason that holds now; `oldest_open` is when the oldest open
+/// conflict was detected.
+fn reasons(
+    node: &Node,
+    peers: &[PeerStatus],
+    malformed: u64,
+    oldest_open: Option<u64>,
+    now: u64,
+) -> Vec<Reason> {
     let mut out = Vec::new();
     if node.storage.is_stopped() {
         out.push(Reason::new(
@@ -116,13 +138,6 @@ fn reasons(node: &Node, peers: &[PeerStatus], malformed: u64, now: u64) -> Vec<R
             .crossed(dead_lettered as f64, 0.0, "compensations"),
         );
     }
-    let oldest_open = node
-        .ledger
-        .conflicts()
-        .iter()
-        .filter(|c| !crate::http::is_resolved(&c.key))
-        .map(|c| c.detected_at_ms)
-        .min();
     if let Some(detected) = oldest_open {
         let open_s = now.saturating_sub(detected) as f64 / 1000.0;
         if open_s > too_long.as_secs_f64() {
@@ -156,15 +171,10 @@ pub fn report(node: &Node) -> Report {
     let stats = node.ledger.stats();
     let clock = node.ledger.clock();
     let peers = node.peers.snapshot();
-    let reasons = reasons(node, &peers, stats.malformed_records, now);
+    let (open_conflicts, oldest_open) = open_conflicts(node);
+    let reasons = reasons(node, &peers, stats.malformed_records, oldest_open, now);
     let status = status_of(&reasons);
     let (in_flight, dead_lettered) = crate::compensation::own_counts(node);
-    let open_conflicts = node
-        .ledger
-        .conflicts()
-        .iter()
-        .filter(|c| !crate::http::is_resolved(&c.key))
-        .count();
     let max_staleness_ms = peers
         .iter()
         .map(|p| {
@@ -286,7 +296,8 @@ pub fn refresh_gauges(node: &Node) {
     let (in_flight, dead) = crate::compensation::own_counts(node);
     m.compensations_in_flight.set(in_flight as i64);
     m.compensations_dead_lettered.set(dead as i64);
-    let found = reasons(node, &peers, stats.malformed_records, now);
+    let (_, oldest_open) = open_conflicts(node);
+    let found = reasons(node, &peers, stats.malformed_records, oldest_open, now);
     m.health_status.set(status_of(&found).gauge());
     for code in Code::ALL {
         let present = found.iter().filter(|r| r.code == code).count();
