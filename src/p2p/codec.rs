@@ -96,6 +96,20 @@ pub struct Origin {
     pub held_ms: u32,
 }
 
+impl Origin {
+    /// The responder's clock offset against ours (positive: it is ahead),
+    /// from a round trip that left here at `sent_ms` and came back at
+    /// `received_ms` (our wall clock), as NTP estimates it: the responder's
+    /// clock midway through its hold against the middle of the round trip.
+    /// Exact when both directions take equal time; off by at most half the
+    /// network round trip otherwise.
+    pub fn clock_offset_ms(&self, sent_ms: u64, received_ms: u64) -> i64 {
+        let ours = (i128::from(sent_ms) + i128::from(received_ms)) / 2;
+        let theirs = i128::from(self.wall_ms) - i128::from(self.held_ms) / 2;
+        i64::try_from(theirs - ours).unwrap_or(if theirs > ours { i64::MAX } else { i64::MIN })
+    }
+}
+
 /// A request: the sender's clock and window, and its documents.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SyncRequest {
@@ -617,6 +631,30 @@ mod tests {
             decode_response(&encode_response(&response)).unwrap(),
             response
         );
+    }
+
+    #[test]
+    fn the_clock_offset_is_read_from_the_middle_of_the_round_trip_and_of_the_hold() {
+        // 100 ms each way, held 300 ms, the peer's clock 2 s ahead: it
+        // received at 1100 (3100 by its clock) and answered at 3400.
+        let origin = Origin {
+            region: "lon".into(),
+            wall_ms: 3400,
+            held_ms: 300,
+        };
+        assert_eq!(origin.clock_offset_ms(1000, 1500), 2000);
+        // A peer behind, and no hold.
+        let behind = Origin {
+            wall_ms: 500,
+            held_ms: 0,
+            ..origin.clone()
+        };
+        assert_eq!(behind.clock_offset_ms(1000, 1000), -500);
+        let far = Origin {
+            wall_ms: u64::MAX,
+            ..origin
+        };
+        assert!(far.clock_offset_ms(0, 0) > 0, "saturates, never wraps");
     }
 
     #[test]

@@ -795,13 +795,10 @@ impl EventLoop {
             p.outbound = Outbound::Idle;
         }
         let key = p.key.clone();
-        // As NTP does: the responder's clock read midway through its hold,
-        // against the middle of our round trip.
-        let measured = response.origin.as_ref().map(|o| {
-            let ours = (p.sent_wall_ms + now) as i128 / 2;
-            let theirs = o.wall_ms as i128 - i128::from(o.held_ms) / 2;
-            i64::try_from(theirs - ours).unwrap_or(i64::MAX)
-        });
+        let measured = response
+            .origin
+            .as_ref()
+            .map(|o| o.clock_offset_ms(p.sent_wall_ms, now));
         let theirs: Vec<(DocId, [u8; 32])> = response
             .digests
             .iter()
