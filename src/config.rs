@@ -70,6 +70,10 @@ pub struct RunArgs {
     /// Bearer token required on every API request except /v1/health and /metrics.
     #[arg(long, env = "ONCEMESH_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// Read the bearer token from this file (e.g. a systemd credential,
+    /// `%d/api-token`), so it appears on no command line.
+    #[arg(long, value_name = "FILE", conflicts_with = "api_token")]
+    pub api_token_file: Option<PathBuf>,
     /// Compensation action for this node's losing allocations: `log` or `webhook:URL` (http:// or https://) [default: log].
     #[arg(long, value_name = "log|webhook:URL")]
     pub compensation: Option<String>,
@@ -100,6 +104,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub webhook_client_key: Option<PathBuf>,
     /// Extra headers of every webhook call, such as `Authorization`: a
+    /// The `[health]` section: thresholds and anomaly detection (TOML only;
+    /// see `node::health::settings`).
+    #[arg(skip)]
+    pub health: Option<crate::node::health::settings::HealthFile>,
     /// `[webhook_headers]` table in the TOML file only, never a flag, since
     /// a command line is visible to every user of the machine.
     #[arg(skip)]
@@ -237,6 +245,8 @@ pub struct NodeConfig {
     pub amount_pointer: String,
     /// JSON pointer of a payload's currency.
     pub currency_pointer: String,
+    /// Health thresholds and anomaly detection.
+    pub health: crate::node::health::settings::HealthSettings,
 }
 
 impl RunArgs {
@@ -262,6 +272,7 @@ impl RunArgs {
             },
             http: self.http.or(file.http),
             api_token: self.api_token.or(file.api_token),
+            api_token_file: self.api_token_file.or(file.api_token_file),
             compensation: self.compensation.or(file.compensation),
             max_clock_offset: self.max_clock_offset.or(file.max_clock_offset),
             retention: self.retention.or(file.retention),
@@ -284,17 +295,13 @@ impl RunArgs {
                 .or(file.compensation_max_backoff),
             amount_pointer: self.amount_pointer.or(file.amount_pointer),
             currency_pointer: self.currency_pointer.or(file.currency_pointer),
+            health: self.health.or(file.health),
         }
     }
 
     fn validate(self) -> Result<NodeConfig, ConfigError> {
         let region = self.region.unwrap_or_else(|| "local".into());
-        if region.is_empty()
-            || region.len() > 64
-            || !region
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
+        if !is_valid_region(&region) {
             return Err(invalid(
                 "--region",
                 &region,
@@ -337,7 +344,18 @@ impl RunArgs {
             self.webhook_headers,
             self.webhook_headers_file,
         )?;
-        if self.api_token.as_deref() == Some("") {
+        let api_token = match (&self.api_token, &self.api_token_file) {
+            (Some(_), Some(path)) => {
+                return Err(invalid(
+                    "--api-token-file",
+                    path.display(),
+                    "give --api-token or --api-token-file, not both",
+                ))
+            }
+            (_, Some(path)) => Some(read_token(path)?),
+            (token, None) => token.clone(),
+        };
+        if api_token.as_deref() == Some("") {
             return Err(invalid("--api-token", "", "must not be empty"));
         }
         let attempts = self.compensation_max_attempts.unwrap_or(8);
@@ -382,7 +400,7 @@ impl RunArgs {
             listen,
             peers,
             http,
-            api_token: self.api_token,
+            api_token,
             compensation,
             max_clock_offset: duration("--max-clock-offset", self.max_clock_offset, "500ms")?,
             retention: duration("--retention", self.retention, "24h")?,
@@ -395,8 +413,28 @@ impl RunArgs {
             drill_clock_offset_ms: signed_ms(self.drill_clock_offset)?,
             amount_pointer,
             currency_pointer,
+            health: self.health.unwrap_or_default().validate()?,
         })
     }
+}
+
+/// Whether `region` may name a region: 1 to 64 letters, digits, '-', '_'
+/// or '.'. Peers report their region and it becomes a metric label, so
+/// what a peer sends is held to the same rule.
+pub fn is_valid_region(region: &str) -> bool {
+    (1..=64).contains(&region.len())
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// The token in `path`, without the line end an editor leaves.
+fn read_token(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
 }
 
 /// Checks the webhook settings against the action: TLS material only for
@@ -692,6 +730,58 @@ mod tests {
             ..RunArgs::default()
         };
         assert!(headers_for_log.resolve().is_err());
+    }
+
+    #[test]
+    fn the_api_token_can_come_from_a_file_and_health_from_its_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("api-token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "api_token_file = {:?}\n[health]\nlag_threshold = \"3s\"\n[health.anomaly]\nk = 2.5\n",
+                token
+            ),
+        )
+        .unwrap();
+        let config = RunArgs {
+            config: Some(path),
+            ..RunArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.api_token.as_deref(), Some("s3cret"));
+        assert_eq!(config.health.lag_threshold, Duration::from_secs(3));
+        assert_eq!(config.health.lag.k, 2.5);
+        let both = RunArgs {
+            api_token: Some("x".into()),
+            api_token_file: Some(token),
+            ..RunArgs::default()
+        };
+        assert!(both.resolve().is_err());
+    }
+
+    #[test]
+    fn the_example_deployment_files_are_valid_and_state_the_defaults() {
+        for region in ["sgp", "lon", "nyc"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("examples/deploy/{region}.toml"));
+            let config = RunArgs {
+                config: Some(path),
+                ..RunArgs::default()
+            }
+            .resolve()
+            .unwrap_or_else(|e| panic!("{region}: {e}"));
+            assert_eq!(config.region, region);
+            assert_eq!(config.peers.len(), 2);
+            // The files spell out the [health] defaults: they must be the code's.
+            assert_eq!(
+                config.health,
+                crate::node::health::settings::HealthSettings::default()
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //!   their RFC 8785 form ([`jcs`]).
 //! - [`time`]: the clock the logic takes as an input (wall, drill, virtual).
 //! - [`hlc`]: the hybrid logical clock.
+//! - [`anomaly`]: rolling baselines that flag indicators above their normal.
 //! - [`record`]: the replicated records (JSON inside automerge).
 //! - [`ledger`]: sharded automerge documents plus the in-memory index of
 //!   every key's allocations; conflicts, winners, settlement. No I/O.
@@ -30,6 +31,7 @@
 //! - [`tls`]: the rustls provider every HTTP client uses.
 #![deny(missing_docs)]
 
+pub mod anomaly;
 pub mod cli;
 pub mod client;
 pub mod compensation;

@@ -1135,10 +1135,12 @@ async fn command_line_client() {
 
     let out = cli(&["status", "--node", url]).await;
     assert!(out.status.success(), "status: {out:?}");
-    assert!(text(&out.stdout).contains("status: ok"), "{out:?}");
+    assert!(text(&out.stdout).starts_with("OK region sgp"), "{out:?}");
+    assert!(text(&out.stdout).contains("no peers"), "{out:?}");
     let out = cli(&["status", "--node", url, "--json"]).await;
     let body: Value = serde_json::from_slice(&out.stdout).expect("status --json");
-    assert_eq!(body["ledger"]["allocations"], 2);
+    assert_eq!(body["health"]["ledger"]["allocations"], 2);
+    assert_eq!(body["peers"], json!([]));
 
     let out = cli(&["conflicts", "--json", "--node", url]).await;
     assert!(out.status.success(), "conflicts: {out:?}");

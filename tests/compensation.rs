@@ -752,10 +752,14 @@ async fn a_permanent_failure_dead_letters_and_an_operator_retry_finishes_it() {
             "node {node}: {entry}"
         );
     }
-    let (_, health) = owner.get_json("/v1/health").await;
+    let (code, health) = owner.get_json("/v1/health").await;
     assert_eq!(health["status"], "critical", "{health}");
-    let reasons = health["reasons"].to_string();
-    assert!(reasons.contains("dead-lettered"), "{health}");
+    assert_eq!(code, 503, "critical answers 503: {health}");
+    let reasons = health["reasons"].as_array().unwrap();
+    assert!(
+        reasons.iter().any(|r| r["code"] == "dead_lettered"),
+        "{health}"
+    );
     assert_eq!(health["compensations"]["dead_lettered"], 1, "{health}");
     assert_eq!(rx.calls_for(&loser.txn).len(), 1, "{}", rx.describe());
     assert_eq!(rx.effects(), 0, "{}", rx.describe());

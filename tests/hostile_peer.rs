@@ -1,5 +1,5 @@
 //! An allowlisted peer that sends garbage on `/oncemesh/sync/1` or
-//! `/oncemesh/sync/2` (compressed) cannot crash the node: every bad message
+//! `/oncemesh/sync/3` (compressed) cannot crash the node: every bad message
 //! is dropped, counted and logged, and the node keeps serving.
 
 mod support;
@@ -78,6 +78,9 @@ fn frame(body: &[u8]) -> Vec<u8> {
 fn body_with_message(epoch: u32, shard: u8, message: &[u8]) -> Vec<u8> {
     let request = SyncRequest {
         hlc: Timestamp::new(1, 0),
+        // A version 3 frame, as earlier versions send: it decodes under
+        // every protocol.
+        origin: None,
         window_ms: Windows::default().window_ms,
         connected: Vec::new(),
         docs: vec![DocMessage {
@@ -242,7 +245,7 @@ async fn garbage_on_the_sync_protocol_is_dropped_and_counted() {
     let dropped_before_good = send_garbage(&c, &keypair, PROTOCOL, compressed).await;
 
     // A good request is answered on both: `/1` is what a node of an earlier
-    // version speaks, `/2` (compressed) what this version speaks.
+    // version speaks, `/3` (compressed) what this version speaks.
     let good = body_with_message(current_epoch(), 1, &empty_sync_message());
     for (protocol, frame_of_good) in [
         (PROTOCOL_UNCOMPRESSED, frame(&good)),

@@ -167,14 +167,15 @@ async fn a_skewed_clock_shows_in_peers_and_health() {
         health["clock"]["skew_violations"].as_u64().unwrap() > 0,
         "{health}"
     );
-    assert!(
-        health["reasons"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r.as_str().unwrap().contains("clock")),
-        "{health}"
-    );
+    let reason = health["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["code"] == "clock_offset")
+        .unwrap_or_else(|| panic!("no clock_offset reason: {health}"));
+    assert_eq!(reason["peer"], c.node(1).peer_id(), "{health}");
+    assert!(reason["value"].as_f64().unwrap() > 2.5, "{health}");
+    assert_eq!(reason["threshold"], 0.5, "{health}");
     // Data still flows (no data is refused), and the HLC orders after the
     // skewed stamps: a new allocation on node 0 carries an HLC above node 1's.
     let (_, ahead) = c

@@ -1,11 +1,9 @@
-//! `oncemesh calibration`, and the exposure lines of `oncemesh status`: can
-//! this node's numbers be trusted, and what do they mean in money.
+//! `oncemesh calibration`: can this node's numbers be trusted.
 
 use super::client::connect;
 use super::table::render;
 use super::ClientArgs;
 use crate::confidence::calibration::ReliabilityReport;
-use crate::exposure::Exposure;
 
 /// `oncemesh calibration`.
 pub async fn show(args: &ClientArgs) -> anyhow::Result<i32> {
@@ -79,19 +77,4 @@ pub async fn show(args: &ClientArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
-}
-
-/// The exposure section of `oncemesh status`.
-pub fn exposure_lines(exposure: &Exposure) -> String {
-    let mut rows = vec![vec![
-        "expected duplicates".to_owned(),
-        format!("{:.3}", exposure.expected_duplicates),
-    ]];
-    for (currency, value) in &exposure.value_at_risk {
-        rows.push(vec![
-            format!("value at risk, {currency}"),
-            format!("{value:.2}"),
-        ]);
-    }
-    render(&["EXPOSURE", "VALUE"], &rows)
 }

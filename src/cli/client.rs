@@ -16,7 +16,8 @@ pub(super) fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
     })
 }
 
-fn s(v: &Value) -> String {
+/// A JSON value as a table cell (`-` for null).
+pub(super) fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -28,7 +29,8 @@ fn or_dash(v: Option<&str>) -> String {
     v.unwrap_or("-").to_owned()
 }
 
-fn short(text: &str) -> String {
+/// A long id cut to its last characters.
+pub(super) fn short(text: &str) -> String {
     if text.len() > 16 {
         format!("…{}", &text[text.len() - 12..])
     } else {
@@ -36,9 +38,50 @@ fn short(text: &str) -> String {
     }
 }
 
-fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+/// Prints JSON for scripts.
+pub(super) fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+/// Calls a route whose answer the CLI reads as plain JSON (the health and
+/// peer reports, whose shape keeps growing); returns (status, JSON body).
+pub(super) async fn call(
+    args: &ClientArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let url = format!("{}{}", args.node.trim_end_matches('/'), path);
+    let http = crate::tls::http_client().build()?;
+    let mut request = http.request(method, &url);
+    if let Some(token) = &args.api_token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the node at {} (is it running? see --node): {e}",
+            args.node
+        )
+    })?;
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((status, json))
+}
+
+/// Prints an API error and returns the exit code for it.
+pub(super) fn fail(status: u16, body: &Value) -> i32 {
+    let message = body
+        .get("error")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| body.to_string());
+    eprintln!("error: {message} (HTTP {status})");
+    1
 }
 
 /// `oncemesh allocate`.
@@ -116,113 +159,6 @@ pub async fn conflicts(args: &ClientArgs, state: Option<&str>) -> anyhow::Result
         )
     );
     println!("{} conflicting key(s)", list.len());
-    Ok(0)
-}
-
-/// `oncemesh status`.
-pub async fn status(args: &ClientArgs) -> anyhow::Result<i32> {
-    let health = connect(args)?.health().await?;
-    if args.json {
-        print_json(&health)?;
-        return Ok(0);
-    }
-    let exposure = health.exposure.clone();
-    // The indicators' shape is still growing: read them as JSON.
-    let body = Value::Object(health.extra);
-    println!(
-        "status: {} (region {}, peer {})",
-        health.status.as_str(),
-        s(&body["region"]),
-        s(&body["peer_id"])
-    );
-    for reason in &health.reasons {
-        println!("  - {}", s(reason));
-    }
-    let l = &body["ledger"];
-    let rows = vec![
-        vec!["keys".into(), s(&l["keys"])],
-        vec!["allocations".into(), s(&l["allocations"])],
-        vec!["provisional".into(), s(&l["provisional"])],
-        vec!["conflicts open".into(), s(&body["conflicts_open"])],
-        vec![
-            "cross-region replays".into(),
-            s(&body["cross_region_replays"]),
-        ],
-        vec![
-            "peers connected".into(),
-            format!(
-                "{} / {}",
-                s(&body["peers"]["connected"]),
-                s(&body["peers"]["allowlisted"])
-            ),
-        ],
-        vec![
-            "max peer staleness ms".into(),
-            s(&body["peers"]["max_staleness_ms"]),
-        ],
-        vec![
-            "store delta (changes peers lack)".into(),
-            s(&body["store_delta"]["they_lack_changes"]),
-        ],
-        vec![
-            "clock skew violations".into(),
-            s(&body["clock"]["skew_violations"]),
-        ],
-        vec![
-            "max remote clock offset ms".into(),
-            s(&body["clock"]["max_observed_offset_ms"]),
-        ],
-        vec![
-            "compensations in flight".into(),
-            s(&body["compensations"]["in_flight"]),
-        ],
-        vec![
-            "compensations dead-lettered".into(),
-            s(&body["compensations"]["dead_lettered"]),
-        ],
-    ];
-    println!("{}", render(&["INDICATOR", "VALUE"], &rows));
-    if let Some(exposure) = &exposure {
-        println!("{}", super::calibration::exposure_lines(exposure));
-    }
-    Ok(0)
-}
-
-/// `oncemesh peers`.
-pub async fn peers(args: &ClientArgs) -> anyhow::Result<i32> {
-    let peers = connect(args)?.peers().await?;
-    if args.json {
-        print_json(&serde_json::json!({ "peers": peers }))?;
-        return Ok(0);
-    }
-    let rows: Vec<Vec<String>> = peers
-        .iter()
-        .map(|p| {
-            let delta = p.extra.get("store_delta").unwrap_or(&Value::Null);
-            vec![
-                p.peer_id.clone(),
-                if p.connected { "yes" } else { "no" }.into(),
-                or_dash(p.last_in_sync.as_deref()),
-                s(&delta["they_lack_changes"]),
-                s(&delta["we_lack_heads"]),
-                p.clock_offset_ms.map_or("-".into(), |ms| ms.to_string()),
-            ]
-        })
-        .collect();
-    println!(
-        "{}",
-        render(
-            &[
-                "PEER",
-                "CONNECTED",
-                "LAST IN SYNC",
-                "THEY LACK",
-                "WE LACK (HEADS)",
-                "CLOCK OFFSET MS"
-            ],
-            &rows
-        )
-    );
     Ok(0)
 }
 

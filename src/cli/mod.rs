@@ -5,7 +5,9 @@
 mod calibration;
 mod client;
 mod demo;
+mod status;
 mod table;
+mod watch;
 
 use crate::config::RunArgs;
 use clap::{Args, Parser, Subcommand};
@@ -49,16 +51,27 @@ pub enum Command {
         client: ClientArgs,
     },
     /// Show the conflict report: keys allocated by more than one region, the
-    /// winner, and each loser's compensation.
+    /// winner, and each loser's compensation. With --watch, follow new
+    /// conflicts and compensation outcomes as they happen (one line each,
+    /// or one JSON object per line with --json) until Ctrl-C.
     Conflicts {
         /// Only open (not yet compensated) or resolved conflicts.
         #[arg(long, value_parser = ["open", "resolved"])]
         state: Option<String>,
+        /// Follow the report instead of printing it once.
+        #[arg(long)]
+        watch: bool,
+        /// How often --watch asks the node.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
         /// How to reach the node.
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Show the node's health and the leading indicators behind it.
+    /// One screen for on-call: the node's verdict and every reason, a row
+    /// per peer (connected, lag p50/p99, delta, clock offset), provisional /
+    /// settled / conflicted counts, exposure, compensations. Exits 0 when ok,
+    /// 2 when degraded, 3 when critical.
     Status {
         /// How to reach the node.
         #[command(flatten)]
@@ -73,7 +86,8 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Show each peer: connected, last in sync, store delta, clock offset.
+    /// Show each peer: region, connected, time out of sync, replication lag
+    /// (now, p50, p99 over the last five minutes), store delta, clock offset.
     Peers {
         /// How to reach the node.
         #[command(flatten)]
@@ -135,9 +149,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             payload,
             client,
         } => client::allocate(&client, &key, &payload).await,
-        Command::Conflicts { state, client } => client::conflicts(&client, state.as_deref()).await,
-        Command::Status { client } => client::status(&client).await,
-        Command::Peers { client } => client::peers(&client).await,
+        Command::Conflicts {
+            state,
+            watch: true,
+            interval,
+            client,
+        } => watch::watch(&client, state.as_deref(), interval).await,
+        Command::Conflicts { state, client, .. } => {
+            client::conflicts(&client, state.as_deref()).await
+        }
+        Command::Status { client } => status::status(&client).await,
+        Command::Peers { client } => status::peers(&client).await,
         Command::Calibration { client } => calibration::show(&client).await,
         Command::Compensations { state, client } => {
             client::compensations(&client, state.as_deref()).await

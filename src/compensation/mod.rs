@@ -449,6 +449,7 @@ async fn schedule_new_losers(node: &Node, conflicts: Vec<KeyView>, outbox: &Outb
             continue;
         }
         tracing::warn!(key = %tracked.key, loser = %txn, winner = %tracked.winner_txn, "our allocation lost a conflict; compensating it");
+        node.metrics.compensations_started.inc();
         outbox.push(node, &tracked);
         node.compensations.lock().insert(txn, tracked);
     }

@@ -10,7 +10,7 @@ mod documents;
 mod render;
 mod reports;
 
-pub use render::is_resolved;
+pub use render::{is_resolved, rfc3339};
 
 use crate::node::Node;
 use axum::extract::{DefaultBodyLimit, Request, State};

@@ -89,24 +89,41 @@ pub async fn retry_compensation(
     }
 }
 
-/// `GET /v1/peers`.
+/// `GET /v1/peers`: every allowlisted peer, with its region, replication
+/// lag (now and p50 / p99 over the last samples), store delta both ways,
+/// clock offset and message counts.
 pub async fn peers(State(node): State<Arc<Node>>) -> Json<Value> {
+    let now = node.ledger.wall_ms();
     let list: Vec<Value> = node
         .peers
         .snapshot()
         .into_iter()
         .map(|p| {
+            let since_in_sync = now.saturating_sub(p.last_in_sync_ms.unwrap_or(node.started_ms()));
+            let samples = node.peers.samples(&p.peer_id);
             json!({
                 "peer_id": p.peer_id,
+                "region": p.region,
                 "address": p.address,
                 "connected": p.connected,
                 "connected_since": p.connected_since_ms.map(rfc3339),
                 "last_in_sync": p.last_in_sync_ms.map(rfc3339),
                 "last_in_sync_ms": p.last_in_sync_ms,
+                "seconds_since_in_sync": since_in_sync as f64 / 1000.0,
+                "replication_lag_seconds": {
+                    "now": p.lag_seconds,
+                    "p50": samples.and_then(|s| s.recent_lag_quantile(0.5)),
+                    "p99": samples.and_then(|s| s.recent_lag_quantile(0.99)),
+                },
                 "store_delta": { "they_lack_changes": p.they_lack_changes, "we_lack_heads": p.we_lack_heads },
                 "clock_offset_ms": p.clock_offset_ms,
+                "skew_violations": p.skew_violations,
+                "sync_messages": { "sent": p.messages_sent, "received": p.messages_received },
+                "sync_bytes": { "sent": p.bytes_sent, "received": p.bytes_received },
                 "dropped_messages": p.dropped_messages,
+                "dropped_by_kind": p.dropped_by_kind,
                 "redial_attempts": p.redial_attempts,
+                "redials_total": p.redials_total,
             })
         })
         .collect();
@@ -114,11 +131,15 @@ pub async fn peers(State(node): State<Arc<Node>>) -> Json<Value> {
 }
 
 /// `GET /v1/health`: ok, degraded or critical, with the reasons and the
-/// leading indicators behind them.
-pub async fn health(State(node): State<Arc<Node>>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(
-        off_runtime(move || crate::node::health::report(&node)).await?,
-    ))
+/// leading indicators behind them. 200 for ok and degraded (the node
+/// serves), 503 for critical, so a load balancer's check needs no parsing.
+pub async fn health(State(node): State<Arc<Node>>) -> Result<Response, ApiError> {
+    let report = off_runtime(move || crate::node::health::report(&node)).await?;
+    let code = match report.status {
+        crate::node::health::reasons::Status::Critical => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::OK,
+    };
+    Ok((code, Json(report.body)).into_response())
 }
 
 /// `GET /metrics` in the Prometheus text format.
@@ -130,10 +151,7 @@ pub async fn metrics(State(node): State<Arc<Node>>) -> Result<Response, ApiError
     .await?;
     Ok((
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         text,
     )
         .into_response())

@@ -865,18 +865,30 @@ impl Ledger {
 
     /// Store delta with `peer` summed over documents, from the sync states:
     /// (changes the peer lacks, heads of the peer we have never seen).
+    /// While the peer is away (its session reset), what it lacks is counted
+    /// from the heads it last shared with us, and a document it never
+    /// synced counts whole, so the delta to a cut-off peer grows instead of
+    /// reading 0.
     pub fn delta(&self, peer: &str) -> (usize, usize) {
         let (mut they_lack, mut we_lack) = (0, 0);
         for shard in 0..SHARD_COUNT {
             let guard = self.group(shard);
             for doc in guard.docs.values() {
-                if let Some(heads) = doc
-                    .peers
-                    .get(peer)
-                    .and_then(|p| p.sync.their_heads.as_ref())
+                let peer_doc = doc.peers.get(peer);
+                // Identical copies since the last record arrived here: the
+                // heads it last sent may be older than what it holds.
+                if peer_doc.is_some_and(|p| p.synced_arrival == Some(doc.arrivals)) {
+                    continue;
+                }
+                match peer_doc.map(|p| p.sync.their_heads.as_ref().unwrap_or(&p.sync.shared_heads))
                 {
-                    they_lack += doc.doc.changes_missing_from(heads);
-                    we_lack += doc.doc.unknown_heads(heads);
+                    Some(heads) => {
+                        they_lack += doc.doc.changes_missing_from(heads);
+                        we_lack += doc.doc.unknown_heads(heads);
+                    }
+                    // Never synced with the peer: it lacks every change but
+                    // the genesis, which every node makes itself.
+                    None => they_lack += doc.doc.changes_missing_from(&[]).saturating_sub(1),
                 }
             }
         }

@@ -10,8 +10,9 @@
 
 use crate::ledger::{AllocateError, AllocateRequest, Allocated, Ledger};
 use crate::metrics::Metrics;
+use crate::p2p::lag::LagTracker;
 use crate::p2p::status::PeerTable;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -115,10 +116,12 @@ pub fn spawn(
 /// [`FOLD_INTERVAL`] while a peer is connected and once per
 /// [`ALONE_FOLD_INTERVAL`] otherwise. At shutdown it folds what is left, so a
 /// clean stop leaves an empty journal (a crash leaves it to the next start).
+/// Each round tells `lag` which acknowledged allocations it surely wrote.
 pub fn spawn_folder(
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
     peers: Arc<PeerTable>,
+    lag: Arc<Mutex<LagTracker>>,
     fold_wanted: Arc<Notify>,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
@@ -133,7 +136,15 @@ pub fn spawn_folder(
                 _ = fold_wanted.notified() => false,
             };
             let folder = ledger.clone();
-            match tokio::task::spawn_blocking(move || folder.fold_pending()).await {
+            let lag = lag.clone();
+            let round = move || {
+                let lock = || lag.lock().unwrap_or_else(|p| p.into_inner());
+                let acknowledged = lock().take_unfolded();
+                let folded = folder.fold_pending();
+                lock().folded(acknowledged);
+                folded
+            };
+            match tokio::task::spawn_blocking(round).await {
                 Ok(0) => {}
                 Ok(folded) => metrics.fold_batch.observe(folded as f64),
                 Err(e) => tracing::error!(error = %e, "folding round failed"),

@@ -16,6 +16,7 @@ use crate::ledger::{
     NodeIdentity, Stake, Stored, StoredDocument, Windows, SHARD_COUNT,
 };
 use crate::metrics::{Kind, Metrics};
+use crate::p2p::lag::LagTracker;
 use crate::p2p::status::PeerTable;
 use crate::storage::{Storage, StorageError};
 use libp2p::{Multiaddr, PeerId};
@@ -148,6 +149,11 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Allowlisted peers and what we know of them.
     pub peers: Arc<PeerTable>,
+    /// Replication lag bookkeeping: allocations here against what each
+    /// peer's digests show.
+    pub lag: Arc<Mutex<LagTracker>>,
+    /// The rolling baselines and fixed thresholds health is judged by.
+    pub indicators: Mutex<health::Indicators>,
     /// Changed documents for the network to push.
     pub changes: Arc<ChangeFeed>,
     /// Confidence estimator fed by what this node observes.
@@ -287,7 +293,23 @@ impl Node {
         )?;
         let keypair = identity::load_or_create(&config.data_dir)?;
         let peer_id = keypair.public().to_peer_id();
-        let metrics = Arc::new(Metrics::new());
+        // The drill offset (0 unless rehearsing skew) applies to everything
+        // the node's logic reads as time.
+        let clock: crate::time::SharedClock = Arc::new(crate::time::OffsetClock {
+            offset_ms: config.drill_clock_offset_ms,
+        });
+        let started_ms = crate::time::Clock::now_ms(&clock);
+        let peers = Arc::new(PeerTable::new(
+            config
+                .peers
+                .iter()
+                .map(|p| (p.peer_id.to_string(), p.addr.to_string())),
+        ));
+        let metrics = Arc::new(Metrics::new(crate::metrics::PeerSeries {
+            peers: peers.clone(),
+            clock: clock.clone(),
+            started_ms,
+        }));
         let commit_metrics = metrics.clone();
         let (storage, mut loaded) = Storage::open(
             &config.data_dir,
@@ -315,15 +337,9 @@ impl Node {
             node: peer_id.to_string(),
         };
         let peer_ids: Vec<String> = config.peers.iter().map(|p| p.peer_id.to_string()).collect();
-        // The drill offset (0 unless rehearsing skew) applies to everything
-        // the node's logic reads as time.
-        let clock: crate::time::SharedClock = Arc::new(crate::time::OffsetClock {
-            offset_ms: config.drill_clock_offset_ms,
-        });
-        let started_ms = crate::time::Clock::now_ms(&clock);
         let ledger = Arc::new(Ledger::open(
             me,
-            peer_ids,
+            peer_ids.clone(),
             clock,
             config.max_clock_offset.as_millis() as u64,
             Windows::for_retention(config.retention.as_millis() as u64),
@@ -347,19 +363,15 @@ impl Node {
             );
         }
         metrics.journal_recovered.set(recovered as i64);
-        let peers = Arc::new(PeerTable::new(
-            config
-                .peers
-                .iter()
-                .map(|p| (p.peer_id.to_string(), p.addr.to_string())),
-        ));
         let pricing = Pricing::new(&config.amount_pointer, &config.currency_pointer)?;
         let tasks = TaskTracker::new();
         let fold_wanted = Arc::new(Notify::new());
+        let lag = Arc::new(Mutex::new(LagTracker::new(peer_ids.clone())));
         allocator::spawn_folder(
             ledger.clone(),
             metrics.clone(),
             peers.clone(),
+            lag.clone(),
             fold_wanted.clone(),
             &tasks,
             shutdown.clone(),
@@ -382,6 +394,8 @@ impl Node {
             storage,
             metrics,
             peers,
+            lag,
+            indicators: Mutex::new(health::Indicators::new(&config.health, &peer_ids)),
             changes,
             confidence: Mutex::new(ConfidenceModel::new(ConfidenceParams::default())),
             calibration: Mutex::new(Calibration::default()),
@@ -509,6 +523,11 @@ impl Node {
                     .observe_cross_region_replay(Duration::from_millis(delay));
             }
         } else {
+            let doc = DocId {
+                epoch: allocated.allocation.epoch,
+                shard: shard as u8,
+            };
+            self.lag_tracker().allocated(doc, self.ledger.wall_ms());
             self.confidence_model().observe_allocation();
             self.calibration()
                 .record_allocation(episode, record.confidence);
@@ -633,6 +652,21 @@ impl Node {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         )
+    }
+
+    /// The replication lag bookkeeping, locked.
+    pub fn lag_tracker(&self) -> std::sync::MutexGuard<'_, LagTracker> {
+        self.lag.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The health indicators, locked.
+    pub fn indicators(&self) -> std::sync::MutexGuard<'_, health::Indicators> {
+        self.indicators.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When this process started, by the node's (possibly drilled) clock.
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
     }
 
     /// The confidence model, locked.

@@ -7,22 +7,32 @@
 //!
 //! ```text
 //! frame    = len:u32be body                  (len <= MAX_FRAME)
-//! request  = version:u8=3 header count:u32be { doc digest:[32] msg_len:u32be msg }*
-//! response = version:u8=3 header count:u32be { doc digest:[32] }*
-//! header   = hlc window_ms:u64be peers:u8 { node_tag:[8] }*
+//! request  = version:u8 header count:u32be { doc digest:[32] msg_len:u32be msg }*
+//! response = version:u8 header count:u32be { doc digest:[32] }*
+//! header   = hlc [origin] window_ms:u64be peers:u8 { node_tag:[8] }*
+//! origin   = wall_ms:u64be held_ms:u32be region_len:u8 region   (version 4 only)
 //! hlc      = physical_ms:u64be logical:u32be
 //! doc      = epoch:u32be shard:u8
 //! ```
 //!
-//! Under [`PROTOCOL`] (`/oncemesh/sync/2`) a request's body travels as one
-//! zstd frame that states its decompressed size, at most [`MAX_FRAME`]. The
-//! records inside are JSON text: a frame after a partition shrinks four
-//! times, which is what crosses the links between regions, and what the
-//! encryption and multiplexing layers handle. Under
-//! [`PROTOCOL_UNCOMPRESSED`] (`/oncemesh/sync/1`) it travels as is: a node
-//! offers both, and libp2p settles on the newest its peer knows, so nodes of
-//! earlier versions keep syncing. Responses are a few digests, never
-//! compressed.
+//! Version 4 frames carry the sender's [`Origin`]: its region, as the
+//! `region` label of per-peer metrics shows it, and its own wall clock,
+//! from which the receiver of a response estimates the peer's clock offset
+//! as NTP does. The HLC stamp cannot tell that: a node that merged a
+//! skewed peer's stamps issues stamps as far ahead itself, so every peer
+//! would look skewed.
+//!
+//! Under [`PROTOCOL`] (`/oncemesh/sync/3`) frames are version 4 and a
+//! request's body travels as one zstd frame that states its decompressed
+//! size, at most [`MAX_FRAME`]. The records inside are JSON text: a frame
+//! after a partition shrinks four times, which is what crosses the links
+//! between regions, and what the encryption and multiplexing layers handle.
+//! Nodes of earlier versions speak version 3 frames (no origin), compressed
+//! under [`PROTOCOL_V2`] (`/oncemesh/sync/2`) or as they are under
+//! [`PROTOCOL_UNCOMPRESSED`] (`/oncemesh/sync/1`): a node offers all three,
+//! libp2p settles on the newest its peer knows, and a frame of either
+//! version decodes under any of them, so a cluster can be upgraded one
+//! node at a time. Responses are a few digests, never compressed.
 //!
 //! Decoding never panics. A request frame that is oversized, does not
 //! decompress within the limit or does not decode is handed to the node as
@@ -37,9 +47,12 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use std::io;
 
-/// The protocol, with compressed requests: what nodes of this version speak.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/oncemesh/sync/2");
-/// The same frames uncompressed: what nodes of earlier versions speak.
+/// The protocol, with compressed requests and version 4 frames: what nodes
+/// of this version speak.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/oncemesh/sync/3");
+/// Compressed requests, version 3 frames: what the previous version speaks.
+pub const PROTOCOL_V2: StreamProtocol = StreamProtocol::new("/oncemesh/sync/2");
+/// Version 3 frames uncompressed: what nodes of earlier versions speak.
 pub const PROTOCOL_UNCOMPRESSED: StreamProtocol = StreamProtocol::new("/oncemesh/sync/1");
 /// zstd level of request bodies: the fastest standard level. On the frames
 /// of a partition level 3 packed no smaller (8 % larger) and took more than
@@ -49,7 +62,12 @@ const ZSTD_LEVEL: i32 = 1;
 /// carry catches up over several rounds only if automerge splits its
 /// message, which it does not: the limit is sized for ~1M allocations.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
-const VERSION: u8 = 3;
+/// Frames without an [`Origin`], as earlier versions send them.
+const VERSION_WITHOUT_ORIGIN: u8 = 3;
+/// Frames with one.
+const VERSION: u8 = 4;
+/// Longest region name (as `--region` allows).
+const MAX_REGION: usize = 64;
 /// Most documents one frame may list.
 const MAX_DOCS: usize = 1 << 16;
 
@@ -65,11 +83,41 @@ pub struct DocMessage {
     pub message: Bytes,
 }
 
+/// Who sent a frame and what its own clock read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// The sender's region (`--region`).
+    pub region: String,
+    /// The sender's wall clock (ms since the epoch) when it made the frame.
+    pub wall_ms: u64,
+    /// In a response: how long the responder held the request before
+    /// answering, ms (so a slow apply does not read as clock offset). 0 in
+    /// a request.
+    pub held_ms: u32,
+}
+
+impl Origin {
+    /// The responder's clock offset against ours (positive: it is ahead),
+    /// from a round trip that left here at `sent_ms` and came back at
+    /// `received_ms` (our wall clock), as NTP estimates it: the responder's
+    /// clock midway through its hold against the middle of the round trip.
+    /// Exact when both directions take equal time; off by at most half the
+    /// network round trip otherwise.
+    pub fn clock_offset_ms(&self, sent_ms: u64, received_ms: u64) -> i64 {
+        let ours = (i128::from(sent_ms) + i128::from(received_ms)) / 2;
+        let theirs = i128::from(self.wall_ms) - i128::from(self.held_ms) / 2;
+        i64::try_from(theirs - ours).unwrap_or(if theirs > ours { i64::MAX } else { i64::MIN })
+    }
+}
+
 /// A request: the sender's clock and window, and its documents.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SyncRequest {
     /// Sender's HLC when it sent this.
     pub hlc: Timestamp,
+    /// Sender's region and wall clock; `None` from a node of an earlier
+    /// version (and sent as a version 3 frame when `None`).
+    pub origin: Option<Origin>,
     /// Sender's document time window, ms (must equal ours).
     pub window_ms: u64,
     /// The peers the sender is connected to.
@@ -83,6 +131,9 @@ pub struct SyncRequest {
 pub struct SyncResponse {
     /// Responder's HLC.
     pub hlc: Timestamp,
+    /// Responder's region and wall clock; `None` from a node of an earlier
+    /// version.
+    pub origin: Option<Origin>,
     /// Responder's document time window, ms.
     pub window_ms: u64,
     /// The peers the responder is connected to.
@@ -111,6 +162,7 @@ fn invalid(what: &str) -> io::Error {
 /// The fields every frame starts with.
 struct Header {
     hlc: Timestamp,
+    origin: Option<Origin>,
     window_ms: u64,
     connected: Vec<NodeTag>,
     count: usize,
@@ -147,10 +199,27 @@ impl<'a> Reader<'a> {
         Ok(d)
     }
     fn header(&mut self) -> io::Result<Header> {
-        if self.u8()? != VERSION {
+        let version = self.u8()?;
+        if version != VERSION && version != VERSION_WITHOUT_ORIGIN {
             return Err(invalid("unknown sync protocol version"));
         }
         let hlc = Timestamp::new(self.u64()?, self.u32()?);
+        let origin = if version == VERSION {
+            let wall_ms = self.u64()?;
+            let held_ms = self.u32()?;
+            let len = usize::from(self.u8()?);
+            let region = std::str::from_utf8(self.take(len)?)
+                .ok()
+                .filter(|r| crate::config::is_valid_region(r))
+                .ok_or_else(|| invalid("the sender's region is not a valid region name"))?;
+            Some(Origin {
+                region: region.to_owned(),
+                wall_ms,
+                held_ms,
+            })
+        } else {
+            None
+        };
         let window_ms = self.u64()?;
         let peers = usize::from(self.u8()?);
         let mut connected = Vec::with_capacity(peers);
@@ -165,6 +234,7 @@ impl<'a> Reader<'a> {
         }
         Ok(Header {
             hlc,
+            origin,
             window_ms,
             connected,
             count,
@@ -203,6 +273,7 @@ pub fn decode_request(body: &Bytes) -> io::Result<SyncRequest> {
     r.finish()?;
     Ok(SyncRequest {
         hlc: header.hlc,
+        origin: header.origin,
         window_ms: header.window_ms,
         connected: header.connected,
         docs,
@@ -220,24 +291,61 @@ pub fn decode_response(body: &[u8]) -> io::Result<SyncResponse> {
     r.finish()?;
     Ok(SyncResponse {
         hlc: header.hlc,
+        origin: header.origin,
         window_ms: header.window_ms,
         connected: header.connected,
         digests,
     })
 }
 
-fn header(hlc: Timestamp, window_ms: u64, connected: &[NodeTag], count: usize) -> Vec<u8> {
-    let mut out = vec![VERSION];
-    out.extend_from_slice(&hlc.physical_ms.to_be_bytes());
-    out.extend_from_slice(&hlc.logical.to_be_bytes());
-    out.extend_from_slice(&window_ms.to_be_bytes());
-    let connected = &connected[..connected.len().min(usize::from(u8::MAX))];
-    out.push(connected.len() as u8);
-    for tag in connected {
-        out.extend_from_slice(&tag.0);
+/// The fields of a header, as they are to be written.
+struct HeaderOut<'a> {
+    hlc: Timestamp,
+    /// `None`: a version 3 frame.
+    origin: Option<&'a Origin>,
+    window_ms: u64,
+    connected: &'a [NodeTag],
+    count: usize,
+}
+
+impl HeaderOut<'_> {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        out.push(if self.origin.is_some() {
+            VERSION
+        } else {
+            VERSION_WITHOUT_ORIGIN
+        });
+        out.extend_from_slice(&self.hlc.physical_ms.to_be_bytes());
+        out.extend_from_slice(&self.hlc.logical.to_be_bytes());
+        if let Some(origin) = self.origin {
+            let region = region_bytes(origin);
+            out.extend_from_slice(&origin.wall_ms.to_be_bytes());
+            out.extend_from_slice(&origin.held_ms.to_be_bytes());
+            out.push(region.len() as u8);
+            out.extend_from_slice(region);
+        }
+        out.extend_from_slice(&self.window_ms.to_be_bytes());
+        let connected = &self.connected[..self.connected.len().min(usize::from(u8::MAX))];
+        out.push(connected.len() as u8);
+        for tag in connected {
+            out.extend_from_slice(&tag.0);
+        }
+        out.extend_from_slice(&(self.count.min(MAX_DOCS) as u32).to_be_bytes());
+        out
     }
-    out.extend_from_slice(&(count.min(MAX_DOCS) as u32).to_be_bytes());
-    out
+
+    fn len(&self) -> usize {
+        let origin = self.origin.map_or(0, |o| 8 + 4 + 1 + region_bytes(o).len());
+        let peers = self.connected.len().min(usize::from(u8::MAX));
+        1 + 8 + 4 + origin + 8 + 1 + 8 * peers + 4
+    }
+}
+
+/// The region as sent: at most [`MAX_REGION`] bytes (a valid one never is more).
+fn region_bytes(origin: &Origin) -> &[u8] {
+    let bytes = origin.region.as_bytes();
+    &bytes[..bytes.len().min(MAX_REGION)]
 }
 
 /// Bytes of a document id on the wire: epoch and shard.
@@ -248,14 +356,14 @@ fn doc_bytes(doc: DocId) -> [u8; DOC_ID_BYTES] {
     [e[0], e[1], e[2], e[3], doc.shard]
 }
 
-/// Writes a request body to `out`, a buffer or a compressor.
-fn put_request<W: io::Write>(request: &SyncRequest, out: &mut W) -> io::Result<()> {
-    out.write_all(&header(
-        request.hlc,
-        request.window_ms,
-        &request.connected,
-        request.docs.len(),
-    ))?;
+/// Writes a request body to `out`, a buffer or a compressor; with its
+/// origin (version 4) when `with_origin` and it has one.
+fn put_request<W: io::Write>(
+    request: &SyncRequest,
+    with_origin: bool,
+    out: &mut W,
+) -> io::Result<()> {
+    out.write_all(&request_header(request, with_origin).encode())?;
     for d in request.docs.iter().take(MAX_DOCS) {
         out.write_all(&doc_bytes(d.doc))?;
         out.write_all(&d.digest)?;
@@ -265,33 +373,50 @@ fn put_request<W: io::Write>(request: &SyncRequest, out: &mut W) -> io::Result<(
     Ok(())
 }
 
+fn request_header(request: &SyncRequest, with_origin: bool) -> HeaderOut<'_> {
+    HeaderOut {
+        hlc: request.hlc,
+        origin: request.origin.as_ref().filter(|_| with_origin),
+        window_ms: request.window_ms,
+        connected: &request.connected,
+        count: request.docs.len(),
+    }
+}
+
 /// Size of a request body: the header, then each document's fields and message.
-fn request_len(request: &SyncRequest) -> usize {
-    let peers = request.connected.len().min(usize::from(u8::MAX));
-    let header = 1 + 8 + 4 + 8 + 1 + 8 * peers + 4;
+fn request_len(request: &SyncRequest, with_origin: bool) -> usize {
     let docs: usize = request
         .docs
         .iter()
         .take(MAX_DOCS)
         .map(|d| DOC_ID_BYTES + 32 + 4 + d.message.len())
         .sum();
-    header + docs
+    request_header(request, with_origin).len() + docs
 }
 
-/// Encodes a request body.
+/// Encodes a request body: version 4 if it has an origin, else version 3.
 pub fn encode_request(request: &SyncRequest) -> Vec<u8> {
+    encode_request_as(request, true)
+}
+
+fn encode_request_as(request: &SyncRequest, with_origin: bool) -> Vec<u8> {
     // Sized once: a frame after a partition carries megabytes, and growing
     // the buffer by doubling copied it and faulted its pages in again.
-    let mut out = Vec::with_capacity(request_len(request));
-    put_request(request, &mut out).expect("writing to a Vec cannot fail");
+    let mut out = Vec::with_capacity(request_len(request, with_origin));
+    put_request(request, with_origin, &mut out).expect("writing to a Vec cannot fail");
     out
 }
 
-/// Encodes and compresses a request body for [`PROTOCOL`] in one pass:
-/// the messages go from where they are straight into the compressor, with
-/// no uncompressed frame in between. The zstd frame states the body's size.
+/// Encodes and compresses a request body in one pass (as [`PROTOCOL`] and
+/// [`PROTOCOL_V2`] carry it): the messages go from where they are straight
+/// into the compressor, with no uncompressed frame in between. The zstd
+/// frame states the body's size.
 pub fn compress_request(request: &SyncRequest) -> io::Result<Vec<u8>> {
-    let len = request_len(request);
+    compress_request_as(request, true)
+}
+
+fn compress_request_as(request: &SyncRequest, with_origin: bool) -> io::Result<Vec<u8>> {
+    let len = request_len(request, with_origin);
     // The receiver refuses a body that unpacks past the limit: fail here,
     // as an uncompressed frame over it does, rather than send it.
     if len > MAX_FRAME {
@@ -301,18 +426,24 @@ pub fn compress_request(request: &SyncRequest) -> io::Result<Vec<u8>> {
     let mut encoder = zstd::stream::write::Encoder::new(Vec::with_capacity(len / 3), ZSTD_LEVEL)?;
     encoder.include_contentsize(true)?;
     encoder.set_pledged_src_size(Some(len as u64))?;
-    put_request(request, &mut encoder)?;
+    put_request(request, with_origin, &mut encoder)?;
     encoder.finish()
 }
 
-/// Encodes a response body.
+/// Encodes a response body: version 4 if it has an origin, else version 3.
 pub fn encode_response(response: &SyncResponse) -> Vec<u8> {
-    let mut out = header(
-        response.hlc,
-        response.window_ms,
-        &response.connected,
-        response.digests.len(),
-    );
+    encode_response_as(response, true)
+}
+
+fn encode_response_as(response: &SyncResponse, with_origin: bool) -> Vec<u8> {
+    let mut out = HeaderOut {
+        hlc: response.hlc,
+        origin: response.origin.as_ref().filter(|_| with_origin),
+        window_ms: response.window_ms,
+        connected: &response.connected,
+        count: response.digests.len(),
+    }
+    .encode();
     for (doc, digest) in response.digests.iter().take(MAX_DOCS) {
         out.extend_from_slice(&doc_bytes(*doc));
         out.extend_from_slice(digest);
@@ -373,7 +504,7 @@ impl libp2p::request_response::Codec for SyncCodec {
         T: AsyncRead + Unpin + Send,
     {
         let body = read_frame(io).await.and_then(|frame| {
-            if *protocol == PROTOCOL {
+            if *protocol != PROTOCOL_UNCOMPRESSED {
                 decompress_body(&frame)
             } else {
                 Ok(frame)
@@ -409,10 +540,11 @@ impl libp2p::request_response::Codec for SyncCodec {
     {
         match request {
             InboundRequest::Sync(request) => {
-                let body = if *protocol == PROTOCOL {
-                    compress_request(&request)?
+                let with_origin = *protocol == PROTOCOL;
+                let body = if *protocol == PROTOCOL_UNCOMPRESSED {
+                    encode_request_as(&request, false)
                 } else {
-                    encode_request(&request)
+                    compress_request_as(&request, with_origin)?
                 };
                 write_frame(io, body).await
             }
@@ -422,14 +554,14 @@ impl libp2p::request_response::Codec for SyncCodec {
 
     async fn write_response<T>(
         &mut self,
-        _: &StreamProtocol,
+        protocol: &StreamProtocol,
         io: &mut T,
         response: SyncResponse,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, encode_response(&response)).await
+        write_frame(io, encode_response_as(&response, *protocol == PROTOCOL)).await
     }
 }
 
@@ -442,6 +574,11 @@ mod tests {
     fn round_trip() {
         let request = SyncRequest {
             hlc: Timestamp::new(7, 3),
+            origin: Some(Origin {
+                region: "sgp".into(),
+                wall_ms: 1_700_000_000_123,
+                held_ms: 0,
+            }),
             window_ms: 6000,
             connected: vec![NodeTag([4; 8]), NodeTag([5; 8])],
             docs: vec![
@@ -463,7 +600,7 @@ mod tests {
             encoded.len(),
             encoded.capacity()
         );
-        assert_eq!(request_len(&request), encoded.len());
+        assert_eq!(request_len(&request, true), encoded.len());
         let packed = compress_request(&request).unwrap();
         assert_eq!(decompress_body(&packed).unwrap(), encoded);
         let oversized = SyncRequest {
@@ -478,6 +615,11 @@ mod tests {
         assert_eq!(decode_request(&encoded).unwrap(), request);
         let response = SyncResponse {
             hlc: Timestamp::new(8, 0),
+            origin: Some(Origin {
+                region: "lon".into(),
+                wall_ms: 1_700_000_000_456,
+                held_ms: 17,
+            }),
             window_ms: 6000,
             connected: vec![],
             digests: vec![
@@ -489,6 +631,92 @@ mod tests {
             decode_response(&encode_response(&response)).unwrap(),
             response
         );
+    }
+
+    #[test]
+    fn the_clock_offset_is_read_from_the_middle_of_the_round_trip_and_of_the_hold() {
+        // 100 ms each way, held 300 ms, the peer's clock 2 s ahead: it
+        // received at 1100 (3100 by its clock) and answered at 3400.
+        let origin = Origin {
+            region: "lon".into(),
+            wall_ms: 3400,
+            held_ms: 300,
+        };
+        assert_eq!(origin.clock_offset_ms(1000, 1500), 2000);
+        // A peer behind, and no hold.
+        let behind = Origin {
+            wall_ms: 500,
+            held_ms: 0,
+            ..origin.clone()
+        };
+        assert_eq!(behind.clock_offset_ms(1000, 1000), -500);
+        let far = Origin {
+            wall_ms: u64::MAX,
+            ..origin
+        };
+        assert!(far.clock_offset_ms(0, 0) > 0, "saturates, never wraps");
+    }
+
+    #[test]
+    fn frames_for_earlier_versions_leave_the_origin_out_and_both_versions_decode() {
+        let with = SyncRequest {
+            hlc: Timestamp::new(7, 3),
+            origin: Some(Origin {
+                region: "nyc".into(),
+                wall_ms: 5,
+                held_ms: 0,
+            }),
+            window_ms: 6000,
+            connected: vec![NodeTag([4; 8])],
+            docs: vec![DocMessage {
+                doc: DocId { epoch: 1, shard: 2 },
+                digest: [9; 32],
+                message: Bytes::from_static(b"abc"),
+            }],
+        };
+        let without = SyncRequest {
+            origin: None,
+            ..with.clone()
+        };
+        let v3 = encode_request_as(&with, false);
+        assert_eq!(v3[0], VERSION_WITHOUT_ORIGIN);
+        assert_eq!(v3, encode_request(&without));
+        assert_eq!(request_len(&with, false), v3.len());
+        assert_eq!(decode_request(&Bytes::from(v3)).unwrap(), without);
+        let v4 = encode_request(&with);
+        assert_eq!(v4[0], VERSION);
+        assert_eq!(decode_request(&Bytes::from(v4)).unwrap(), with);
+        let packed = compress_request_as(&with, false).unwrap();
+        assert_eq!(decompress_body(&packed).unwrap(), encode_request(&without));
+    }
+
+    #[test]
+    fn a_region_that_is_not_a_region_name_makes_the_frame_malformed() {
+        for region in ["", "sgp lon", "ünï", &"x".repeat(65)] {
+            let response = SyncResponse {
+                hlc: Timestamp::new(1, 0),
+                origin: Some(Origin {
+                    region: region.into(),
+                    wall_ms: 1,
+                    held_ms: 0,
+                }),
+                window_ms: 6000,
+                connected: vec![],
+                digests: vec![],
+            };
+            let mut bytes = encode_response(&response);
+            if region.len() > MAX_REGION {
+                // What a hostile sender could write: a length byte over the cap.
+                bytes = [
+                    &bytes[..25],
+                    &[65],
+                    region.as_bytes(),
+                    &bytes[25 + 1 + 64..],
+                ]
+                .concat();
+            }
+            assert!(decode_response(&bytes).is_err(), "{region:?}");
+        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The task that owns the swarm. See the module docs of [`crate::p2p`].
 
 use super::codec::{
-    DocMessage, InboundRequest, SyncCodec, SyncRequest, SyncResponse, PROTOCOL,
-    PROTOCOL_UNCOMPRESSED,
+    DocMessage, InboundRequest, Origin, SyncCodec, SyncRequest, SyncResponse, PROTOCOL,
+    PROTOCOL_UNCOMPRESSED, PROTOCOL_V2,
 };
+use super::status::Direction;
 use crate::ledger::{DocId, MergeError, NodeTag, Withhold, SHARD_COUNT};
 use crate::metrics::Kind;
 use crate::node::{Node, StartError};
@@ -15,6 +16,7 @@ use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ListenError, NetworkBehaviour, SwarmEvent};
 use libp2p::{identify, identity::Keypair, noise, ping, tcp, yamux, Multiaddr, PeerId, Swarm};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -106,6 +108,8 @@ struct Peer {
     heartbeat: bool,
     /// When the last request to this peer went out.
     last_sent: Option<Instant>,
+    /// The same by our wall clock: one end of a clock offset measurement.
+    sent_wall_ms: u64,
     /// Documents whose heads-only message was held back, and since when.
     deferred: BTreeSet<DocId>,
     deferred_since: Option<Instant>,
@@ -128,6 +132,8 @@ pub struct EventLoop {
     last_heartbeat: Instant,
     /// When the last link change stops settling (see [`LINK_SETTLE`]).
     settle_ends: Option<Instant>,
+    /// A sampling round ([`crate::node::health::sample_round`]) is running.
+    sampling: Arc<AtomicBool>,
 }
 
 impl EventLoop {
@@ -160,6 +166,7 @@ impl EventLoop {
                     // Newest first: a peer of an earlier version settles on the older one.
                     [
                         (PROTOCOL, ProtocolSupport::Full),
+                        (PROTOCOL_V2, ProtocolSupport::Full),
                         (PROTOCOL_UNCOMPRESSED, ProtocolSupport::Full),
                     ],
                     request_response::Config::default()
@@ -171,7 +178,11 @@ impl EventLoop {
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
             .build();
         swarm.listen_on(node.config.listen.clone()).map_err(|e| {
-            StartError::Network(format!("cannot listen on {}: {e}", node.config.listen))
+            // libp2p's transport error displays nothing of an I/O cause
+            // (such as the port being taken): name the cause itself.
+            let cause =
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), |c| c.to_string());
+            StartError::Network(format!("cannot listen on {}: {cause}", node.config.listen))
         })?;
         let mut listen_addrs = Vec::new();
         let deadline = tokio::time::sleep(Duration::from_secs(10));
@@ -206,6 +217,7 @@ impl EventLoop {
                         dirty_all: false,
                         heartbeat: false,
                         last_sent: None,
+                        sent_wall_ms: 0,
                         deferred: BTreeSet::new(),
                         deferred_since: None,
                         flush: false,
@@ -227,6 +239,7 @@ impl EventLoop {
                 internal_rx,
                 last_heartbeat: Instant::now(),
                 settle_ends: None,
+                sampling: Arc::new(AtomicBool::new(false)),
             },
             listen_addrs,
         ))
@@ -311,9 +324,10 @@ impl EventLoop {
             }
             peer.next_dial = Some(Instant::now() + peer.backoff);
             peer.backoff = (peer.backoff * 2).min(MAX_BACKOFF);
-            self.node
-                .peers
-                .update(&peer.key, |s| s.redial_attempts += 1);
+            self.node.peers.update(&peer.key, |s| {
+                s.redial_attempts += 1;
+                s.redials_total += 1;
+            });
         }
     }
 
@@ -323,7 +337,15 @@ impl EventLoop {
     /// the round goes on in [`EventLoop::heartbeat_with`].
     fn heartbeat(&mut self) {
         self.off_loop(|node| Internal::Digests(node.ledger.digests()));
-        self.refresh_deltas();
+        // One sampling round at a time: counting a far-behind peer's delta
+        // can take longer than a round, and rounds must not pile up.
+        if !self.sampling.swap(true, Ordering::AcqRel) {
+            let (node, sampling) = (self.node.clone(), self.sampling.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::node::health::sample_round(&node);
+                sampling.store(false, Ordering::Release);
+            });
+        }
     }
 
     /// Runs `work`, which takes shard locks, on the blocking pool and hands
@@ -359,23 +381,6 @@ impl EventLoop {
             }
             self.kick(id);
         }
-    }
-
-    fn refresh_deltas(&self) {
-        let node = self.node.clone();
-        let keys: Vec<String> = self.peers.values().map(|p| p.key.clone()).collect();
-        tokio::task::spawn_blocking(move || {
-            let mut total = 0i64;
-            for key in keys {
-                let (lack, we_lack) = node.ledger.delta(&key);
-                total += lack as i64;
-                node.peers.update(&key, |s| {
-                    s.they_lack_changes = lack as u64;
-                    s.we_lack_heads = we_lack as u64;
-                });
-            }
-            node.metrics.store_delta_changes.set(total);
-        });
     }
 
     /// Starts building a request for `id` if it is connected, idle and has
@@ -433,6 +438,7 @@ impl EventLoop {
             }
             let request = (any_message || heartbeat).then(|| SyncRequest {
                 hlc: node.ledger.stamp(),
+                origin: Some(origin(&node, 0)),
                 window_ms: node.ledger.windows().window_ms,
                 connected,
                 docs,
@@ -465,6 +471,10 @@ impl EventLoop {
                         let bytes: usize = request.docs.iter().map(|d| d.message.len()).sum();
                         self.node.metrics.sync_messages_sent.inc();
                         self.node.metrics.sync_bytes_sent.inc_by(bytes as u64);
+                        self.node
+                            .peers
+                            .update(&p.key, |s| s.count_message(Direction::Sent, bytes));
+                        p.sent_wall_ms = self.node.ledger.wall_ms();
                         let id = self
                             .swarm
                             .behaviour_mut()
@@ -637,29 +647,54 @@ impl EventLoop {
         }
     }
 
-    fn drop_message(&self, peer: PeerId, kind: &str, why: &str) {
-        self.node
-            .metrics
-            .dropped_messages
-            .get_or_create(&Kind::of(kind))
-            .inc();
-        self.node
-            .peers
-            .update(&peer.to_string(), |s| s.dropped_messages += 1);
-        tracing::warn!(%peer, kind, why, "dropped a message from a peer");
+    fn drop_message(&self, peer: PeerId, kind: &'static str, why: &str) {
+        drop_record(&self.node, &peer.to_string(), kind, why);
     }
 
-    fn observe_clock(&self, peer: &str, hlc: crate::hlc::Timestamp) {
+    /// Takes in what a peer's message says of its clock and region. The
+    /// HLC stamp always moves our clock (and counts skew node-wide). The
+    /// peer's own offset is `measured` when the message is a response of a
+    /// peer that reports its wall clock; a peer of an earlier version
+    /// reports none, and its HLC stamp stands in as before.
+    fn observe_clock(
+        &self,
+        peer: &str,
+        hlc: crate::hlc::Timestamp,
+        origin: Option<&Origin>,
+        measured: Option<i64>,
+    ) {
         let observation = self.node.ledger.observe_remote_clock(hlc);
-        self.node
-            .peers
-            .update(peer, |s| s.clock_offset_ms = Some(observation.offset_ms));
-        if observation.skew_violation {
+        let offset_ms = match (origin, measured) {
+            (_, Some(offset)) => offset,
+            (None, None) => observation.offset_ms,
+            (Some(_), None) => {
+                self.note_region(peer, origin);
+                return;
+            }
+        };
+        let bound = self.node.config.max_clock_offset.as_millis() as i64;
+        let violation = offset_ms > bound;
+        self.node.peers.update(peer, |s| {
+            s.clock_offset_ms = Some(offset_ms);
+            s.skew_violations += u64::from(violation);
+            if let Some(o) = origin {
+                s.region = Some(o.region.as_str().into());
+            }
+        });
+        if violation {
             tracing::warn!(
                 peer,
-                offset_ms = observation.offset_ms,
+                offset_ms,
                 "peer clock is ahead of ours by more than max_clock_offset"
             );
+        }
+    }
+
+    fn note_region(&self, peer: &str, origin: Option<&Origin>) {
+        if let Some(o) = origin {
+            self.node
+                .peers
+                .update(peer, |s| s.region = Some(o.region.as_str().into()));
         }
     }
 
@@ -695,14 +730,17 @@ impl EventLoop {
                 p.their_digests.insert(d.doc, d.digest);
             }
         }
-        self.observe_clock(&key, request.hlc);
+        self.observe_clock(&key, request.hlc, request.origin.as_ref(), None);
         self.record_reports(peer, &request.connected);
         let connected = self.connected_tags();
         let node = self.node.clone();
         let tx = self.internal_tx.clone();
+        let received_ms = node.ledger.wall_ms();
         tokio::spawn(async move {
             let received: usize = request.docs.iter().map(|d| d.message.len()).sum();
             node.metrics.sync_bytes_received.inc_by(received as u64);
+            node.peers
+                .update(&key, |s| s.count_message(Direction::Received, received));
             let apply_node = node.clone();
             let apply_key = key.clone();
             let applied =
@@ -723,17 +761,17 @@ impl EventLoop {
             let answer_node = node.clone();
             let their_digests = applied.their_digests;
             let Ok(digests) = tokio::task::spawn_blocking(move || {
-                for (doc, digest) in &their_digests {
-                    answer_node.ledger.mark_in_sync_if(*doc, &key, digest);
-                }
+                mark_in_sync(&answer_node, &key, &their_digests);
                 answer_node.ledger.digests()
             })
             .await
             else {
                 return;
             };
+            let held_ms = node.ledger.wall_ms().saturating_sub(received_ms);
             let response = SyncResponse {
                 hlc: node.ledger.stamp(),
+                origin: Some(origin(&node, u32::try_from(held_ms).unwrap_or(u32::MAX))),
                 window_ms: node.ledger.windows().window_ms,
                 connected,
                 digests,
@@ -757,6 +795,10 @@ impl EventLoop {
             p.outbound = Outbound::Idle;
         }
         let key = p.key.clone();
+        let measured = response
+            .origin
+            .as_ref()
+            .map(|o| o.clock_offset_ms(p.sent_wall_ms, now));
         let theirs: Vec<(DocId, [u8; 32])> = response
             .digests
             .iter()
@@ -764,7 +806,7 @@ impl EventLoop {
             .copied()
             .collect();
         p.their_digests.extend(theirs.iter().copied());
-        self.observe_clock(&key, response.hlc);
+        self.observe_clock(&key, response.hlc, response.origin.as_ref(), measured);
         self.record_reports(peer, &response.connected);
         // Which documents the peer holds as we do is settled in
         // `on_compared`, once they are compared off the loop.
@@ -775,11 +817,7 @@ impl EventLoop {
                 .into_iter()
                 .map(|(doc, _)| doc)
                 .collect();
-            let in_sync = theirs
-                .iter()
-                .filter(|(doc, digest)| node.ledger.mark_in_sync_if(*doc, &key, digest))
-                .map(|(doc, _)| *doc)
-                .collect();
+            let in_sync = mark_in_sync(node, &key, &theirs);
             Internal::Compared {
                 peer,
                 ours,
@@ -948,11 +986,37 @@ fn apply(node: &Node, peer: &str, request: SyncRequest) -> Applied {
     applied
 }
 
-fn drop_record(node: &Node, peer: &str, kind: &str, why: &str) {
+fn drop_record(node: &Node, peer: &str, kind: &'static str, why: &str) {
     node.metrics
         .dropped_messages
         .get_or_create(&Kind::of(kind))
         .inc();
-    node.peers.update(peer, |s| s.dropped_messages += 1);
+    node.peers.update(peer, |s| s.count_drop(kind));
     tracing::warn!(peer, kind, why, "dropped a sync message from a peer");
+}
+
+/// This node's region and wall clock, as its frames carry them.
+fn origin(node: &Node, held_ms: u32) -> Origin {
+    Origin {
+        region: node.config.region.clone(),
+        wall_ms: node.ledger.wall_ms(),
+        held_ms,
+    }
+}
+
+/// Records which of `theirs` (the peer's digests) equal ours, and that the
+/// peer shows every allocation folded before the comparison began (see
+/// [`crate::p2p::lag`]). Returns the documents in sync.
+fn mark_in_sync(node: &Node, peer: &str, theirs: &[(DocId, [u8; 32])]) -> BTreeSet<DocId> {
+    let generation = node.lag_tracker().generation();
+    let in_sync: BTreeSet<DocId> = theirs
+        .iter()
+        .filter(|(doc, digest)| node.ledger.mark_in_sync_if(*doc, peer, digest))
+        .map(|(doc, _)| *doc)
+        .collect();
+    let mut lag = node.lag_tracker();
+    for doc in &in_sync {
+        lag.shown(peer, *doc, generation);
+    }
+    in_sync
 }

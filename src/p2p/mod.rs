@@ -25,6 +25,7 @@
 
 pub mod codec;
 mod event_loop;
+pub mod lag;
 pub mod status;
 
 use crate::node::{Node, StartError};

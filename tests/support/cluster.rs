@@ -54,7 +54,8 @@ pub struct ClusterOptions {
     /// Passed as `--api-token` to every node and sent by the HTTP helpers
     /// as `Authorization: Bearer <token>`.
     pub api_token: Option<String>,
-    /// Budget for the start line, then again for /v1/health to answer 200.
+    /// Budget for the start line, then again for /v1/health to answer (200,
+    /// or 503 with status critical).
     pub ready_timeout: Duration,
 }
 
@@ -543,7 +544,7 @@ impl Node {
         })
     }
 
-    /// Waits for the start line, checks it, then waits for /v1/health = 200.
+    /// Waits for the start line, checks it, then waits for /v1/health to answer.
     /// On failure the process is killed.
     async fn wait_ready(&self, launch: Launch, timeout: Duration) -> Result<(), LaunchError> {
         let result = self.wait_ready_inner(launch, timeout).await;
@@ -658,6 +659,9 @@ impl Node {
                 .await
             {
                 Ok((200, _)) => return Ok(()),
+                // Critical (503) still means the node is up and answering:
+                // a node restarted with a dead-lettered compensation is.
+                Ok((503, body)) if body["status"] == "critical" => return Ok(()),
                 Ok((code, body)) => format!("{code} {body}"),
                 Err(e) => e,
             };
