@@ -6,6 +6,7 @@ use super::document::ShardDocument;
 use super::key_index::KeyIndex;
 use super::provisional::{OwnProvisional, Stake};
 use super::relay::HeldBack;
+use super::unsettled::Unsettled;
 use super::view::{Allocation, KeyView};
 use super::{ChunkSink, COMPACT_MIN_BYTES};
 use crate::record::{AllocationRecord, CompensationRecord};
@@ -27,6 +28,8 @@ pub(super) struct EpochDoc {
     pub snapshot_bytes: usize,
     /// `bytes_since_snapshot` at the previous compaction check.
     bytes_at_last_check: usize,
+    /// Arrivals some peer may not hold yet.
+    pub unsettled: Unsettled,
 }
 
 /// What one document tracks about one peer, in one place so that the
@@ -51,6 +54,7 @@ impl EpochDoc {
             bytes_since_snapshot: 0,
             snapshot_bytes: stored_bytes,
             bytes_at_last_check: 0,
+            unsettled: Unsettled::default(),
         }
     }
 
@@ -126,6 +130,9 @@ pub(super) struct Group {
     /// This node's provisional allocations (folded ones; pending ones keep
     /// their stake in `pending`), and their exposure.
     pub own: OwnProvisional,
+    /// Whether settlement is followed at all: with no peers every
+    /// allocation is settled as it arrives.
+    pub follow_settlement: bool,
 }
 
 impl Group {
@@ -139,6 +146,7 @@ impl Group {
             conflicts: BTreeMap::new(),
             pending: Vec::new(),
             own: OwnProvisional::default(),
+            follow_settlement: true,
         }
     }
 
@@ -174,16 +182,64 @@ impl Group {
             .is_some_and(|v| v.iter().any(|a| a.record.txn_id == record.txn_id))
     }
 
-    /// Counts one more record arrived in the document of `epoch` and returns
-    /// its arrival number.
-    pub fn arrive(&mut self, epoch: u32) -> u64 {
+    /// Counts one more record, stamped `hlc_ms`, arrived in the document of
+    /// `epoch` and returns its arrival number.
+    pub fn arrive(&mut self, epoch: u32, hlc_ms: u64) -> u64 {
+        let follow = self.follow_settlement;
         match self.docs.get_mut(&epoch) {
             Some(doc) => {
                 doc.arrivals += 1;
+                if follow {
+                    doc.unsettled.arrived(doc.arrivals, hlc_ms);
+                }
                 doc.arrivals
             }
             None => 0,
         }
+    }
+
+    /// Every peer holds the document of `epoch` through `through`.
+    pub fn settled(&mut self, epoch: u32, through: u64) {
+        if let Some(doc) = self.docs.get_mut(&epoch) {
+            doc.unsettled.settled_through(through);
+        }
+    }
+
+    /// Tells each document which of its unsettled arrivals belong to `key`,
+    /// which is in conflict.
+    fn note_conflicted(&mut self, key: &str) {
+        let Some(list) = self.keys.get(key) else {
+            return;
+        };
+        for a in list.iter().filter(|a| a.arrival != NOT_ARRIVED) {
+            if let Some(doc) = self.docs.get_mut(&a.epoch) {
+                doc.unsettled.conflicted(a.arrival);
+            }
+        }
+    }
+
+    /// Provisional keys (one allocation, not on every peer yet) and the HLC
+    /// ms of the oldest, counted from what is kept, with no scan of the keys.
+    pub fn provisional(&self) -> (u64, Option<u64>) {
+        if !self.follow_settlement {
+            return (0, None);
+        }
+        let mut count = 0;
+        let mut oldest: Option<u64> = None;
+        let mut older = |ms: u64| oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+        for doc in self.docs.values() {
+            count += doc.unsettled.provisional();
+            if let Some(ms) = doc.unsettled.oldest_provisional_ms() {
+                older(ms);
+            }
+        }
+        for p in &self.pending {
+            if self.keys.get(&p.record.key).is_some_and(|l| l.len() == 1) {
+                count += 1;
+                older(p.record.hlc.physical_ms);
+            }
+        }
+        (count, oldest)
     }
 
     /// Inserts a record of document `epoch` in precedence order; returns
@@ -214,6 +270,7 @@ impl Group {
         self.allocations += 1;
         if list.len() > 1 {
             self.conflicts.entry(key.to_string()).or_insert(now_ms);
+            self.note_conflicted(&key);
             true
         } else {
             false
@@ -306,6 +363,14 @@ impl Group {
             !allocations.is_empty()
         });
         self.allocations -= dropped;
+        // A key whose competitor expired is no longer in conflict.
+        for doc in self.docs.values_mut() {
+            doc.unsettled.clear_conflicts();
+        }
+        let keys: Vec<String> = self.conflicts.keys().cloned().collect();
+        for key in keys {
+            self.note_conflicted(&key);
+        }
         let shard = self.shard;
         (
             expired
@@ -380,7 +445,7 @@ mod tests {
         let mut group = Group::new(0);
         group.doc_mut(1, &ActorId::random());
         for key in ["a", "b", "c", "d"] {
-            let arrival = group.arrive(1);
+            let arrival = group.arrive(1, 0);
             group.insert(1, allocation(key, "n"), arrival, Durable::Store(0), 0);
         }
         let settled_by_view = |g: &Group| -> Vec<bool> {
@@ -418,6 +483,56 @@ mod tests {
         assert_eq!(settled_by_threshold(&group), settled_by_view(&group));
         assert_eq!(group.settled_through(1, &[]), Some(u64::MAX), "no peers");
         assert_eq!(group.settled_through(9, &peers), None, "no such document");
+    }
+
+    proptest::proptest! {
+        /// The kept count of provisional keys equals a scan of every key's
+        /// view, whatever the order of arrivals, conflicts and syncs.
+        #[test]
+        fn provisional_counts_match_a_scan_of_the_views(
+            ops in proptest::collection::vec((0u8..3, 0usize..12, 0usize..2), 1..80),
+        ) {
+            let peers = ["p1".to_string(), "p2".to_string()];
+            let mut group = Group::new(0);
+            for epoch in [1, 2] {
+                group.doc_mut(epoch, &ActorId::random());
+            }
+            let mut n = 0;
+            for (op, key, which) in ops {
+                let epoch = 1 + which as u32;
+                match op {
+                    // An allocation of key k by node "a" or "b".
+                    0 | 1 => {
+                        n += 1;
+                        let mut record = (*allocation(&format!("k{key}"), ["a", "b"][op as usize])).clone();
+                        record.hlc = crate::hlc::Timestamp::new(n, 0);
+                        record.txn_id = format!("tx{n}");
+                        let arrival = group.arrive(epoch, n);
+                        group.insert(epoch, Arc::new(record), arrival, Durable::Store(0), 0);
+                    }
+                    // Peer `which` is in sync with document `epoch` now.
+                    _ => {
+                        let arrivals = group.docs[&epoch].arrivals;
+                        group
+                            .docs
+                            .get_mut(&epoch)
+                            .unwrap()
+                            .peers
+                            .entry(peers[key % 2].clone())
+                            .or_default()
+                            .synced_arrival = Some(arrivals);
+                        if let Some(through) = group.settled_through(epoch, &peers) {
+                            group.settled(epoch, through);
+                        }
+                    }
+                }
+                let scanned = (0..12)
+                    .filter_map(|k| group.view(&format!("k{k}"), &peers))
+                    .filter(|v| v.allocations.len() == 1 && !v.settled)
+                    .count() as u64;
+                proptest::prop_assert_eq!(group.provisional().0, scanned);
+            }
+        }
     }
 
     #[test]

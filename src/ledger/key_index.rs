@@ -71,6 +71,7 @@ impl KeyIndex {
     }
 
     /// Every key's allocations, in no particular order.
+    #[cfg(test)]
     pub fn values(&self) -> impl Iterator<Item = &Vec<Allocation>> {
         self.table.iter().map(|e| &e.allocations)
     }

@@ -24,6 +24,7 @@ mod key_index;
 mod provisional;
 pub mod relay;
 mod sync_receive;
+mod unsettled;
 mod view;
 
 pub use doc_id::{DocId, Windows};
@@ -42,7 +43,6 @@ use group::{EpochDoc, Group, Pending, NOT_ARRIVED};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 /// Number of shards the key space is split over. Part of the data model:
 /// every node must use the same number.
@@ -215,8 +215,6 @@ pub struct Ledger {
     names: Names,
     my_region: Arc<str>,
     my_node: Arc<str>,
-    /// The last settlement scan and when it ran.
-    scan: Mutex<Option<(u64, SettlementScan)>>,
     /// Own allocations resolved since the node last took them.
     resolutions: Mutex<Vec<Resolution>>,
     /// Whether `resolutions` may hold any, so that an empty take costs no lock.
@@ -243,6 +241,9 @@ impl Ledger {
         let mut hlc = Hlc::new(clock.clone(), max_clock_offset_ms);
         let now = clock.now_ms();
         let mut groups: Vec<Group> = (0..SHARD_COUNT).map(|s| Group::new(s as u8)).collect();
+        for group in &mut groups {
+            group.follow_settlement = !peers.is_empty();
+        }
         let mut malformed = 0;
         let names = Names::default();
         for (id, stored) in stored.documents {
@@ -262,7 +263,7 @@ impl Ledger {
                     Entry::Allocation(record) => {
                         // Re-seed the clock so no stamp ever repeats after a restart.
                         hlc.observe_local(record.hlc);
-                        let arrival = group.arrive(id.epoch);
+                        let arrival = group.arrive(id.epoch, record.hlc.physical_ms);
                         let record = Arc::new(names.intern(record));
                         if let Some(stake) = recovered_stake(&record, &me) {
                             group.own.admit(&stake);
@@ -336,7 +337,6 @@ impl Ledger {
             expired_total: AtomicU64::new(0),
             recovered_from_journal: recovered,
             names,
-            scan: Mutex::new(None),
             resolutions: Mutex::new(Vec::new()),
             resolutions_waiting: std::sync::atomic::AtomicBool::new(false),
         })
@@ -557,7 +557,7 @@ impl Ledger {
                 }
                 doc.persist(&*self.sink);
                 for entry in entries {
-                    let arrival = group.arrive(epoch);
+                    let arrival = group.arrive(epoch, entry.record.hlc.physical_ms);
                     if let Some(slot) = group.find_mut(&entry.record) {
                         slot.arrival = arrival;
                     }
@@ -641,7 +641,7 @@ impl Ledger {
                     }
                     // Every remote stamp advances our clock (and counts skew).
                     self.hlc().update(record.hlc);
-                    let arrival = group.arrive(id.epoch);
+                    let arrival = group.arrive(id.epoch, record.hlc.physical_ms);
                     let durable = Durable::Store(seq);
                     let record = Arc::new(self.names.intern_after(record, &mut last_names));
                     if group.insert(id.epoch, record.clone(), arrival, durable, now) {
@@ -830,6 +830,7 @@ impl Ledger {
             .or_default()
             .synced_arrival = Some(arrivals);
         if let Some(through) = guard.settled_through(doc.epoch, &self.peers) {
+            guard.settled(doc.epoch, through);
             let mut settled = Vec::new();
             guard.own.settled_through(doc.epoch, through, &mut settled);
             drop(guard);
@@ -964,10 +965,10 @@ impl Ledger {
         out
     }
 
-    /// Counts for health and metrics, a few operations per shard: keys,
-    /// allocations, conflicts and documents are kept counted; whether each
-    /// key is settled (a look at every peer's sync state per key) comes
-    /// from a shared scan at most a second old.
+    /// Counts for health and metrics, a few operations per shard and
+    /// document: keys, allocations, conflicts and documents are kept
+    /// counted, and so are the arrivals not yet on every peer
+    /// (`ledger/unsettled.rs`), so no call walks the keys.
     pub fn stats(&self) -> LedgerStats {
         let mut stats = LedgerStats {
             malformed_records: self.malformed_total.load(Ordering::Relaxed),
@@ -980,59 +981,15 @@ impl Ledger {
             stats.keys += guard.keys.len() as u64;
             stats.conflicts += guard.conflicts.len() as u64;
             stats.allocations += guard.allocations;
+            let (provisional, oldest) = guard.provisional();
+            stats.provisional += provisional;
+            if let Some(ms) = oldest {
+                stats.oldest_provisional_ms =
+                    Some(stats.oldest_provisional_ms.map_or(ms, |o: u64| o.min(ms)));
+            }
         }
-        let scan = self.settlement_scan();
-        stats.provisional = scan.provisional;
-        stats.oldest_provisional_ms = scan.oldest_provisional_ms;
         stats
     }
-
-    /// The settlement of every key, from a scan at most [`SCAN_MAX_AGE`]
-    /// old: the scan visits every key, so health checks and metric scrapes
-    /// that come often share one.
-    fn settlement_scan(&self) -> SettlementScan {
-        let mut cached = self.scan.lock().unwrap_or_else(|p| p.into_inner());
-        let now = self.wall_ms();
-        if let Some((at, scan)) = *cached {
-            if Duration::from_millis(now.saturating_sub(at)) < SCAN_MAX_AGE && at <= now {
-                return scan;
-            }
-        }
-        let mut scan = SettlementScan::default();
-        for shard in 0..SHARD_COUNT {
-            let guard = self.group(shard);
-            let mut through: BTreeMap<u32, Option<u64>> = BTreeMap::new();
-            for allocations in guard.keys.values() {
-                let [only] = allocations.as_slice() else {
-                    continue;
-                };
-                let settled = through
-                    .entry(only.epoch)
-                    .or_insert_with(|| guard.settled_through(only.epoch, &self.peers))
-                    .is_some_and(|t| t >= only.arrival);
-                if !settled {
-                    scan.provisional += 1;
-                    let age_from = only.record.hlc.physical_ms;
-                    scan.oldest_provisional_ms = Some(
-                        scan.oldest_provisional_ms
-                            .map_or(age_from, |o: u64| o.min(age_from)),
-                    );
-                }
-            }
-        }
-        *cached = Some((now, scan));
-        scan
-    }
-}
-
-/// Longest a settlement scan is reused by [`Ledger::stats`].
-const SCAN_MAX_AGE: Duration = Duration::from_secs(1);
-
-/// What [`Ledger::stats`] takes from a scan of every key.
-#[derive(Clone, Copy, Debug, Default)]
-struct SettlementScan {
-    provisional: u64,
-    oldest_provisional_ms: Option<u64>,
 }
 
 /// The node's clock as the health report shows it.
@@ -1057,11 +1014,10 @@ pub struct LedgerStats {
     pub allocations: u64,
     /// Keys with more than one allocation.
     pub conflicts: u64,
-    /// Keys with one allocation not yet settled, as of the last settlement
-    /// scan (at most a second old).
+    /// Keys with one allocation not yet settled.
     pub provisional: u64,
-    /// HLC physical ms of the oldest provisional allocation, as of the same
-    /// scan.
+    /// HLC physical ms of the oldest provisional allocation (the first
+    /// unsettled one in each document's arrival order).
     pub oldest_provisional_ms: Option<u64>,
     /// Records refused as malformed since start.
     pub malformed_records: u64,

@@ -613,8 +613,9 @@ impl Node {
         }
     }
 
-    /// Tells the episode tracker where this node stands now, and learns.
-    fn observe_situation(&self) {
+    /// Tells the episode tracker where this node stands now, and learns:
+    /// called as peers come and go, and twice a second.
+    pub fn observe_situation(&self) {
         self.learn();
         let situation = Situation::of(&self.peer_views(self.ledger.peers()));
         self.calibration()

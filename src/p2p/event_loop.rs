@@ -533,6 +533,8 @@ impl EventLoop {
                         p.reports.clear();
                         let key = p.key.clone();
                         self.node.peers.update(&key, |s| s.connected = false);
+                        // A partition episode starts the moment a peer is lost.
+                        self.node.observe_situation();
                         self.node.ledger.reset_sync(&key);
                         self.node.metrics.peers_connected.dec();
                         self.schedule_redial(peer_id);
@@ -586,6 +588,8 @@ impl EventLoop {
             s.connected_since_ms = Some(now);
             s.redial_attempts = 0;
         });
+        // ...and ends the moment every peer is back.
+        self.node.observe_situation();
         self.node.metrics.peers_connected.inc();
         self.node.ledger.reset_sync(&key);
         self.links_changed(peer_id);
