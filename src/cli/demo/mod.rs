@@ -13,13 +13,11 @@
 //! JSON document on stdout and the narration on stderr. The exit code says
 //! whether every duplicate was found by every region and compensated once.
 
-mod proxy;
-
 use super::table::render;
 use crate::client::{Client, Conflict};
+use crate::drill::Relay;
 use anyhow::{bail, Context};
 use clap::Args;
-use proxy::Link;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
@@ -270,7 +268,7 @@ async fn start_regions(
     args: &DemoArgs,
     root: &std::path::Path,
     say: Narrator,
-) -> anyhow::Result<(Vec<Region>, Vec<Vec<Option<Link>>>)> {
+) -> anyhow::Result<(Vec<Region>, Vec<Vec<Option<Relay>>>)> {
     let exe = std::env::current_exe().context("locating the oncemesh binary")?;
     let mut ids = Vec::new();
     let mut ports = Vec::new();
@@ -280,14 +278,14 @@ async fn start_regions(
         let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
         ports.push(probe.local_addr()?.port());
     }
-    let mut links: Vec<Vec<Option<Link>>> = Vec::new();
+    let mut links: Vec<Vec<Option<Relay>>> = Vec::new();
     for i in 0..3 {
         let mut row = Vec::new();
         for (j, port) in ports.iter().enumerate() {
             row.push(if i == j {
                 None
             } else {
-                Some(Link::start(([127, 0, 0, 1], *port).into()).await?)
+                Some(Relay::start(([127, 0, 0, 1], *port).into())?)
             });
         }
         links.push(row);
@@ -306,7 +304,7 @@ async fn start_regions(
             if let Some(link) = link {
                 command.args([
                     "--peer",
-                    &format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", link.addr.port(), ids[j]),
+                    &format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", link.addr().port(), ids[j]),
                 ]);
             }
         }
@@ -377,7 +375,7 @@ async fn scenario(
     args: &DemoArgs,
     seed: u64,
     regions: &[Region],
-    links: &[Vec<Option<Link>>],
+    links: &[Vec<Option<Relay>>],
     say: Narrator,
 ) -> anyhow::Result<Summary> {
     let mut rng = StdRng::seed_from_u64(seed);
