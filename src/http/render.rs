@@ -10,7 +10,7 @@
 use crate::hlc::Timestamp;
 use crate::ledger::{Allocation, ConflictView, KeyView};
 use crate::node::Node;
-use crate::record::{AllocationRecord, CompensationRecord};
+use crate::record::{AllocationRecord, CompensationRecord, CompensationState};
 use serde::Serialize;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -208,7 +208,7 @@ pub fn compensation_json(c: &CompensationRecord) -> KnownCompensation<'_> {
         txn_id: &c.txn_id,
         winner_txn_id: &c.winner_txn_id,
         owner: &c.owner,
-        state: &c.state,
+        state: c.state.as_str(),
         attempts: c.attempts,
         last_error: c.last_error.as_deref(),
         next_attempt_at: c.next_attempt_at_ms.map(rfc3339),
@@ -232,7 +232,7 @@ fn compensations_json(view: &KeyView) -> Vec<CompensationJson<'_>> {
                 None => CompensationJson::Pending {
                     txn_id: &loser.record.txn_id,
                     owner: &loser.record.node,
-                    state: "pending",
+                    state: CompensationState::Pending.as_str(),
                     attempts: 0,
                     last_error: None,
                     next_attempt_at: None,

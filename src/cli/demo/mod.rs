@@ -16,6 +16,7 @@
 use super::table::render;
 use crate::client::{Client, Conflict};
 use crate::drill::Relay;
+use crate::record::CompensationState;
 use anyhow::{bail, Context};
 use clap::Args;
 use rand::rngs::StdRng;
@@ -56,6 +57,10 @@ pub struct DemoArgs {
 }
 
 const REGIONS: [&str; 3] = ["sgp", "lon", "nyc"];
+
+/// The state of a compensation that is done, as the API names it (the
+/// client keeps states as the text the node sent).
+const SUCCEEDED: &str = CompensationState::Succeeded.as_str();
 
 /// One in this many customers of the normal phase retries in another region.
 const NORMAL_RETRY_ONE_IN: u32 = 7;
@@ -581,7 +586,7 @@ async fn scenario(
         let compensated_by_it = conflicts
             .iter()
             .flat_map(|c| &c.compensations)
-            .filter(|comp| comp.owner == r.peer_id && comp.state == "succeeded")
+            .filter(|comp| comp.owner == r.peer_id && comp.state == SUCCEEDED)
             .count();
         let x = &health.extra;
         reports.push(RegionReport {
@@ -633,7 +638,7 @@ fn each_loser_compensated_once(c: &Conflict) -> bool {
     let compensated: Vec<&str> = c
         .compensations
         .iter()
-        .filter(|comp| comp.state == "succeeded")
+        .filter(|comp| comp.state == SUCCEEDED)
         .map(|comp| comp.txn_id.as_str())
         .collect();
     compensated.len() == losers.len() && compensated.iter().all(|t| losers.contains(t))
