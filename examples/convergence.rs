@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Every node is started with the other two as `--peer`, each address
-//! pointing at a TCP proxy inside this program (one per ordered pair) that
-//! forwards to the real listen port. One run:
+//! pointing at a relay ([`oncemesh::drill::Relay`], one per ordered pair)
+//! inside this program that forwards to the real listen port. One run:
 //!
 //! 1. start the nodes, wait until every node sees both peers connected;
 //! 2. cut every proxy (live connections reset, new ones refused) and wait
@@ -34,18 +34,17 @@
 //! directory (`target/release/oncemesh` for `target/release/examples/convergence`).
 
 use clap::Parser;
+use oncemesh::drill::Relay;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Convergence of three oncemesh nodes after a healed partition")]
@@ -277,7 +276,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
     let listen: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
     let http_ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
     // proxies[i][j]: node i dials node j through it.
-    let mut proxies: Vec<Arc<Proxy>> = Vec::new();
+    let mut proxies: Vec<Relay> = Vec::new();
     let mut peer_args: Vec<Vec<String>> = vec![Vec::new(); 3];
     for (i, args_of_i) in peer_args.iter_mut().enumerate() {
         for (j, (port, id)) in listen.iter().zip(&ids).enumerate() {
@@ -285,8 +284,11 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
                 continue;
             }
             let target: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-            let proxy = Proxy::start(target).await?;
-            args_of_i.push(format!("/ip4/127.0.0.1/tcp/{}/p2p/{id}", proxy.addr.port()));
+            let proxy = Relay::start(target)?;
+            args_of_i.push(format!(
+                "/ip4/127.0.0.1/tcp/{}/p2p/{id}",
+                proxy.addr().port()
+            ));
             proxies.push(proxy);
         }
     }
@@ -351,7 +353,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
     let timeout = Duration::from_secs(args.timeout);
     wait_peers(&http, &nodes, 2, Duration::from_secs(60)).await?;
     for p in &proxies {
-        p.cut().await;
+        p.cut();
     }
     wait_peers(&http, &nodes, 0, Duration::from_secs(60)).await?;
 
@@ -416,7 +418,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         .collect();
 
     // Heal and measure.
-    let bytes_before: u64 = proxies.iter().map(|p| p.bytes()).sum();
+    let bytes_before: u64 = proxies.iter().map(|p| p.bytes_forwarded()).sum();
     let cpu_before: Vec<f64> = nodes.iter().map(|n| cpu_seconds(n.pid)).collect();
     let machine_before = machine_busy_seconds();
     let own_before = cpu_seconds(std::process::id());
@@ -454,7 +456,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
             tokio::select! {
                 outcomes = &mut all_checks => break outcomes,
                 _ = tokio::time::sleep(report_every) => {
-                    let bytes: u64 = proxies.iter().map(|p| p.bytes()).sum();
+                    let bytes: u64 = proxies.iter().map(|p| p.bytes_forwarded()).sum();
                     eprintln!(
                         "[{:>6.3}s after heal] complete {} bytes={}",
                         healed.elapsed().as_secs_f64(),
@@ -465,7 +467,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
             }
         }
     };
-    let bytes_at: u64 = proxies.iter().map(|p| p.bytes()).sum();
+    let bytes_at: u64 = proxies.iter().map(|p| p.bytes_forwarded()).sum();
     let mut per_node = Vec::with_capacity(3);
     let mut cpu_after = Vec::with_capacity(3);
     let mut conflicts_visible_s: f64 = 0.0;
@@ -509,7 +511,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
     let accepts: Vec<f64> = proxies
         .iter()
         .map(|p| {
-            p.first_accept_after_heal().map_or(f64::NAN, |t| {
+            p.reconnected_at().map_or(f64::NAN, |t| {
                 t.saturating_duration_since(healed).as_secs_f64()
             })
         })
@@ -778,121 +780,5 @@ async fn allocate_all(
     }
     for t in tasks {
         let _ = t.await;
-    }
-}
-
-/// A TCP forwarder that can be cut (live connections reset, new ones
-/// refused) and healed, counting the bytes it forwards.
-struct Proxy {
-    addr: SocketAddr,
-    cut: AtomicBool,
-    epoch: watch::Sender<u64>,
-    bytes: AtomicU64,
-    healed_at: Mutex<Option<Instant>>,
-    first_accept: Mutex<Option<Instant>>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> anyhow::Result<Arc<Self>> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let proxy = Arc::new(Self {
-            addr: listener.local_addr()?,
-            cut: AtomicBool::new(false),
-            epoch: watch::channel(0).0,
-            bytes: AtomicU64::new(0),
-            healed_at: Mutex::new(None),
-            first_accept: Mutex::new(None),
-        });
-        let me = proxy.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((inbound, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let epoch = me.epoch.subscribe();
-                if me.cut.load(Ordering::SeqCst) {
-                    reset(inbound);
-                    continue;
-                }
-                {
-                    let healed = *me.healed_at.lock().unwrap_or_else(|p| p.into_inner());
-                    let mut first = me.first_accept.lock().unwrap_or_else(|p| p.into_inner());
-                    if healed.is_some() && first.is_none() {
-                        *first = Some(Instant::now());
-                    }
-                }
-                tokio::spawn(forward(inbound, target, me.clone(), epoch));
-            }
-        });
-        Ok(proxy)
-    }
-
-    async fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        self.epoch.send_modify(|e| *e += 1);
-        // Connection tasks see the epoch change and reset both sides.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    fn heal(&self) {
-        *self.healed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        self.cut.store(false, Ordering::SeqCst);
-    }
-
-    fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    fn first_accept_after_heal(&self) -> Option<Instant> {
-        *self.first_accept.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn reset(stream: TcpStream) {
-    let _ = stream.set_zero_linger();
-    drop(stream);
-}
-
-async fn forward(
-    mut inbound: TcpStream,
-    target: SocketAddr,
-    proxy: Arc<Proxy>,
-    mut epoch: watch::Receiver<u64>,
-) {
-    let Ok(mut outbound) = TcpStream::connect(target).await else {
-        return reset(inbound);
-    };
-    let _ = inbound.set_nodelay(true);
-    let _ = outbound.set_nodelay(true);
-    let cut = {
-        let (ri, wi) = inbound.split();
-        let (ro, wo) = outbound.split();
-        let both = async { tokio::try_join!(pipe(ri, wo, &proxy), pipe(ro, wi, &proxy)) };
-        tokio::select! {
-            _ = both => false,
-            _ = epoch.changed() => true,
-        }
-    };
-    if cut {
-        reset(inbound);
-        reset(outbound);
-    }
-}
-
-async fn pipe<R, W>(mut from: R, mut to: W, proxy: &Proxy) -> std::io::Result<()>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::AsyncReadExt;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return to.shutdown().await;
-        }
-        proxy.bytes.fetch_add(n as u64, Ordering::Relaxed);
-        to.write_all(&buf[..n]).await?;
     }
 }

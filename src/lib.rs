@@ -29,6 +29,8 @@
 //!   `oncemesh` command line.
 //! - [`metrics`]: Prometheus metrics; [`config`]: flags and TOML.
 //! - [`tls`]: the rustls provider every HTTP client uses.
+//! - [`drill`]: a TCP relay that makes network faults from outside the
+//!   nodes (the demo, the tests and the benchmarks put one on every link).
 #![deny(missing_docs)]
 
 pub mod anomaly;
@@ -37,6 +39,7 @@ pub mod client;
 pub mod compensation;
 pub mod confidence;
 pub mod config;
+pub mod drill;
 pub mod exposure;
 pub mod group_commit;
 pub mod hlc;

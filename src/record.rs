@@ -10,6 +10,7 @@ use crate::hlc::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::cmp::Ordering;
+use std::fmt;
 use std::sync::Arc;
 
 /// Version tag written into every record, so a future schema can be told apart.
@@ -119,6 +120,59 @@ impl AllocationRecord {
     }
 }
 
+/// Where a compensation is in its lifecycle: the state machine's
+/// (`compensation::machine`) and the replicated record's, one type, written
+/// as the kebab-case names docs/DATA_MODEL.md lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompensationState {
+    /// Created, first attempt not started yet.
+    Pending,
+    /// An attempt is in flight (or was when the node crashed).
+    Running,
+    /// The action succeeded; final.
+    Succeeded,
+    /// The last attempt failed retryably; another is scheduled.
+    Failed,
+    /// Given up (permanent failure or budget spent); needs an operator.
+    DeadLettered,
+    /// A state this version does not know, in a record a newer node wrote.
+    /// The record is kept (its owner, attempts and last error still show)
+    /// rather than refused as malformed: during a rolling upgrade that would
+    /// hide a live compensation and raise malformed-record alarms over a
+    /// healthy peer. It counts as neither succeeded nor dead-lettered, so
+    /// the conflict stays open here until the owner writes a state this
+    /// version knows. This node's own machine never enters it.
+    #[serde(other)]
+    Unknown,
+}
+
+impl CompensationState {
+    /// Whether no automatic transition leaves this state; drivers stop here.
+    /// [`CompensationState::Unknown`] is not: its owner may still move it.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::DeadLettered)
+    }
+
+    /// The name written into records and shown by the API.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::DeadLettered => "dead-lettered",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for CompensationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The replicated view of one loser's compensation, written only by the
 /// loser's own node, so every region's conflict report can show it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -135,8 +189,8 @@ pub struct CompensationRecord {
     pub owner: String,
     /// Idempotency key sent with the action, stable across retries and crashes.
     pub idempotency_key: String,
-    /// pending, running, succeeded, failed or dead-lettered.
-    pub state: String,
+    /// Where the compensation is.
+    pub state: CompensationState,
     /// Attempts made so far.
     pub attempts: u32,
     /// Last error of a failed attempt.
@@ -185,6 +239,58 @@ mod tests {
         assert!(Arc::ptr_eq(&batch[0].region, &batch[2].region));
         for bad in ["", "[{}]", "[1]", "{\"v\":1}", "[{\"v\":1,\"key\":2}]"] {
             assert!(AllocationRecord::parse_batch(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn compensation(state: &str) -> String {
+        format!(
+            r#"{{"v":1,"key":"k","txn_id":"tx_l","winner_txn_id":"tx_w","owner":"n","idempotency_key":"oncemesh-comp-tx_l","state":{state},"attempts":2,"last_error":"HTTP 503: busy","next_attempt_at_ms":null,"detected_at_ms":1,"succeeded_at_ms":null}}"#
+        )
+    }
+
+    #[test]
+    fn compensation_states_are_written_with_the_data_models_names() {
+        use CompensationState as S;
+        let known = [
+            (S::Pending, "pending"),
+            (S::Running, "running"),
+            (S::Succeeded, "succeeded"),
+            (S::Failed, "failed"),
+            (S::DeadLettered, "dead-lettered"),
+        ];
+        for (state, name) in known {
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                format!("\"{name}\"")
+            );
+            assert_eq!((state.as_str(), state.to_string()), (name, name.to_owned()));
+            let record: CompensationRecord =
+                serde_json::from_str(&compensation(&format!("\"{name}\""))).unwrap();
+            assert_eq!(record.state, state);
+            let again = serde_json::to_string(&record).unwrap();
+            assert_eq!(
+                again,
+                compensation(&format!("\"{name}\"")),
+                "written as read"
+            );
+        }
+    }
+
+    #[test]
+    fn a_state_from_a_newer_node_keeps_its_record_as_unknown() {
+        let record: CompensationRecord =
+            serde_json::from_str(&compensation("\"reversed\"")).unwrap();
+        assert_eq!(record.state, CompensationState::Unknown);
+        assert!(!record.state.is_terminal());
+        assert_eq!(
+            (record.attempts, record.last_error.as_deref()),
+            (2, Some("HTTP 503: busy"))
+        );
+        for not_a_name in ["3", "null", "[\"succeeded\"]"] {
+            assert!(
+                serde_json::from_str::<CompensationRecord>(&compensation(not_a_name)).is_err(),
+                "{not_a_name}"
+            );
         }
     }
 

@@ -238,7 +238,7 @@ fn only_the_first_replay_of_another_nodes_allocation_is_a_near_miss() {
 
 #[test]
 fn compensation_states_written_together_take_one_change_per_document_and_reach_every_ledger() {
-    use oncemesh::record::{CompensationRecord, RECORD_VERSION};
+    use oncemesh::record::{CompensationRecord, CompensationState, RECORD_VERSION};
     let nodes = ledgers(2);
     let fp = fingerprint(&serde_json::json!({})).unwrap();
     // Two keys of one shard and one of another, allocated on both nodes.
@@ -289,7 +289,7 @@ fn compensation_states_written_together_take_one_change_per_document_and_reach_e
                 winner_txn_id: view.allocations[0].record.txn_id.clone(),
                 owner: view.allocations[1].record.node.to_string(),
                 idempotency_key: format!("comp-{key}"),
-                state: "succeeded".into(),
+                state: CompensationState::Succeeded,
                 attempts: 1,
                 last_error: None,
                 next_attempt_at_ms: None,
@@ -309,6 +309,6 @@ fn compensation_states_written_together_take_one_change_per_document_and_reach_e
     for key in &keys {
         let view = nodes[1].key(key).unwrap();
         assert_eq!(view.compensations.len(), 1, "{key}");
-        assert_eq!(view.compensations[0].state, "succeeded");
+        assert_eq!(view.compensations[0].state, CompensationState::Succeeded);
     }
 }

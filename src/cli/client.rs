@@ -4,6 +4,7 @@
 use super::table::render;
 use super::ClientArgs;
 use crate::client::{Client, ConflictFilter};
+use crate::record::CompensationState;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -131,7 +132,7 @@ pub async fn conflicts(args: &ClientArgs, state: Option<&str>) -> anyhow::Result
                     .iter()
                     .find(|comp| comp.txn_id == a.txn_id)
                     .map(|comp| format!("{} x{}", comp.state, comp.attempts))
-                    .unwrap_or_else(|| "pending".into());
+                    .unwrap_or_else(|| CompensationState::Pending.to_string());
                 format!("loser: {comp}")
             };
             rows.push(vec![

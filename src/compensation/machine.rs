@@ -27,8 +27,8 @@
 //! retry forever). The next attempt uses the same idempotency key, so the
 //! receiver deduplicates it if the first one already went through.
 
+pub use crate::record::CompensationState;
 use serde::{Deserialize, Serialize};
-use std::fmt;
 
 /// Prefix of every compensation idempotency key. The whole key is this
 /// prefix plus the loser's transaction id. It never contains the attempt
@@ -39,42 +39,6 @@ pub const IDEMPOTENCY_KEY_PREFIX: &str = "oncemesh-comp-";
 /// Longest response body kept in an error, so a chatty receiver cannot bloat
 /// the replicated state.
 const MAX_ERROR_BODY_CHARS: usize = 512;
-
-/// Where a compensation is in its lifecycle; replicated so every region can
-/// report on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CompensationState {
-    /// Created, first attempt not started yet.
-    Pending,
-    /// An attempt is in flight (or was when the node crashed).
-    Running,
-    /// The action succeeded; final.
-    Succeeded,
-    /// The last attempt failed retryably; another is scheduled.
-    Failed,
-    /// Given up (permanent failure or budget spent); needs an operator.
-    DeadLettered,
-}
-
-impl CompensationState {
-    /// Whether no automatic transition leaves this state; drivers stop here.
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::DeadLettered)
-    }
-}
-
-impl fmt::Display for CompensationState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Pending => "pending",
-            Self::Running => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::DeadLettered => "dead-lettered",
-        })
-    }
-}
 
 /// Why a transition or replay was refused. The machine never panics.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -542,6 +506,19 @@ mod tests {
             }
             assert!(in_state(state).apply(&Compensation::new(TXN, 0).1).is_err());
         }
+    }
+
+    #[test]
+    fn a_state_only_a_newer_node_knows_allows_no_step() {
+        let mut comp = in_state(S::Pending);
+        comp.state = S::Unknown;
+        let before = comp.clone();
+        assert!(comp.start(u64::MAX).is_err());
+        assert!(comp.finish(Outcome::Success, &POLICY, 1, 0).is_err());
+        assert!(comp.resume_after_crash(&POLICY, 1, 0).is_err());
+        assert!(comp.operator_retry(1).is_err());
+        assert!(!comp.due(u64::MAX));
+        assert_eq!(comp, before);
     }
 
     #[test]

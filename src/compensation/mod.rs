@@ -139,7 +139,7 @@ fn record_of(node: &Node, tracked: &Tracked) -> CompensationRecord {
         winner_txn_id: tracked.winner_txn.clone(),
         owner: node.peer_id.to_string(),
         idempotency_key: c.idempotency_key.clone(),
-        state: c.state.to_string(),
+        state: c.state,
         attempts: c.attempts,
         last_error: c.last_error.clone(),
         next_attempt_at_ms: c.next_attempt_at_ms,

@@ -10,7 +10,7 @@
 use crate::hlc::Timestamp;
 use crate::ledger::{Allocation, ConflictView, KeyView};
 use crate::node::Node;
-use crate::record::{AllocationRecord, CompensationRecord};
+use crate::record::{AllocationRecord, CompensationRecord, CompensationState};
 use serde::Serialize;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -178,7 +178,7 @@ pub enum CompensationJson<'a> {
     Pending {
         txn_id: &'a str,
         owner: &'a str,
-        state: &'static str,
+        state: CompensationState,
         attempts: u32,
         last_error: Option<&'a str>,
         next_attempt_at: Option<String>,
@@ -193,7 +193,7 @@ pub struct KnownCompensation<'a> {
     txn_id: &'a str,
     winner_txn_id: &'a str,
     owner: &'a str,
-    state: &'a str,
+    state: CompensationState,
     attempts: u32,
     last_error: Option<&'a str>,
     next_attempt_at: Option<String>,
@@ -208,7 +208,7 @@ pub fn compensation_json(c: &CompensationRecord) -> KnownCompensation<'_> {
         txn_id: &c.txn_id,
         winner_txn_id: &c.winner_txn_id,
         owner: &c.owner,
-        state: &c.state,
+        state: c.state,
         attempts: c.attempts,
         last_error: c.last_error.as_deref(),
         next_attempt_at: c.next_attempt_at_ms.map(rfc3339),
@@ -232,7 +232,7 @@ fn compensations_json(view: &KeyView) -> Vec<CompensationJson<'_>> {
                 None => CompensationJson::Pending {
                     txn_id: &loser.record.txn_id,
                     owner: &loser.record.node,
-                    state: "pending",
+                    state: CompensationState::Pending,
                     attempts: 0,
                     last_error: None,
                     next_attempt_at: None,

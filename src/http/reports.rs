@@ -69,7 +69,12 @@ pub async fn compensations(
         let list: Vec<_> = conflicts
             .iter()
             .flat_map(|c| &c.key.compensations)
-            .filter(|c| filter.state.as_deref().is_none_or(|s| c.state == s))
+            .filter(|c| {
+                filter
+                    .state
+                    .as_deref()
+                    .is_none_or(|s| c.state.as_str() == s)
+            })
             .map(compensation_json)
             .collect();
         json_list("compensations", &list)

@@ -1,6 +1,6 @@
 //! Read-only views of the ledger handed to the API and the engines.
 
-use crate::record::{AllocationRecord, CompensationRecord};
+use crate::record::{AllocationRecord, CompensationRecord, CompensationState};
 use crate::storage::Durable;
 use serde::Serialize;
 use std::sync::Arc;
@@ -89,7 +89,7 @@ impl KeyView {
         let succeeded = self
             .compensations
             .iter()
-            .filter(|c| c.state == "succeeded")
+            .filter(|c| c.state == CompensationState::Succeeded)
             .count();
         if succeeded == losers {
             KeyState::Compensated
@@ -97,7 +97,7 @@ impl KeyView {
             || self
                 .compensations
                 .iter()
-                .any(|c| c.state == "dead-lettered")
+                .any(|c| c.state == CompensationState::DeadLettered)
         {
             KeyState::Conflicted
         } else {
@@ -117,6 +117,83 @@ pub struct ConflictView {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::hlc::Timestamp;
+    use crate::record::RECORD_VERSION;
+
+    fn allocation(txn: &str, ms: u64) -> Allocation {
+        Allocation {
+            record: Arc::new(AllocationRecord {
+                v: RECORD_VERSION,
+                key: "k".into(),
+                txn_id: txn.to_owned(),
+                region: "r".into(),
+                node: txn.into(),
+                hlc: Timestamp::new(ms, 0),
+                fingerprint: "f".into(),
+                confidence: 0.5,
+            }),
+            epoch: 1,
+            replayed_here: false,
+            arrival: ms,
+            durable: Durable::Store(0),
+        }
+    }
+
+    fn compensation(txn: &str, state: CompensationState) -> CompensationRecord {
+        CompensationRecord {
+            v: RECORD_VERSION,
+            key: "k".into(),
+            txn_id: txn.to_owned(),
+            winner_txn_id: "w".into(),
+            owner: txn.to_owned(),
+            idempotency_key: format!("oncemesh-comp-{txn}"),
+            state,
+            attempts: 1,
+            last_error: None,
+            next_attempt_at_ms: None,
+            detected_at_ms: 1,
+            succeeded_at_ms: None,
+        }
+    }
+
+    /// Three allocations of one key, whose two losers' compensations are in `states`.
+    fn key_state(states: &[CompensationState]) -> KeyState {
+        KeyView {
+            key: "k".into(),
+            allocations: vec![allocation("w", 1), allocation("a", 2), allocation("b", 3)],
+            compensations: ["a", "b"]
+                .iter()
+                .zip(states)
+                .map(|(txn, state)| compensation(txn, *state))
+                .collect(),
+            settled: false,
+            unsynced_peers: Vec::new(),
+        }
+        .state()
+    }
+
+    #[test]
+    fn a_keys_state_follows_its_losers_compensations() {
+        use CompensationState as S;
+        assert_eq!(key_state(&[]), KeyState::Conflicted);
+        assert_eq!(key_state(&[S::Succeeded]), KeyState::Compensating);
+        assert_eq!(
+            key_state(&[S::Succeeded, S::Succeeded]),
+            KeyState::Compensated
+        );
+        assert_eq!(
+            key_state(&[S::Succeeded, S::DeadLettered]),
+            KeyState::Conflicted
+        );
+        assert_eq!(key_state(&[S::Running, S::Failed]), KeyState::Compensating);
+        // A newer node's state: not done, not given up; the conflict stays open.
+        assert_eq!(
+            key_state(&[S::Succeeded, S::Unknown]),
+            KeyState::Compensating
+        );
+    }
+
     /// Every retained token holds one of these in the key index, so its
     /// size is part of the memory per token (docs/BENCHMARKS.md); the
     /// `replayed_here` flag took padding, not a word more.

@@ -1,9 +1,9 @@
 //! A cluster of real `oncemesh` processes on 127.0.0.1, wired so that every
-//! connection between two nodes goes through a [`FaultProxy`] per ordered pair.
+//! connection between two nodes goes through a [`Relay`] per ordered pair.
 //!
 //! Node i is started with one `--peer` per other node j, pointing at the
-//! proxy (i→j), which forwards to node j's real listen port. Nodes only dial
-//! configured addresses, so cutting / delaying proxies partitions / slows the
+//! relay (i→j), which forwards to node j's real listen port. Nodes only dial
+//! configured addresses, so cutting / delaying relays partitions / slows the
 //! mesh from outside the processes.
 //!
 //! Processes are SIGKILLed on drop (also when the test panics; then every
@@ -24,8 +24,8 @@ use reqwest::Method;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use super::proxy::FaultProxy;
 use super::{localhost, tail_lines, POLL};
+use oncemesh::drill::Relay;
 
 /// The binary under test.
 pub const BINARY: &str = env!("CARGO_BIN_EXE_oncemesh");
@@ -743,7 +743,7 @@ fn forward_stdout(
 pub struct Cluster {
     nodes: Vec<Node>,
     /// `proxies[i][j]`: carries connections node i dials to node j (None on the diagonal).
-    proxies: Vec<Vec<Option<FaultProxy>>>,
+    proxies: Vec<Vec<Option<Relay>>>,
     ready_timeout: Duration,
 }
 
@@ -801,7 +801,7 @@ impl Cluster {
             held.push((l, port));
         }
 
-        let mut proxies: Vec<Vec<Option<FaultProxy>>> = Vec::with_capacity(n);
+        let mut proxies: Vec<Vec<Option<Relay>>> = Vec::with_capacity(n);
         for i in 0..n {
             let mut row = Vec::with_capacity(n);
             for (j, (_, port)) in held.iter().enumerate() {
@@ -809,7 +809,7 @@ impl Cluster {
                     None
                 } else {
                     Some(
-                        FaultProxy::start(localhost(*port))
+                        Relay::start(localhost(*port))
                             .map_err(|e| format!("cannot start proxy {i}->{j}: {e}"))?,
                     )
                 });
@@ -929,13 +929,13 @@ impl Cluster {
     }
 
     /// The proxy carrying connections node i dials to node j.
-    pub fn proxy(&self, i: usize, j: usize) -> &FaultProxy {
+    pub fn proxy(&self, i: usize, j: usize) -> &Relay {
         self.proxies[i][j]
             .as_ref()
             .unwrap_or_else(|| panic!("no proxy from node {i} to itself"))
     }
 
-    fn all_proxies(&self) -> impl Iterator<Item = &FaultProxy> {
+    fn all_proxies(&self) -> impl Iterator<Item = &Relay> {
         self.proxies.iter().flatten().flatten()
     }
 

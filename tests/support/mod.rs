@@ -1,10 +1,9 @@
 //! Multi-process test harness for oncemesh: real `oncemesh` processes, one per
-//! region, every inter-node byte going through a [`proxy::FaultProxy`] the test
-//! controls. Each test file uses a subset, hence the `dead_code` allowance.
+//! region, every inter-node byte going through a relay the test controls
+//! ([`oncemesh::drill::Relay`], one per ordered pair of nodes). Each test file uses a subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
 pub mod cluster;
-pub mod proxy;
 
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
@@ -14,8 +13,6 @@ use std::time::Duration;
 
 #[allow(unused_imports)]
 pub use cluster::{Cluster, ClusterOptions, Node};
-#[allow(unused_imports)]
-pub use proxy::FaultProxy;
 
 /// Polling period of the `wait_until*` helpers.
 pub const POLL: Duration = Duration::from_millis(50);

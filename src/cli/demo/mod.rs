@@ -13,13 +13,12 @@
 //! JSON document on stdout and the narration on stderr. The exit code says
 //! whether every duplicate was found by every region and compensated once.
 
-mod proxy;
-
 use super::table::render;
 use crate::client::{Client, Conflict};
+use crate::drill::Relay;
+use crate::record::CompensationState;
 use anyhow::{bail, Context};
 use clap::Args;
-use proxy::Link;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
@@ -58,6 +57,10 @@ pub struct DemoArgs {
 }
 
 const REGIONS: [&str; 3] = ["sgp", "lon", "nyc"];
+
+/// The state of a compensation that is done, as the API names it (the
+/// client keeps states as the text the node sent).
+const SUCCEEDED: &str = CompensationState::Succeeded.as_str();
 
 /// One in this many customers of the normal phase retries in another region.
 const NORMAL_RETRY_ONE_IN: u32 = 7;
@@ -270,7 +273,7 @@ async fn start_regions(
     args: &DemoArgs,
     root: &std::path::Path,
     say: Narrator,
-) -> anyhow::Result<(Vec<Region>, Vec<Vec<Option<Link>>>)> {
+) -> anyhow::Result<(Vec<Region>, Vec<Vec<Option<Relay>>>)> {
     let exe = std::env::current_exe().context("locating the oncemesh binary")?;
     let mut ids = Vec::new();
     let mut ports = Vec::new();
@@ -280,14 +283,14 @@ async fn start_regions(
         let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
         ports.push(probe.local_addr()?.port());
     }
-    let mut links: Vec<Vec<Option<Link>>> = Vec::new();
+    let mut links: Vec<Vec<Option<Relay>>> = Vec::new();
     for i in 0..3 {
         let mut row = Vec::new();
         for (j, port) in ports.iter().enumerate() {
             row.push(if i == j {
                 None
             } else {
-                Some(Link::start(([127, 0, 0, 1], *port).into()).await?)
+                Some(Relay::start(([127, 0, 0, 1], *port).into())?)
             });
         }
         links.push(row);
@@ -306,7 +309,7 @@ async fn start_regions(
             if let Some(link) = link {
                 command.args([
                     "--peer",
-                    &format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", link.addr.port(), ids[j]),
+                    &format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", link.addr().port(), ids[j]),
                 ]);
             }
         }
@@ -377,7 +380,7 @@ async fn scenario(
     args: &DemoArgs,
     seed: u64,
     regions: &[Region],
-    links: &[Vec<Option<Link>>],
+    links: &[Vec<Option<Relay>>],
     say: Narrator,
 ) -> anyhow::Result<Summary> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -583,7 +586,7 @@ async fn scenario(
         let compensated_by_it = conflicts
             .iter()
             .flat_map(|c| &c.compensations)
-            .filter(|comp| comp.owner == r.peer_id && comp.state == "succeeded")
+            .filter(|comp| comp.owner == r.peer_id && comp.state == SUCCEEDED)
             .count();
         let x = &health.extra;
         reports.push(RegionReport {
@@ -635,7 +638,7 @@ fn each_loser_compensated_once(c: &Conflict) -> bool {
     let compensated: Vec<&str> = c
         .compensations
         .iter()
-        .filter(|comp| comp.state == "succeeded")
+        .filter(|comp| comp.state == SUCCEEDED)
         .map(|comp| comp.txn_id.as_str())
         .collect();
     compensated.len() == losers.len() && compensated.iter().all(|t| losers.contains(t))
