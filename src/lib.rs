@@ -23,7 +23,9 @@
 //! - [`exposure`]: expected duplicates and value at risk of provisional
 //!   allocations.
 //! - [`compensation`]: the state machine, its durable log, and the actions.
-//! - [`p2p`]: the libp2p swarm and the sync protocol.
+//! - [`sync`]: replication with no I/O: the policy engine, the messages,
+//!   the work each step does on the ledger.
+//! - [`p2p`]: the libp2p swarm (a shell around [`sync`]) and the wire codec.
 //! - [`node`]: wires everything together and owns shutdown.
 //! - [`http`]: the JSON API; [`client`]: a typed client of it; [`cli`]: the
 //!   `oncemesh` command line.
@@ -53,5 +55,6 @@ pub mod node;
 pub mod p2p;
 pub mod record;
 pub mod storage;
+pub mod sync;
 pub mod time;
 pub mod tls;

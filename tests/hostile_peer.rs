@@ -11,9 +11,9 @@ use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, StreamProtocol};
 use oncemesh::hlc::Timestamp;
 use oncemesh::ledger::{DocId, Windows};
 use oncemesh::p2p::codec::{
-    decode_response, encode_request, DocMessage, SyncRequest, MAX_FRAME, PROTOCOL,
-    PROTOCOL_UNCOMPRESSED,
+    decode_response, encode_request, MAX_FRAME, PROTOCOL, PROTOCOL_UNCOMPRESSED,
 };
+use oncemesh::sync::message::{DocMessage, SyncRequest};
 use serde_json::json;
 use std::io;
 use std::time::Duration;

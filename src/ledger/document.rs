@@ -33,7 +33,6 @@ use crate::record::{AllocationRecord, CompensationRecord};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{patches::PatchAction, ObjId, PatchLog};
 use automerge::{sync, ActorId, Automerge, ChangeHash, ObjType, ReadDoc, ScalarValue, Value, ROOT};
-use std::time::Instant;
 
 /// Actor of the genesis change; the same on every node, forever.
 const GENESIS_ACTOR: &[u8; 16] = b"oncemesh-genesis";
@@ -357,10 +356,10 @@ impl ShardDocument {
         state: &mut sync::State,
         withhold: &Withhold,
         held: &mut HeldBack,
+        now_ms: u64,
     ) -> Option<Vec<u8>> {
         use automerge::sync::SyncDoc;
-        let mut held_back =
-            held.within_grace(self.left_to_authors(state, withhold), Instant::now());
+        let mut held_back = held.within_grace(self.left_to_authors(state, withhold), now_ms);
         let before = withhold.heads.then(|| state.clone());
         // automerge sends no change already in `sent_hashes`: listing the
         // held-back ones there for this one call leaves them out of the
@@ -787,7 +786,7 @@ mod tests {
         withhold: &Withhold,
         held: &mut HeldBack,
     ) -> Option<sync::Message> {
-        d.generate_sync(state, withhold, held)
+        d.generate_sync(state, withhold, held, 0)
             .map(|bytes| sync::Message::decode(&bytes).unwrap())
     }
 

@@ -784,6 +784,7 @@ impl Ledger {
         unstick: bool,
         withhold: &Withhold,
     ) -> Option<Vec<u8>> {
+        let now_ms = self.wall_ms();
         let mut guard = self.group(usize::from(doc.shard));
         let state = guard.docs.get_mut(&doc.epoch)?;
         let peer_doc = state.peers.entry(peer.to_owned()).or_default();
@@ -792,7 +793,7 @@ impl Ledger {
         }
         state
             .doc
-            .generate_sync(&mut peer_doc.sync, withhold, &mut peer_doc.held)
+            .generate_sync(&mut peer_doc.sync, withhold, &mut peer_doc.held, now_ms)
     }
 
     /// Starts a new sync session with `peer` (after a reconnect or a failed

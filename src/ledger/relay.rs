@@ -25,7 +25,7 @@
 
 use automerge::{ActorId, ChangeHash};
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Longest a change is held back from a peer because its author should be
 /// sending it: a safety net for an author whose link to that peer is up but
@@ -97,19 +97,22 @@ impl Withhold {
 /// first held back, so that [`RELAY_GRACE`] can be enforced per change.
 #[derive(Debug, Default)]
 pub struct HeldBack {
-    first_held: HashMap<ChangeHash, Instant>,
+    /// Wall-clock ms at which each change was first held back.
+    first_held: HashMap<ChangeHash, u64>,
 }
 
 impl HeldBack {
-    /// Of `hashes` (the changes a message would hold back now), those first
-    /// held back less than [`RELAY_GRACE`] ago; forgets every other change.
-    pub fn within_grace(&mut self, hashes: Vec<ChangeHash>, now: Instant) -> Vec<ChangeHash> {
+    /// Of `hashes` (the changes a message would hold back now, at `now_ms`),
+    /// those first held back less than [`RELAY_GRACE`] ago; forgets every
+    /// other change.
+    pub fn within_grace(&mut self, hashes: Vec<ChangeHash>, now_ms: u64) -> Vec<ChangeHash> {
+        let grace = RELAY_GRACE.as_millis() as u64;
         let mut first_held = HashMap::with_capacity(hashes.len());
         let mut keep = Vec::with_capacity(hashes.len());
         for hash in hashes {
-            let since = self.first_held.get(&hash).copied().unwrap_or(now);
+            let since = self.first_held.get(&hash).copied().unwrap_or(now_ms);
             first_held.insert(hash, since);
-            if now.duration_since(since) < RELAY_GRACE {
+            if now_ms.saturating_sub(since) < grace {
                 keep.push(hash);
             }
         }
@@ -149,17 +152,14 @@ mod tests {
     #[test]
     fn each_change_is_held_back_for_the_grace_at_most() {
         let (x, y) = (ChangeHash([1; 32]), ChangeHash([2; 32]));
-        let t0 = Instant::now();
+        let (t0, grace) = (1_000_000, RELAY_GRACE.as_millis() as u64);
         let mut held = HeldBack::default();
         assert_eq!(held.within_grace(vec![x], t0), vec![x]);
-        assert_eq!(
-            held.within_grace(vec![x, y], t0 + RELAY_GRACE / 2),
-            vec![x, y]
-        );
+        assert_eq!(held.within_grace(vec![x, y], t0 + grace / 2), vec![x, y]);
         // x's grace is over, y's is not.
-        assert_eq!(held.within_grace(vec![x, y], t0 + RELAY_GRACE), vec![y]);
+        assert_eq!(held.within_grace(vec![x, y], t0 + grace), vec![y]);
         // A change no longer held back is forgotten: held again, it starts over.
-        assert_eq!(held.within_grace(vec![], t0 + RELAY_GRACE), vec![]);
-        assert_eq!(held.within_grace(vec![x], t0 + RELAY_GRACE * 2), vec![x]);
+        assert_eq!(held.within_grace(vec![], t0 + grace), vec![]);
+        assert_eq!(held.within_grace(vec![x], t0 + grace * 2), vec![x]);
     }
 }

@@ -1,14 +1,18 @@
-//! The task that owns the swarm. See the module docs of [`crate::p2p`].
+//! The task that owns the swarm: a shell around [`crate::sync::Engine`].
+//! It turns swarm events into the engine's inputs and carries out the
+//! actions it returns (dial, build, send, compare); the ledger work runs on
+//! blocking threads ([`crate::sync::work`]) and reports back through a
+//! channel. No replication policy lives here. See the module docs of
+//! [`crate::p2p`].
 
-use super::codec::{
-    DocMessage, InboundRequest, Origin, SyncCodec, SyncRequest, SyncResponse, PROTOCOL,
-    PROTOCOL_UNCOMPRESSED, PROTOCOL_V2,
-};
+use super::codec::{InboundRequest, SyncCodec, PROTOCOL, PROTOCOL_UNCOMPRESSED, PROTOCOL_V2};
 use super::status::Direction;
-use crate::ledger::{DocId, MergeError, NodeTag, Withhold, SHARD_COUNT};
+use crate::ledger::DocId;
 use crate::metrics::Kind;
 use crate::node::{Node, StartError};
-use bytes::Bytes;
+use crate::sync::engine::HOUSEKEEPING;
+use crate::sync::message::{Origin, SyncRequest, SyncResponse};
+use crate::sync::{work, Action, Engine, Input};
 use futures::StreamExt;
 use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
@@ -18,34 +22,13 @@ use libp2p::{identify, identity::Keypair, noise, ping, tcp, yamux, Multiaddr, Pe
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// Redial backoff: quick first, and capped low, so a healed link is back
-/// within about a tenth of a second (a failed dial on a dead link costs
-/// next to nothing, and no second dial starts while one is pending). The whole
-/// mesh back at once also matters to relay suppression: while only some
-/// links are up, changes are relayed, and then sent again by their authors.
-const FIRST_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_millis(100);
-/// How often redials and the anti-entropy round are checked.
-const HOUSEKEEPING: Duration = Duration::from_millis(50);
 /// A request not answered within this is failed and the session reset.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Least time between two requests to a peer whose only news from us would
-/// be our heads (see [`crate::ledger::relay`]): it keeps a follower's
-/// acknowledgements to about ten a second per peer instead of one per change it
-/// applies, while any change of ours goes at once.
-const HEADS_GAP: Duration = Duration::from_millis(100);
-/// How long after a link changes (a peer connects, or reports different
-/// peers) an author we reach is still trusted to reach that peer too. When
-/// a partition heals, every pair reconnects within milliseconds, but a
-/// peer's report of its new links reaches us only with its next message,
-/// often after the first big exchange; relaying an author's changes
-/// meanwhile sent 10-15 % of a heal twice. A link that really stays down
-/// costs its relayed changes this much delay, once.
-const LINK_SETTLE: Duration = Duration::from_secs(2);
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -58,12 +41,7 @@ struct Behaviour {
 /// Results of blocking work, handed back to the loop.
 enum Internal {
     /// A request for `peer` is built (or there was nothing to send).
-    Built {
-        peer: PeerId,
-        request: Option<SyncRequest>,
-        /// Documents whose message was held back as heads only.
-        deferred: Vec<DocId>,
-    },
+    Built { peer: PeerId, built: work::Built },
     /// A received request was applied and made durable; answer it.
     Respond {
         peer: PeerId,
@@ -74,64 +52,38 @@ enum Internal {
     /// A peer's answer was compared with our documents.
     Compared {
         peer: PeerId,
-        /// Our live documents when the comparison began.
         ours: Vec<DocId>,
-        /// Those the peer holds identical copies of.
         in_sync: BTreeSet<DocId>,
     },
     /// Our documents' digests, for an anti-entropy round.
     Digests(Vec<(DocId, [u8; 32])>),
 }
 
-#[derive(PartialEq)]
-enum Outbound {
-    Idle,
-    Building,
-    InFlight(OutboundRequestId),
-}
-
-struct Peer {
+/// What the shell keeps of a peer: the transport's side of it.
+struct Link {
     key: String,
-    tag: NodeTag,
-    /// The peers this peer said it is connected to, in its last message.
-    reports: Vec<NodeTag>,
-    /// When it last connected or reported different links.
-    links_changed_at: Option<Instant>,
     addr: Multiaddr,
     connections: usize,
-    outbound: Outbound,
-    /// Documents with news for this peer.
-    dirty: BTreeSet<DocId>,
-    /// Every live document has news (after a reconnect or a failure).
-    dirty_all: bool,
-    /// Send a request even without sync messages (anti-entropy round).
-    heartbeat: bool,
-    /// When the last request to this peer went out.
-    last_sent: Option<Instant>,
-    /// The same by our wall clock: one end of a clock offset measurement.
+    /// Our request in flight to it.
+    in_flight: Option<OutboundRequestId>,
+    /// A request built and waiting for the engine's [`Action::Send`].
+    built: Option<SyncRequest>,
+    /// When the last request left, by our wall clock: one end of a clock
+    /// offset measurement.
     sent_wall_ms: u64,
-    /// Documents whose heads-only message was held back, and since when.
-    deferred: BTreeSet<DocId>,
-    deferred_since: Option<Instant>,
-    /// The next round sends heads-only messages too (the deferred ones are due).
-    flush: bool,
-    /// The peer's last known digest of each document.
-    their_digests: HashMap<DocId, [u8; 32]>,
-    backoff: Duration,
-    next_dial: Option<Instant>,
-    out_of_sync_since: Option<u64>,
 }
 
-/// Owns the swarm and the per-peer replication state.
+/// Owns the swarm and the replication engine.
 pub struct EventLoop {
     node: Arc<Node>,
     swarm: Swarm<Behaviour>,
-    peers: HashMap<PeerId, Peer>,
+    links: HashMap<PeerId, Link>,
+    by_key: HashMap<String, PeerId>,
+    engine: Engine,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal_rx: mpsc::UnboundedReceiver<Internal>,
-    last_heartbeat: Instant,
-    /// When the last link change stops settling (see [`LINK_SETTLE`]).
-    settle_ends: Option<Instant>,
+    /// Answers under way, so shutdown waits for them.
+    tasks: TaskTracker,
     /// A sampling round ([`crate::node::health::sample_round`]) is running.
     sampling: Arc<AtomicBool>,
 }
@@ -141,6 +93,7 @@ impl EventLoop {
     pub async fn start(
         node: Arc<Node>,
         keypair: Keypair,
+        tasks: TaskTracker,
     ) -> Result<(Self, Vec<Multiaddr>), StartError> {
         let net = |e: &dyn std::fmt::Display| StartError::Network(e.to_string());
         let mut allow = allow_block_list::Behaviour::<AllowedPeers>::default();
@@ -198,47 +151,39 @@ impl EventLoop {
                 _ = &mut deadline => return Err(StartError::Network(format!("no listen address on {} after 10 s", node.config.listen))),
             }
         }
-        let peers = node
-            .config
-            .peers
-            .iter()
-            .map(|p| {
-                (
-                    p.peer_id,
-                    Peer {
-                        key: p.peer_id.to_string(),
-                        tag: NodeTag::of(&p.peer_id.to_string()),
-                        reports: Vec::new(),
-                        links_changed_at: None,
-                        addr: p.addr.clone(),
-                        connections: 0,
-                        outbound: Outbound::Idle,
-                        dirty: BTreeSet::new(),
-                        dirty_all: false,
-                        heartbeat: false,
-                        last_sent: None,
-                        sent_wall_ms: 0,
-                        deferred: BTreeSet::new(),
-                        deferred_since: None,
-                        flush: false,
-                        their_digests: HashMap::new(),
-                        backoff: FIRST_BACKOFF,
-                        next_dial: Some(Instant::now()),
-                        out_of_sync_since: None,
-                    },
-                )
-            })
-            .collect();
+        let mut links = HashMap::new();
+        let mut by_key = HashMap::new();
+        for p in &node.config.peers {
+            let key = p.peer_id.to_string();
+            by_key.insert(key.clone(), p.peer_id);
+            links.insert(
+                p.peer_id,
+                Link {
+                    key,
+                    addr: p.addr.clone(),
+                    connections: 0,
+                    in_flight: None,
+                    built: None,
+                    sent_wall_ms: 0,
+                },
+            );
+        }
+        let engine = Engine::new(
+            by_key.keys().cloned(),
+            node.config.sync_interval,
+            node.ledger.wall_ms(),
+        );
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         Ok((
             Self {
                 node,
                 swarm,
-                peers,
+                links,
+                by_key,
+                engine,
                 internal_tx,
                 internal_rx,
-                last_heartbeat: Instant::now(),
-                settle_ends: None,
+                tasks,
                 sampling: Arc::new(AtomicBool::new(false)),
             },
             listen_addrs,
@@ -256,95 +201,121 @@ impl EventLoop {
                 _ = shutdown.cancelled() => break,
                 Some(internal) = self.internal_rx.recv() => self.on_internal(internal),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                _ = changes.changed() => {
-                    let changed = changes.take();
-                    self.for_every_peer(|p| p.dirty.extend(changed.iter().copied()));
+                _ = changes.changed() => self.input(Input::DocsChanged(changes.take())),
+                _ = housekeeping.tick() => self.input(Input::Tick),
+            }
+        }
+    }
+
+    /// Hands `input` to the engine and carries out what it returns.
+    fn input(&mut self, input: Input) {
+        let now = self.node.ledger.wall_ms();
+        let windows = self.node.ledger.windows();
+        let actions = self
+            .engine
+            .handle(input, now, &|epoch| windows.live(epoch, now));
+        for action in actions {
+            self.act(action);
+        }
+    }
+
+    fn key_of(&self, peer: &PeerId) -> Option<String> {
+        self.links.get(peer).map(|l| l.key.clone())
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Dial(key) => {
+                let Some((&id, link)) = self
+                    .by_key
+                    .get(&key)
+                    .and_then(|id| self.links.get(id).map(|l| (id, l)))
+                else {
+                    return;
+                };
+                let opts = DialOpts::peer_id(id)
+                    .addresses(vec![link.addr.clone()])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    tracing::debug!(peer = %id, error = %e, "dial not started");
+                    self.input(Input::DialFailed(key));
                 }
-                _ = housekeeping.tick() => self.housekeeping(),
             }
-        }
-    }
-
-    fn housekeeping(&mut self) {
-        let now = Instant::now();
-        let due: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.connections == 0 && p.next_dial.is_some_and(|t| t <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
-            self.dial(id);
-        }
-        self.flush_deferred(now);
-        if self.settle_ends.is_some_and(|t| t <= now) {
-            // Links still unreported after settling are really down: what
-            // was left to their authors goes by relay now.
-            self.settle_ends = None;
-            self.resend_to_all();
-        }
-        if now.duration_since(self.last_heartbeat) >= self.node.config.sync_interval {
-            self.last_heartbeat = now;
-            self.heartbeat();
-        }
-    }
-
-    /// Sends the held-back heads of every peer that has waited [`HEADS_GAP`].
-    fn flush_deferred(&mut self, now: Instant) {
-        self.for_every_peer(|p| {
-            if p.deferred_since
-                .is_some_and(|t| now.duration_since(t) >= HEADS_GAP)
-            {
-                p.dirty.append(&mut p.deferred);
-                p.deferred_since = None;
-                p.flush = true;
-            }
-        });
-    }
-
-    fn dial(&mut self, id: PeerId) {
-        let Some(peer) = self.peers.get_mut(&id) else {
-            return;
-        };
-        peer.next_dial = None;
-        let opts = DialOpts::peer_id(id)
-            .addresses(vec![peer.addr.clone()])
-            .condition(PeerCondition::DisconnectedAndNotDialing)
-            .build();
-        if let Err(e) = self.swarm.dial(opts) {
-            tracing::debug!(peer = %id, error = %e, "dial not started");
-            self.schedule_redial(id);
-        }
-    }
-
-    fn schedule_redial(&mut self, id: PeerId) {
-        if let Some(peer) = self.peers.get_mut(&id) {
-            if peer.connections > 0 || peer.next_dial.is_some() {
-                return;
-            }
-            peer.next_dial = Some(Instant::now() + peer.backoff);
-            peer.backoff = (peer.backoff * 2).min(MAX_BACKOFF);
-            self.node.peers.update(&peer.key, |s| {
+            Action::RedialScheduled(key) => self.node.peers.update(&key, |s| {
                 s.redial_attempts += 1;
                 s.redials_total += 1;
-            });
-        }
-    }
-
-    /// Anti-entropy: every connected peer gets every live document's digest,
-    /// and a sync message wherever its last known digest differs from ours.
-    /// The digests are read off the event loop (see [`EventLoop::off_loop`]);
-    /// the round goes on in [`EventLoop::heartbeat_with`].
-    fn heartbeat(&mut self) {
-        self.off_loop(|node| Internal::Digests(node.ledger.digests()));
-        // One sampling round at a time: counting a far-behind peer's delta
-        // can take longer than a round, and rounds must not pile up.
-        if !self.sampling.swap(true, Ordering::AcqRel) {
-            let (node, sampling) = (self.node.clone(), self.sampling.clone());
-            tokio::task::spawn_blocking(move || {
-                crate::node::health::sample_round(&node);
-                sampling.store(false, Ordering::Release);
-            });
+            }),
+            Action::ResetSession(key) => self.node.ledger.reset_sync(&key),
+            Action::Build(order) => {
+                let Some(&peer) = self.by_key.get(&order.peer) else {
+                    return;
+                };
+                let node = self.node.clone();
+                let tx = self.internal_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let built = work::build(&node.ledger, &order);
+                    let _ = tx.send(Internal::Built { peer, built });
+                });
+            }
+            Action::Send(key) => {
+                let Some(&peer) = self.by_key.get(&key) else {
+                    return;
+                };
+                let Some(link) = self.links.get_mut(&peer) else {
+                    return;
+                };
+                let Some(request) = link.built.take() else {
+                    return;
+                };
+                let bytes: usize = request.docs.iter().map(|d| d.message.len()).sum();
+                self.node.metrics.sync_messages_sent.inc();
+                self.node.metrics.sync_bytes_sent.inc_by(bytes as u64);
+                self.node
+                    .peers
+                    .update(&key, |s| s.count_message(Direction::Sent, bytes));
+                link.sent_wall_ms = self.node.ledger.wall_ms();
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_request(&peer, InboundRequest::Sync(request));
+                link.in_flight = Some(id);
+            }
+            Action::AntiEntropyRound => {
+                self.off_loop(|node| Internal::Digests(node.ledger.digests()));
+                // One sampling round at a time: counting a far-behind peer's
+                // delta can take longer than a round, and rounds must not pile up.
+                if !self.sampling.swap(true, Ordering::AcqRel) {
+                    let (node, sampling) = (self.node.clone(), self.sampling.clone());
+                    tokio::task::spawn_blocking(move || {
+                        crate::node::health::sample_round(&node);
+                        sampling.store(false, Ordering::Release);
+                    });
+                }
+            }
+            Action::Compare { peer: key, theirs } => {
+                let Some(&peer) = self.by_key.get(&key) else {
+                    return;
+                };
+                self.off_loop(move |node| {
+                    let (ours, in_sync) = mark_in_sync(node, &key, &theirs);
+                    Internal::Compared {
+                        peer,
+                        ours,
+                        in_sync,
+                    }
+                });
+            }
+            Action::InSync(key) => {
+                let now = self.node.ledger.wall_ms();
+                self.node
+                    .peers
+                    .update(&key, |s| s.last_in_sync_ms = Some(now));
+            }
+            Action::Resynced { outage, .. } => {
+                self.node.confidence_model().observe_peer_resync(outage)
+            }
         }
     }
 
@@ -361,129 +332,23 @@ impl EventLoop {
         });
     }
 
-    fn heartbeat_with(&mut self, ours: Vec<(DocId, [u8; 32])>) {
-        let windows = self.node.ledger.windows();
-        let now = self.node.ledger.wall_ms();
-        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
-        for id in ids {
-            if let Some(p) = self.peers.get_mut(&id) {
-                p.their_digests
-                    .retain(|doc, _| windows.live(doc.epoch, now));
-                if p.connections == 0 {
-                    continue;
-                }
-                p.heartbeat = true;
-                for (doc, digest) in &ours {
-                    if p.their_digests.get(doc) != Some(digest) {
-                        p.dirty.insert(*doc);
-                    }
-                }
-            }
-            self.kick(id);
-        }
-    }
-
-    /// Starts building a request for `id` if it is connected, idle and has
-    /// something to send.
-    fn kick(&mut self, id: PeerId) {
-        let Some(peer) = self.peers.get_mut(&id) else {
-            return;
-        };
-        let has_work = peer.heartbeat || peer.dirty_all || !peer.dirty.is_empty();
-        if peer.connections == 0 || peer.outbound != Outbound::Idle || !has_work {
-            return;
-        }
-        let dirty = std::mem::take(&mut peer.dirty);
-        let all = std::mem::take(&mut peer.dirty_all);
-        let heartbeat = std::mem::take(&mut peer.heartbeat);
-        let flush = std::mem::take(&mut peer.flush);
-        let told_recently = peer.last_sent.is_some_and(|t| t.elapsed() < HEADS_GAP);
-        peer.outbound = Outbound::Building;
-        let their = peer.their_digests.clone();
-        let key = peer.key.clone();
-        let mut withhold = self.withhold_for(id);
-        // Heads alone wait while authors send the peer their changes
-        // themselves and it heard from us a moment ago.
-        withhold.heads =
-            !withhold.authors.is_empty() && told_recently && !(all || heartbeat || flush);
-        let connected = self.connected_tags();
-        let node = self.node.clone();
-        let tx = self.internal_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut docs = Vec::new();
-            let mut deferred = Vec::new();
-            let mut any_message = false;
-            for (doc, digest) in node.ledger.digests() {
-                let wanted = all || dirty.contains(&doc);
-                let message = if wanted {
-                    // A peer whose digest differs while nothing is under way
-                    // lost a message with a connection: send again.
-                    let unstick = heartbeat && their.get(&doc).is_some_and(|d| *d != digest);
-                    node.ledger
-                        .generate_sync(doc, &key, unstick, &withhold)
-                        .map(Bytes::from)
-                        .unwrap_or_default()
-                } else {
-                    Bytes::new()
-                };
-                if wanted && withhold.heads && message.is_empty() {
-                    deferred.push(doc);
-                }
-                any_message |= !message.is_empty();
-                docs.push(DocMessage {
-                    doc,
-                    digest,
-                    message,
-                });
-            }
-            let request = (any_message || heartbeat).then(|| SyncRequest {
-                hlc: node.ledger.stamp(),
-                origin: Some(origin(&node, 0)),
-                window_ms: node.ledger.windows().window_ms,
-                connected,
-                docs,
-            });
-            let _ = tx.send(Internal::Built {
-                peer: id,
-                request,
-                deferred,
-            });
-        });
-    }
-
     fn on_internal(&mut self, internal: Internal) {
         match internal {
-            Internal::Built {
-                peer,
-                request,
-                deferred,
-            } => {
-                let Some(p) = self.peers.get_mut(&peer) else {
+            Internal::Built { peer, built } => {
+                let Some(link) = self.links.get_mut(&peer) else {
                     return;
                 };
-                p.outbound = Outbound::Idle;
-                if !deferred.is_empty() {
-                    p.deferred.extend(deferred);
-                    p.deferred_since.get_or_insert_with(Instant::now);
-                }
-                match request {
-                    Some(request) if p.connections > 0 => {
-                        let bytes: usize = request.docs.iter().map(|d| d.message.len()).sum();
-                        self.node.metrics.sync_messages_sent.inc();
-                        self.node.metrics.sync_bytes_sent.inc_by(bytes as u64);
-                        self.node
-                            .peers
-                            .update(&p.key, |s| s.count_message(Direction::Sent, bytes));
-                        p.sent_wall_ms = self.node.ledger.wall_ms();
-                        let id = self
-                            .swarm
-                            .behaviour_mut()
-                            .sync
-                            .send_request(&peer, InboundRequest::Sync(request));
-                        p.outbound = Outbound::InFlight(id);
-                        p.last_sent = Some(Instant::now());
-                    }
-                    _ => self.kick(peer),
+                let has_request = built.request.is_some() && link.connections > 0;
+                link.built = built.request;
+                let key = link.key.clone();
+                self.input(Input::Built {
+                    peer: key,
+                    has_request,
+                    deferred: built.deferred,
+                });
+                // Not sent (the peer went away meanwhile): dropped.
+                if let Some(link) = self.links.get_mut(&peer) {
+                    link.built = None;
                 }
             }
             Internal::Respond {
@@ -501,18 +366,24 @@ impl EventLoop {
                 {
                     tracing::debug!(%peer, "peer went away before our sync answer");
                 }
-                // The automerge protocol answers every message it receives.
-                if let Some(p) = self.peers.get_mut(&peer) {
-                    p.dirty.extend(applied);
+                if let Some(key) = self.key_of(&peer) {
+                    self.input(Input::Answered { peer: key, applied });
                 }
-                self.kick(peer);
             }
             Internal::Compared {
                 peer,
                 ours,
                 in_sync,
-            } => self.on_compared(peer, &ours, &in_sync),
-            Internal::Digests(ours) => self.heartbeat_with(ours),
+            } => {
+                if let Some(key) = self.key_of(&peer) {
+                    self.input(Input::Compared {
+                        peer: key,
+                        ours,
+                        in_sync,
+                    });
+                }
+            }
+            Internal::Digests(ours) => self.input(Input::OurDigests(ours)),
         }
     }
 
@@ -525,23 +396,21 @@ impl EventLoop {
                 cause,
                 ..
             } => {
-                if let Some(p) = self.peers.get_mut(&peer_id) {
-                    p.connections = num_established as usize;
-                    if num_established == 0 {
-                        tracing::warn!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected; will redial");
-                        p.outbound = Outbound::Idle;
-                        p.reports.clear();
-                        let key = p.key.clone();
-                        self.node.peers.update(&key, |s| s.connected = false);
-                        // A partition episode starts the moment a peer is lost.
-                        self.node.observe_situation();
-                        self.node.ledger.reset_sync(&key);
-                        self.node.metrics.peers_connected.dec();
-                        self.schedule_redial(peer_id);
-                        // Changes it authored were left to it: relay them now.
-                        self.resend_to_all();
-                    }
+                let Some(link) = self.links.get_mut(&peer_id) else {
+                    return;
+                };
+                link.connections = num_established as usize;
+                if num_established > 0 {
+                    return;
                 }
+                tracing::warn!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected; will redial");
+                link.in_flight = None;
+                let key = link.key.clone();
+                self.node.peers.update(&key, |s| s.connected = false);
+                // A partition episode starts the moment a peer is lost.
+                self.node.observe_situation();
+                self.node.metrics.peers_connected.dec();
+                self.input(Input::Disconnected(key));
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(id),
@@ -549,7 +418,9 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(peer = %id, %error, "dial failed");
-                self.schedule_redial(id);
+                if let Some(key) = self.key_of(&id) {
+                    self.input(Input::DialFailed(key));
+                }
             }
             SwarmEvent::IncomingConnectionError {
                 peer_id,
@@ -568,20 +439,16 @@ impl EventLoop {
     }
 
     fn on_connected(&mut self, peer_id: PeerId) {
-        let Some(p) = self.peers.get_mut(&peer_id) else {
+        let Some(link) = self.links.get_mut(&peer_id) else {
             // The allowlist behaviour denies these before they get here.
             return;
         };
-        p.connections += 1;
-        if p.connections > 1 {
+        link.connections += 1;
+        if link.connections > 1 {
             return;
         }
         tracing::info!(peer = %peer_id, "peer connected");
-        p.backoff = FIRST_BACKOFF;
-        p.next_dial = None;
-        p.dirty_all = true;
-        p.heartbeat = true;
-        let key = p.key.clone();
+        let key = link.key.clone();
         let now = self.node.ledger.wall_ms();
         self.node.peers.update(&key, |s| {
             s.connected = true;
@@ -591,9 +458,7 @@ impl EventLoop {
         // ...and ends the moment every peer is back.
         self.node.observe_situation();
         self.node.metrics.peers_connected.inc();
-        self.node.ledger.reset_sync(&key);
-        self.links_changed(peer_id);
-        self.kick(peer_id);
+        self.input(Input::Connected(key));
     }
 
     fn on_sync_event(&mut self, event: request_response::Event<InboundRequest, SyncResponse>) {
@@ -625,15 +490,16 @@ impl EventLoop {
                 request_id,
                 ..
             } => {
-                if let Some(p) = self.peers.get_mut(&peer) {
-                    if p.outbound == Outbound::InFlight(request_id) {
-                        p.outbound = Outbound::Idle;
-                    }
-                    p.dirty_all = true;
-                    let key = p.key.clone();
-                    tracing::debug!(%peer, %error, "sync request failed; resetting the session");
-                    self.node.ledger.reset_sync(&key);
+                let Some(link) = self.links.get_mut(&peer) else {
+                    return;
+                };
+                let current = link.in_flight == Some(request_id);
+                if current {
+                    link.in_flight = None;
                 }
+                let key = link.key.clone();
+                tracing::debug!(%peer, %error, "sync request failed; resetting the session");
+                self.input(Input::RequestFailed { peer: key, current });
             }
             Event::InboundFailure { peer, error, .. } => {
                 let kind = match &error {
@@ -708,7 +574,7 @@ impl EventLoop {
         request: SyncRequest,
         channel: ResponseChannel<SyncResponse>,
     ) {
-        let Some(p) = self.peers.get_mut(&peer) else {
+        let Some(key) = self.key_of(&peer) else {
             self.drop_message(
                 peer,
                 "not-allowlisted",
@@ -716,7 +582,6 @@ impl EventLoop {
             );
             return;
         };
-        let key = p.key.clone();
         let ours = self.node.ledger.windows().window_ms;
         if request.window_ms != ours {
             let why = format!(
@@ -726,31 +591,35 @@ impl EventLoop {
             self.drop_message(peer, "window-mismatch", &why);
             return;
         }
-        let (windows, now) = (self.node.ledger.windows(), self.node.ledger.wall_ms());
-        for d in &request.docs {
-            // Only documents that may be held are remembered: a peer cannot
-            // grow this map with made-up ids.
-            if windows.live(d.doc.epoch, now) {
-                p.their_digests.insert(d.doc, d.digest);
-            }
-        }
         self.observe_clock(&key, request.hlc, request.origin.as_ref(), None);
-        self.record_reports(peer, &request.connected);
-        let connected = self.connected_tags();
+        self.input(Input::RequestArrived {
+            peer: key.clone(),
+            digests: request.docs.iter().map(|d| (d.doc, d.digest)).collect(),
+            connected: request.connected.clone(),
+        });
+        let connected = self.engine.connected_tags();
         let node = self.node.clone();
         let tx = self.internal_tx.clone();
         let received_ms = node.ledger.wall_ms();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let received: usize = request.docs.iter().map(|d| d.message.len()).sum();
             node.metrics.sync_bytes_received.inc_by(received as u64);
             node.peers
                 .update(&key, |s| s.count_message(Direction::Received, received));
             let apply_node = node.clone();
             let apply_key = key.clone();
-            let applied =
-                tokio::task::spawn_blocking(move || apply(&apply_node, &apply_key, request))
-                    .await
-                    .unwrap_or_default();
+            let applied = tokio::task::spawn_blocking(move || {
+                let node = &apply_node;
+                work::apply(
+                    &node.ledger,
+                    &apply_key,
+                    request,
+                    |outcome| node.after_merge(outcome),
+                    |kind, why| drop_record(node, &apply_key, kind, why),
+                )
+            })
+            .await
+            .unwrap_or_default();
             // Answer only once what we received is on disk: the sender takes
             // equal digests as "this peer holds my allocations".
             if node
@@ -764,21 +633,14 @@ impl EventLoop {
             // Shard locks again: off the runtime's workers.
             let answer_node = node.clone();
             let their_digests = applied.their_digests;
-            let Ok(digests) = tokio::task::spawn_blocking(move || {
+            let Ok(response) = tokio::task::spawn_blocking(move || {
                 mark_in_sync(&answer_node, &key, &their_digests);
-                answer_node.ledger.digests()
+                let held_ms = answer_node.ledger.wall_ms().saturating_sub(received_ms);
+                work::response(&answer_node.ledger, connected, held_ms)
             })
             .await
             else {
                 return;
-            };
-            let held_ms = node.ledger.wall_ms().saturating_sub(received_ms);
-            let response = SyncResponse {
-                hlc: node.ledger.stamp(),
-                origin: Some(origin(&node, u32::try_from(held_ms).unwrap_or(u32::MAX))),
-                window_ms: node.ledger.windows().window_ms,
-                connected,
-                digests,
             };
             let _ = tx.send(Internal::Respond {
                 peer,
@@ -791,203 +653,26 @@ impl EventLoop {
 
     fn on_response(&mut self, peer: PeerId, request_id: OutboundRequestId, response: SyncResponse) {
         let now = self.node.ledger.wall_ms();
-        let windows = self.node.ledger.windows();
-        let Some(p) = self.peers.get_mut(&peer) else {
+        let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
-        if p.outbound == Outbound::InFlight(request_id) {
-            p.outbound = Outbound::Idle;
+        let current = link.in_flight == Some(request_id);
+        if current {
+            link.in_flight = None;
         }
-        let key = p.key.clone();
+        let key = link.key.clone();
         let measured = response
             .origin
             .as_ref()
-            .map(|o| o.clock_offset_ms(p.sent_wall_ms, now));
-        let theirs: Vec<(DocId, [u8; 32])> = response
-            .digests
-            .iter()
-            .filter(|(doc, _)| windows.live(doc.epoch, now))
-            .copied()
-            .collect();
-        p.their_digests.extend(theirs.iter().copied());
+            .map(|o| o.clock_offset_ms(link.sent_wall_ms, now));
         self.observe_clock(&key, response.hlc, response.origin.as_ref(), measured);
-        self.record_reports(peer, &response.connected);
-        // Which documents the peer holds as we do is settled in
-        // `on_compared`, once they are compared off the loop.
-        self.off_loop(move |node| {
-            let ours = node
-                .ledger
-                .digests()
-                .into_iter()
-                .map(|(doc, _)| doc)
-                .collect();
-            let in_sync = mark_in_sync(node, &key, &theirs);
-            Internal::Compared {
-                peer,
-                ours,
-                in_sync,
-            }
+        self.input(Input::ResponseArrived {
+            peer: key,
+            current,
+            digests: response.digests,
+            connected: response.connected,
         });
     }
-
-    /// The second half of [`EventLoop::on_response`]: records whether the
-    /// peer is in sync, then starts its next round.
-    fn on_compared(&mut self, peer: PeerId, ours: &[DocId], in_sync: &BTreeSet<DocId>) {
-        let now = self.node.ledger.wall_ms();
-        let Some(p) = self.peers.get_mut(&peer) else {
-            return;
-        };
-        let key = p.key.clone();
-        // In sync with the peer: every document we hold is identical there
-        // (a document it does not list is one it lacks).
-        let all_in_sync = ours.iter().all(|doc| in_sync.contains(doc));
-        let resynced_after = if all_in_sync {
-            p.out_of_sync_since.take()
-        } else {
-            p.out_of_sync_since.get_or_insert(now);
-            None
-        };
-        if all_in_sync {
-            self.node
-                .peers
-                .update(&key, |s| s.last_in_sync_ms = Some(now));
-        }
-        if let Some(since) = resynced_after {
-            self.node
-                .confidence_model()
-                .observe_peer_resync(Duration::from_millis(now.saturating_sub(since)));
-        }
-        self.kick(peer);
-    }
-
-    /// Tags of the peers we are connected to, as our messages report them.
-    fn connected_tags(&self) -> Vec<NodeTag> {
-        let mut tags: Vec<NodeTag> = self
-            .peers
-            .values()
-            .filter(|p| p.connections > 0)
-            .map(|p| p.tag)
-            .collect();
-        tags.sort_unstable();
-        tags
-    }
-
-    /// The authors whose changes `target` gets from them directly: peers
-    /// we are connected to that say they are connected to `target`, while
-    /// `target` says the same of them, or whose links to each other are
-    /// still settling ([`LINK_SETTLE`]). See [`crate::ledger::relay`].
-    fn withhold_for(&self, target: PeerId) -> Withhold {
-        let Some(t) = self.peers.get(&target) else {
-            return Withhold::nothing();
-        };
-        let now = Instant::now();
-        let settling = |p: &Peer| {
-            p.links_changed_at
-                .is_some_and(|at| now.duration_since(at) < LINK_SETTLE)
-        };
-        let authors = self
-            .peers
-            .iter()
-            .filter(|(id, a)| {
-                **id != target
-                    && a.connections > 0
-                    && ((a.reports.contains(&t.tag) && t.reports.contains(&a.tag))
-                        || settling(a)
-                        || settling(t))
-            })
-            .map(|(_, a)| a.tag)
-            .collect();
-        Withhold {
-            authors,
-            heads: false,
-        }
-    }
-
-    /// Keeps what `peer` says it is connected to. When that changes, what
-    /// may be left to authors changes too: every peer gets a fresh round.
-    fn record_reports(&mut self, peer: PeerId, connected: &[NodeTag]) {
-        let Some(p) = self.peers.get_mut(&peer) else {
-            return;
-        };
-        if p.reports != connected {
-            p.reports = connected.to_vec();
-            self.links_changed(peer);
-            self.resend_to_all();
-        }
-    }
-
-    /// Notes that `peer`'s links changed: see [`LINK_SETTLE`].
-    fn links_changed(&mut self, peer: PeerId) {
-        let now = Instant::now();
-        if let Some(p) = self.peers.get_mut(&peer) {
-            p.links_changed_at = Some(now);
-        }
-        self.settle_ends = Some(now + LINK_SETTLE);
-    }
-
-    /// Marks every document dirty for every peer and starts their rounds.
-    fn resend_to_all(&mut self) {
-        self.for_every_peer(|p| p.dirty_all = true);
-    }
-
-    /// Applies `mark` to every peer, then starts its round if it has work.
-    fn for_every_peer(&mut self, mut mark: impl FnMut(&mut Peer)) {
-        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
-        for id in ids {
-            if let Some(p) = self.peers.get_mut(&id) {
-                mark(p);
-            }
-            self.kick(id);
-        }
-    }
-}
-
-/// What applying one request did.
-#[derive(Default)]
-struct Applied {
-    durable_seq: u64,
-    docs: BTreeSet<DocId>,
-    their_digests: Vec<(DocId, [u8; 32])>,
-}
-
-/// Applies the sync messages of a request (blocking: automerge work).
-fn apply(node: &Node, peer: &str, request: SyncRequest) -> Applied {
-    let mut applied = Applied::default();
-    for d in request.docs {
-        if usize::from(d.doc.shard) >= SHARD_COUNT {
-            let why = format!("{} names a shard that does not exist", d.doc);
-            drop_record(node, peer, "bad-shard", &why);
-            continue;
-        }
-        applied.their_digests.push((d.doc, d.digest));
-        if d.message.is_empty() {
-            continue;
-        }
-        let message = match automerge::sync::Message::decode(&d.message) {
-            Ok(m) => m,
-            Err(e) => {
-                drop_record(node, peer, "undecodable", &e.to_string());
-                continue;
-            }
-        };
-        match node.ledger.receive_sync(d.doc, peer, message) {
-            Ok(outcome) => {
-                applied.durable_seq = applied.durable_seq.max(outcome.durable_seq);
-                applied.docs.insert(d.doc);
-                node.after_merge(&outcome);
-            }
-            // A peer whose clock is behind may still offer a document we
-            // already dropped: normal at window edges, not an attack.
-            Err(MergeError::Expired(doc)) => {
-                tracing::debug!(peer, %doc, "ignored a document past the retention");
-            }
-            Err(e @ MergeError::TooFarAhead(_)) => {
-                drop_record(node, peer, "too-far-ahead", &e.to_string())
-            }
-            Err(e) => drop_record(node, peer, "rejected", &e.to_string()),
-        }
-    }
-    applied
 }
 
 fn drop_record(node: &Node, peer: &str, kind: &'static str, why: &str) {
@@ -999,28 +684,19 @@ fn drop_record(node: &Node, peer: &str, kind: &'static str, why: &str) {
     tracing::warn!(peer, kind, why, "dropped a sync message from a peer");
 }
 
-/// This node's region and wall clock, as its frames carry them.
-fn origin(node: &Node, held_ms: u32) -> Origin {
-    Origin {
-        region: node.config.region.clone(),
-        wall_ms: node.ledger.wall_ms(),
-        held_ms,
-    }
-}
-
 /// Records which of `theirs` (the peer's digests) equal ours, and that the
 /// peer shows every allocation folded before the comparison began (see
-/// [`crate::p2p::lag`]). Returns the documents in sync.
-fn mark_in_sync(node: &Node, peer: &str, theirs: &[(DocId, [u8; 32])]) -> BTreeSet<DocId> {
+/// [`crate::p2p::lag`]). Returns our live documents and those in sync.
+fn mark_in_sync(
+    node: &Node,
+    peer: &str,
+    theirs: &[(DocId, [u8; 32])],
+) -> (Vec<DocId>, BTreeSet<DocId>) {
     let generation = node.lag_tracker().generation();
-    let in_sync: BTreeSet<DocId> = theirs
-        .iter()
-        .filter(|(doc, digest)| node.ledger.mark_in_sync_if(*doc, peer, digest))
-        .map(|(doc, _)| *doc)
-        .collect();
+    let (ours, in_sync) = work::compare(&node.ledger, peer, theirs);
     let mut lag = node.lag_tracker();
     for doc in &in_sync {
         lag.shown(peer, *doc, generation);
     }
-    in_sync
+    (ours, in_sync)
 }

@@ -43,7 +43,8 @@ pub async fn spawn(
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<Vec<Multiaddr>, StartError> {
-    let (event_loop, listen_addrs) = event_loop::EventLoop::start(node, keypair).await?;
+    let (event_loop, listen_addrs) =
+        event_loop::EventLoop::start(node, keypair, tasks.clone()).await?;
     tasks.spawn(event_loop.run(shutdown));
     Ok(listen_addrs)
 }
