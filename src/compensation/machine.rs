@@ -207,6 +207,11 @@ impl LogEntry {
     }
 }
 
+/// A wall clock read this far before the last transition went backwards
+/// (NTP slews, a VM resumes, an operator sets it): waits measured on it no
+/// longer count.
+const CLOCK_STEP_MS: u64 = 1_000;
+
 /// One loser's compensation. This is what the owning node writes into the
 /// replicated state (only that node writes it) and what the report shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +234,11 @@ pub struct Compensation {
     pub succeeded_at_ms: Option<u64>,
     /// How many times an operator re-queued it from dead-lettered.
     pub operator_retries: u32,
+    /// Wall-clock ms of the last transition: a clock that reads earlier
+    /// than this went backwards, and a wait measured on it would last as
+    /// long as the jump.
+    #[serde(default)]
+    pub last_at_ms: u64,
 }
 
 impl Compensation {
@@ -244,6 +254,7 @@ impl Compensation {
             detected_at_ms,
             succeeded_at_ms: None,
             operator_retries: 0,
+            last_at_ms: detected_at_ms,
         };
         let entry = LogEntry::Scheduled {
             loser_txn: loser_txn.to_owned(),
@@ -259,12 +270,17 @@ impl Compensation {
         format!("{IDEMPOTENCY_KEY_PREFIX}{loser_txn}")
     }
 
-    /// Whether an attempt may start at `now_ms`.
+    /// Whether an attempt may start at `now_ms`: its wait is over, or the
+    /// clock went back more than a second past the last transition (a jump backwards would
+    /// otherwise hold every retry back by the size of the jump; retrying
+    /// early is safe, the idempotency key stays the same).
     pub fn due(&self, now_ms: u64) -> bool {
         matches!(
             self.state,
             CompensationState::Pending | CompensationState::Failed
-        ) && self.next_attempt_at_ms.is_some_and(|at| at <= now_ms)
+        ) && self.next_attempt_at_ms.is_some_and(|at| {
+            at <= now_ms || now_ms.saturating_add(CLOCK_STEP_MS) < self.last_at_ms
+        })
     }
 
     /// Pending or failed (and due) → running; counts the attempt. Log the
@@ -347,6 +363,12 @@ impl Compensation {
     /// replay. Checks state and attempt numbers, not time.
     pub fn apply(&mut self, entry: &LogEntry) -> Result<(), MachineError> {
         use CompensationState as S;
+        if let LogEntry::Started { at_ms, .. }
+        | LogEntry::Finished { at_ms, .. }
+        | LogEntry::OperatorRetry { at_ms } = entry
+        {
+            self.last_at_ms = *at_ms;
+        }
         match (entry, self.state) {
             (LogEntry::Started { attempt, .. }, S::Pending | S::Failed) => {
                 self.expect_attempt(*attempt, self.attempts.saturating_add(1))?;
@@ -601,6 +623,40 @@ mod tests {
         log.push(comp.start(50).unwrap());
         assert_eq!(comp.attempts, 1);
         assert_eq!(Compensation::replay(&log).unwrap(), comp);
+    }
+
+    #[test]
+    fn a_clock_that_jumps_back_does_not_hold_a_retry_back() {
+        let (mut comp, _) = Compensation::new("tx", 1_000_000);
+        comp.start(1_000_000).unwrap();
+        let failed = Outcome::Retryable("HTTP 503".into());
+        comp.finish(failed, &POLICY, 1_000_100, 0).unwrap();
+        let due_at = comp.next_attempt_at_ms.unwrap();
+        assert!(!comp.due(due_at - 1), "waits its backoff on a steady clock");
+        // The wall clock steps back five minutes: the wait would last that long.
+        assert!(
+            comp.due(1_000_100 - 300_000),
+            "due at once after a jump backwards"
+        );
+        // Replayed from its log, the same holds.
+        let log = [
+            LogEntry::Scheduled {
+                loser_txn: "tx".into(),
+                at_ms: 1_000_000,
+            },
+            LogEntry::Started {
+                attempt: 1,
+                at_ms: 1_000_000,
+            },
+            LogEntry::Finished {
+                attempt: 1,
+                at_ms: 1_000_100,
+                outcome: Outcome::Retryable("HTTP 503".into()),
+                next_attempt_at_ms: Some(due_at),
+            },
+        ];
+        let replayed = Compensation::replay(&log).unwrap();
+        assert!(replayed.due(700_000) && !replayed.due(due_at - 1));
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::time::{Clock, SharedClock};
 use automerge::{sync, ActorId};
 use document::{DocumentError, Entry, ShardDocument};
 use group::{EpochDoc, Group, Pending, NOT_ARRIVED};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -359,6 +359,20 @@ impl Ledger {
         }
     }
 
+    /// Writes from now on with the actor `suffix` names (see
+    /// [`NodeTag::actor_with`]) instead of a random one: for the simulator,
+    /// which must give each process a fresh actor yet reproduce a run from
+    /// its seed.
+    pub fn use_actor_suffix(&mut self, suffix: [u8; 8]) {
+        self.actor = NodeTag::of(&self.me.node).actor_with(suffix);
+        for group in &mut self.groups {
+            let group = group.get_mut().unwrap_or_else(|p| p.into_inner());
+            for doc in group.docs.values_mut() {
+                doc.doc.set_actor(self.actor.clone());
+            }
+        }
+    }
+
     /// Acknowledged allocations that were found only in the journal when the
     /// ledger was opened, and are folded into their documents again.
     pub fn recovered_from_journal(&self) -> usize {
@@ -525,54 +539,61 @@ impl Ledger {
         let mut folded = 0;
         for shard in 0..SHARD_COUNT {
             let mut guard = self.group(shard);
-            let group = &mut *guard;
-            if group.pending.is_empty() {
-                continue;
-            }
-            let pending = std::mem::take(&mut group.pending);
-            let mut by_epoch: BTreeMap<u32, Vec<Pending>> = BTreeMap::new();
-            let mut forget = Vec::with_capacity(pending.len());
-            for entry in pending {
-                // Gone from the index: its epoch passed the retention meanwhile.
-                if group.contains(&entry.record) {
-                    by_epoch.entry(entry.epoch).or_default().push(entry);
-                } else {
-                    if let Some(stake) = &entry.stake {
-                        group.own.forget(stake);
-                    }
-                    forget.push(entry.journal_seq);
-                }
-            }
-            for (epoch, entries) in by_epoch {
-                let doc = group.doc_mut(epoch, &self.actor);
-                let batch_id = document::batch_id(&entries[0].record);
-                let written = doc
-                    .doc
-                    .put_allocation_batch(&batch_id, entries.iter().map(|e| e.text.as_str()));
-                if let Err(e) = written {
-                    // Still durable in the journal: try again next round.
-                    tracing::error!(shard, epoch, error = %e, "could not fold allocations into their document; will retry");
-                    group.pending.extend(entries);
-                    continue;
-                }
-                doc.persist(&*self.sink);
-                for entry in entries {
-                    let arrival = group.arrive(epoch, entry.record.hlc.physical_ms);
-                    if let Some(slot) = group.find_mut(&entry.record) {
-                        slot.arrival = arrival;
-                    }
-                    if let Some(stake) = entry.stake {
-                        group.own.folded(epoch, arrival, entry.record, stake);
-                    }
-                    forget.push(entry.journal_seq);
-                    folded += 1;
-                }
-            }
-            if !forget.is_empty() {
-                self.sink.forget_journal(forget);
-            }
+            folded += self.fold_group(shard, &mut guard).0;
         }
         folded
+    }
+
+    /// [`Ledger::fold_pending`] for one shard, under its lock; returns how
+    /// many were folded and the durable sequence of the last chunk.
+    fn fold_group(&self, shard: usize, group: &mut Group) -> (usize, u64) {
+        let (mut folded, mut last_seq) = (0, 0);
+        if group.pending.is_empty() {
+            return (0, 0);
+        }
+        let pending = std::mem::take(&mut group.pending);
+        let mut by_epoch: BTreeMap<u32, Vec<Pending>> = BTreeMap::new();
+        let mut forget = Vec::with_capacity(pending.len());
+        for entry in pending {
+            // Gone from the index: its epoch passed the retention meanwhile.
+            if group.contains(&entry.record) {
+                by_epoch.entry(entry.epoch).or_default().push(entry);
+            } else {
+                if let Some(stake) = &entry.stake {
+                    group.own.forget(stake);
+                }
+                forget.push(entry.journal_seq);
+            }
+        }
+        for (epoch, entries) in by_epoch {
+            let doc = group.doc_mut(epoch, &self.actor);
+            let batch_id = document::batch_id(&entries[0].record);
+            let written = doc
+                .doc
+                .put_allocation_batch(&batch_id, entries.iter().map(|e| e.text.as_str()));
+            if let Err(e) = written {
+                // Still durable in the journal: try again next round.
+                tracing::error!(shard, epoch, error = %e, "could not fold allocations into their document; will retry");
+                group.pending.extend(entries);
+                continue;
+            }
+            last_seq = last_seq.max(doc.persist(&*self.sink));
+            for entry in entries {
+                let arrival = group.arrive(epoch, entry.record.hlc.physical_ms);
+                if let Some(slot) = group.find_mut(&entry.record) {
+                    slot.arrival = arrival;
+                }
+                if let Some(stake) = entry.stake {
+                    group.own.folded(epoch, arrival, entry.record, stake);
+                }
+                forget.push(entry.journal_seq);
+                folded += 1;
+            }
+        }
+        if !forget.is_empty() {
+            self.sink.forget_journal(forget);
+        }
+        (folded, last_seq)
     }
 
     /// Local allocations not yet folded into their documents.
@@ -631,6 +652,7 @@ impl Ledger {
         }
         let mut last_names = LastInterned::default();
         let mut resolved = Vec::new();
+        let mut competes_with_pending = false;
         let seq = state.persist(&*self.sink);
         outcome.durable_seq = seq;
         for entry in entries {
@@ -646,7 +668,8 @@ impl Ledger {
                     let record = Arc::new(self.names.intern_after(record, &mut last_names));
                     if group.insert(id.epoch, record.clone(), arrival, durable, now) {
                         outcome.conflicts_changed.push(record.key.to_string());
-                        self.resolve_own_competitors(group, &record, &mut resolved);
+                        competes_with_pending |=
+                            self.resolve_own_competitors(group, &record, &mut resolved);
                     }
                     outcome.new_allocations.push(record);
                 }
@@ -660,35 +683,45 @@ impl Ledger {
                 }
             }
         }
+        // An allocation of ours that a peer's competes with, not yet in its
+        // document: folded now, so that the digests this merge is answered
+        // with cannot show the peer a copy without it (it would take them
+        // for "nothing competes" and call its own allocation settled).
+        if competes_with_pending {
+            let (_, seq) = self.fold_group(usize::from(id.shard), group);
+            outcome.durable_seq = outcome.durable_seq.max(seq);
+        }
         self.hand_over(resolved);
         Ok(outcome)
     }
 
     /// `arrived` competes with allocations of its key: ours among them are
-    /// resolved, as conflicted.
+    /// resolved, as conflicted. Returns whether one of ours is still pending.
     fn resolve_own_competitors(
         &self,
         group: &mut Group,
         arrived: &AllocationRecord,
         out: &mut Vec<Resolution>,
-    ) {
+    ) -> bool {
         if arrived.node == self.my_node {
-            return;
+            return false;
         }
         let Some(list) = group.keys.get(&arrived.key) else {
-            return;
+            return false;
         };
         let ours: Vec<(u32, u64, Arc<AllocationRecord>)> = list
             .iter()
             .filter(|a| a.record.node == self.my_node)
             .map(|a| (a.epoch, a.arrival, a.record.clone()))
             .collect();
+        let mut pending = false;
         for (epoch, arrival, record) in ours {
             let after_ms = record.hlc.physical_ms.abs_diff(arrived.hlc.physical_ms);
             if arrival != NOT_ARRIVED {
                 group.own.conflicted(epoch, arrival, &record, after_ms, out);
                 continue;
             }
+            pending = true;
             let stake = group
                 .pending
                 .iter_mut()
@@ -698,6 +731,7 @@ impl Ledger {
                 group.own.conflicted_pending(stake, after_ms, out);
             }
         }
+        pending
     }
 
     /// Queues resolutions for [`Ledger::take_resolutions`].
@@ -811,33 +845,61 @@ impl Ledger {
         }
     }
 
-    /// If `peer`'s digest of `doc` equals ours, records that the two copies
-    /// are identical right now (everything that arrived here so far is on
-    /// that peer, and we hold all of the peer's copy as of this moment) and
-    /// returns true. Compared under the shard lock, so no allocation can
-    /// slip in between the comparison and the record.
-    pub fn mark_in_sync_if(&self, doc: DocId, peer: &str, their_digest: &[u8; 32]) -> bool {
-        let mut guard = self.group(usize::from(doc.shard));
-        let Some(state) = guard.docs.get_mut(&doc.epoch) else {
-            return false;
-        };
-        if state.doc.digest() != *their_digest {
-            return false;
+    /// Compares `peer`'s digests with ours, shard by shard, and returns the
+    /// documents whose copies are identical. Where every live document of a
+    /// shard is identical on both sides, records that the peer holds
+    /// everything that arrived here so far and that we hold all of the
+    /// peer's copies as of this moment. All of a shard, not each document
+    /// alone: a key's allocations may lie in two documents (a retry that
+    /// straddles a window), so an allocation is settled only once no
+    /// document of its shard can hold a competitor we have not seen.
+    /// Compared under the shard lock, so no allocation can slip in between
+    /// the comparison and the record.
+    pub fn mark_in_sync(&self, peer: &str, theirs: &[(DocId, [u8; 32])]) -> BTreeSet<DocId> {
+        let now = self.wall_ms();
+        let mut by_shard: BTreeMap<u8, BTreeMap<u32, [u8; 32]>> = BTreeMap::new();
+        for (doc, digest) in theirs {
+            if usize::from(doc.shard) < SHARD_COUNT && !self.windows.expired(doc.epoch, now) {
+                by_shard
+                    .entry(doc.shard)
+                    .or_default()
+                    .insert(doc.epoch, *digest);
+            }
         }
-        let arrivals = state.arrivals;
-        state
-            .peers
-            .entry(peer.to_owned())
-            .or_default()
-            .synced_arrival = Some(arrivals);
-        if let Some(through) = guard.settled_through(doc.epoch, &self.peers) {
-            guard.settled(doc.epoch, through);
+        let mut in_sync = BTreeSet::new();
+        for (shard, theirs) in by_shard {
+            let mut guard = self.group(usize::from(shard));
+            let equal: Vec<u32> = guard
+                .docs
+                .iter()
+                .filter(|(epoch, state)| theirs.get(epoch) == Some(&state.doc.digest()))
+                .map(|(epoch, _)| *epoch)
+                .collect();
+            in_sync.extend(equal.iter().map(|&epoch| DocId { epoch, shard }));
+            let whole = equal.len() == guard.docs.len() && equal.len() == theirs.len();
+            if !whole {
+                continue;
+            }
             let mut settled = Vec::new();
-            guard.own.settled_through(doc.epoch, through, &mut settled);
+            for epoch in equal {
+                let Some(state) = guard.docs.get_mut(&epoch) else {
+                    continue;
+                };
+                let arrivals = state.arrivals;
+                state
+                    .peers
+                    .entry(peer.to_owned())
+                    .or_default()
+                    .synced_arrival = Some(arrivals);
+                if let Some(through) = guard.settled_through(epoch, &self.peers) {
+                    guard.settled(epoch, through);
+                    guard.own.settled_through(epoch, through, &mut settled);
+                }
+            }
             drop(guard);
             self.hand_over(settled);
         }
-        true
+        in_sync
     }
 
     /// Every live document with its digest, in id order.

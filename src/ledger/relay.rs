@@ -56,6 +56,16 @@ impl NodeTag {
         ActorId::from(bytes.as_slice())
     }
 
+    /// An actor of this node with a chosen suffix instead of a random one:
+    /// for the deterministic simulator, where one seed must reproduce a
+    /// run down to every change hash.
+    pub fn actor_with(self, suffix: [u8; 8]) -> ActorId {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&self.0);
+        bytes[8..].copy_from_slice(&suffix);
+        ActorId::from(bytes.as_slice())
+    }
+
     /// The node that authored a change with this actor id, if the actor has
     /// the shape [`NodeTag::new_actor`] makes.
     pub fn of_actor(actor: &ActorId) -> Option<Self> {

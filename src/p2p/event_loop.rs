@@ -86,6 +86,8 @@ pub struct EventLoop {
     tasks: TaskTracker,
     /// A sampling round ([`crate::node::health::sample_round`]) is running.
     sampling: Arc<AtomicBool>,
+    /// The engine's monotonic time counts from here.
+    started: std::time::Instant,
 }
 
 impl EventLoop {
@@ -168,11 +170,8 @@ impl EventLoop {
                 },
             );
         }
-        let engine = Engine::new(
-            by_key.keys().cloned(),
-            node.config.sync_interval,
-            node.ledger.wall_ms(),
-        );
+        let started = std::time::Instant::now();
+        let engine = Engine::new(by_key.keys().cloned(), node.config.sync_interval, 0);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         Ok((
             Self {
@@ -185,6 +184,7 @@ impl EventLoop {
                 internal_rx,
                 tasks,
                 sampling: Arc::new(AtomicBool::new(false)),
+                started,
             },
             listen_addrs,
         ))
@@ -207,13 +207,16 @@ impl EventLoop {
         }
     }
 
-    /// Hands `input` to the engine and carries out what it returns.
+    /// Hands `input` to the engine and carries out what it returns. The
+    /// engine's timers run on the monotonic clock; which documents are live
+    /// follows the node's wall clock.
     fn input(&mut self, input: Input) {
-        let now = self.node.ledger.wall_ms();
+        let now = monotonic_ms(self.started);
+        let wall = self.node.ledger.wall_ms();
         let windows = self.node.ledger.windows();
         let actions = self
             .engine
-            .handle(input, now, &|epoch| windows.live(epoch, now));
+            .handle(input, now, &|epoch| windows.live(epoch, wall));
         for action in actions {
             self.act(action);
         }
@@ -682,6 +685,11 @@ fn drop_record(node: &Node, peer: &str, kind: &'static str, why: &str) {
         .inc();
     node.peers.update(peer, |s| s.count_drop(kind));
     tracing::warn!(peer, kind, why, "dropped a sync message from a peer");
+}
+
+/// Milliseconds since `started`, on the monotonic clock.
+fn monotonic_ms(started: std::time::Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Records which of `theirs` (the peer's digests) equal ours, and that the

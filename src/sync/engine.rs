@@ -273,7 +273,9 @@ impl Engine {
         }
     }
 
-    /// Takes in `input` at `now` (ms); `live` tells which epochs may be
+    /// Takes in `input` at `now`, ms of a monotonic clock (never the wall
+    /// clock, which may jump: a jump backwards would hold back every redial
+    /// and anti-entropy round by its size); `live` tells which epochs may be
     /// held. Returns what the shell is to do, in order.
     pub fn handle(&mut self, input: Input, now: u64, live: IsLive<'_>) -> Vec<Action> {
         let mut out = Vec::new();

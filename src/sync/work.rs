@@ -135,12 +135,7 @@ pub fn compare(
     theirs: &[(DocId, [u8; 32])],
 ) -> (Vec<DocId>, BTreeSet<DocId>) {
     let ours = ledger.digests().into_iter().map(|(doc, _)| doc).collect();
-    let in_sync = theirs
-        .iter()
-        .filter(|(doc, digest)| ledger.mark_in_sync_if(*doc, peer, digest))
-        .map(|(doc, _)| *doc)
-        .collect();
-    (ours, in_sync)
+    (ours, ledger.mark_in_sync(peer, theirs))
 }
 
 /// The answer to a request held `held_ms`: our clock, window, links and
