@@ -29,6 +29,7 @@
 //! - [`node`]: wires everything together and owns shutdown.
 //! - [`http`]: the JSON API; [`client`]: a typed client of it; [`cli`]: the
 //!   `oncemesh` command line.
+//! - [`sim`]: the deterministic simulator of a whole cluster and its checker.
 //! - [`metrics`]: Prometheus metrics; [`config`]: flags and TOML.
 //! - [`tls`]: the rustls provider every HTTP client uses.
 //! - [`drill`]: a TCP relay that makes network faults from outside the
@@ -54,6 +55,7 @@ pub mod metrics;
 pub mod node;
 pub mod p2p;
 pub mod record;
+pub mod sim;
 pub mod storage;
 pub mod sync;
 pub mod time;
