@@ -349,8 +349,15 @@ fn refresh_uncertainty(node: &Node) {
     let exposure = node.exposure();
     m.exposure_expected_duplicates
         .set(exposure.expected_duplicates);
-    // A currency with nothing at risk any more leaves the exposition.
+    // A currency with nothing at risk any more leaves the exposition;
+    // `unknown` is always there (at 0 when nothing is), so dashboards and
+    // alerts find the family on every node.
     m.exposure_value_at_risk.clear();
+    m.exposure_value_at_risk
+        .get_or_create(&Currency {
+            currency: crate::exposure::UNKNOWN.to_owned(),
+        })
+        .set(0.0);
     for (currency, value) in &exposure.value_at_risk {
         m.exposure_value_at_risk
             .get_or_create(&Currency {
