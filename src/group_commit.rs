@@ -21,6 +21,20 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// What a writer thread reports after each group commit.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CommitStats {
+    /// True for the allocation journal, false for the document store.
+    pub journal: bool,
+    /// Jobs (journal: entries) in the commit.
+    pub jobs: usize,
+    /// Time of the commit (write + fsync).
+    pub duration: Duration,
+}
+
+/// Called by the writer threads after each group commit.
+pub type OnCommit = Arc<dyn Fn(CommitStats) + Send + Sync>;
+
 /// Why a wait for durability ended without it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NotDurable {

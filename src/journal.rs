@@ -18,8 +18,7 @@
 //! (a torn tail after a crash). Every start opens a new segment, so nothing
 //! is ever appended after a torn tail.
 
-use crate::group_commit::{Commit, GroupCommit, NotDurable, Sequenced};
-use crate::storage::{CommitStats, OnCommit};
+use crate::group_commit::{Commit, CommitStats, GroupCommit, NotDurable, OnCommit, Sequenced};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};

@@ -9,13 +9,13 @@
 //! publishes a watermark: every job with a sequence at or below it is on
 //! disk. Callers acknowledge only once the watermark has reached their job.
 
-use crate::group_commit::{Commit, GroupCommit, NotDurable, Sequenced};
+use crate::group_commit::{Commit, CommitStats, GroupCommit, NotDurable, OnCommit, Sequenced};
 pub use crate::journal::JournalEntry;
 use crate::journal::{Journal, JournalError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// (epoch, shard, sequence) → automerge chunk or saved document.
 const CHUNKS: TableDefinition<(u32, u8, u64), &[u8]> = TableDefinition::new("document_chunks");
@@ -104,20 +104,6 @@ enum Job {
     /// forgotten by the journal once this commit is durable.
     Folded { seq: u64, journal: Vec<u64> },
 }
-
-/// What a writer thread reports after each group commit.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CommitStats {
-    /// True for the allocation journal, false for the document store.
-    pub journal: bool,
-    /// Jobs (journal: entries) in the commit.
-    pub jobs: usize,
-    /// Time of the commit (write + fsync).
-    pub duration: Duration,
-}
-
-/// Called by the writer threads after each group commit.
-pub type OnCommit = Arc<dyn Fn(CommitStats) + Send + Sync>;
 
 impl From<NotDurable> for StorageError {
     fn from(e: NotDurable) -> Self {
