@@ -224,20 +224,31 @@ impl ShardDocument {
             (COMPENSATIONS, &self.compensations),
         ] {
             for item in self.doc.map_range(obj, ..) {
-                let value = Value::from(item.value);
-                parse_entries(map, item.key.as_ref(), value_text(&value), &mut out);
-                if item.conflict {
-                    // Two writers on one map key would break the single-writer
-                    // rule; keep every value rather than the one automerge shows.
-                    if let Ok(values) = self.doc.get_all(obj, item.key.as_ref()) {
-                        for (value, _) in values.into_iter().skip(1) {
-                            parse_entries(map, item.key.as_ref(), value_text(&value), &mut out);
-                        }
-                    }
+                if item.conflict && map == ALLOCATIONS {
+                    self.parse_every_value(obj, item.key.as_ref(), &mut out);
+                } else {
+                    let value = Value::from(item.value);
+                    parse_entries(map, item.key.as_ref(), value_text(&value), &mut out);
                 }
             }
         }
         out
+    }
+
+    /// Parses every value a key of the allocations map holds, not only the
+    /// one automerge shows. One writer per batch key is the rule, but a node
+    /// that crashed after sending a batch and before storing it folds the
+    /// same batch again under a new actor: the two puts are then concurrent,
+    /// and each may hold allocations the other lacks. Allocations are a set,
+    /// so reading them all (the ledger drops a transaction it already has)
+    /// loses none, whichever value automerge lets win. Compensation records
+    /// keep automerge's winner, so that every node reads the same state.
+    fn parse_every_value(&self, obj: &ObjId, key: &str, out: &mut Vec<Entry>) {
+        if let Ok(values) = self.doc.get_all(obj, key) {
+            for (value, _) in values {
+                parse_entries(ALLOCATIONS, key, value_text(&value), out);
+            }
+        }
     }
 
     /// Applies remote changes through `apply` (sync message, bytes merge) and
@@ -268,20 +279,20 @@ impl ShardDocument {
             } else {
                 continue;
             };
-            if let PatchAction::PutMap {
-                key,
-                value,
-                conflict,
-            } = patch.action
-            {
-                parse_entries(map, &key, value_text(&value.0), &mut out);
-                if conflict {
-                    if let Ok(values) = self.doc.get_all(&patch.obj, key.as_str()) {
-                        for (v, _) in values.into_iter().filter(|(v, _)| *v != value.0) {
-                            parse_entries(map, &key, value_text(&v), &mut out);
-                        }
-                    }
+            match patch.action {
+                PatchAction::PutMap { key, conflict, .. } if conflict && map == ALLOCATIONS => {
+                    self.parse_every_value(&patch.obj, &key, &mut out);
                 }
+                PatchAction::PutMap { key, value, .. } => {
+                    parse_entries(map, &key, value_text(&value.0), &mut out);
+                }
+                // A concurrent put that did not win: what it holds is new all the same.
+                PatchAction::Conflict {
+                    prop: automerge::Prop::Map(key),
+                } if map == ALLOCATIONS => {
+                    self.parse_every_value(&patch.obj, &key, &mut out);
+                }
+                _ => {}
             }
         }
         Ok(out)
@@ -687,6 +698,59 @@ mod tests {
             )),
             "{entries:?}"
         );
+    }
+
+    fn txns(entries: &[Entry]) -> std::collections::BTreeSet<String> {
+        entries
+            .iter()
+            .map(|e| match e {
+                Entry::Allocation(r) => r.txn_id.clone(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_folded_twice_by_two_actors_loses_none_of_its_allocations() {
+        let (x, y, z) = (record("tx_x"), record("tx_y"), record("tx_z"));
+        let batch = batch_id(&parsed(&x));
+        let all: std::collections::BTreeSet<String> =
+            ["tx_x", "tx_y", "tx_z"].map(String::from).into();
+        // Both ways round: automerge lets the greater actor's put win.
+        for (first, second) in [(1u8, 2u8), (2, 1)] {
+            // Folded, sent, then lost to a crash before it was stored ...
+            let mut sent = doc();
+            sent.set_actor(ActorId::from(vec![first; 16]));
+            sent.put_allocation_batch(&batch, [x.as_str()].into_iter())
+                .unwrap();
+            // ... and folded again after the restart with what was queued.
+            let mut refolded = doc();
+            refolded.set_actor(ActorId::from(vec![second; 16]));
+            refolded
+                .put_allocation_batch(&batch, [x.as_str(), y.as_str(), z.as_str()].into_iter())
+                .unwrap();
+
+            // A peer that holds the first fold receives the second, live.
+            let mut peer = doc();
+            assert_eq!(
+                txns(&peer.merge_bytes(&sent.save()).unwrap()),
+                ["tx_x".to_owned()].into()
+            );
+            let live = txns(&peer.merge_bytes(&refolded.save()).unwrap());
+            assert!(
+                live.is_superset(&["tx_y", "tx_z"].map(String::from).into()),
+                "{live:?}"
+            );
+            // The node itself receives the first fold back from the peer.
+            let back = refolded.merge_bytes(&sent.save()).unwrap();
+            assert!(txns(&back).is_subset(&all), "{back:?}");
+
+            // Read at start-up, both documents hold all three.
+            for d in [&peer, &refolded] {
+                let loaded = ShardDocument::load(d.id, &d.save()).unwrap();
+                assert_eq!(txns(&loaded.entries()), all);
+            }
+        }
     }
 
     /// Syncs `from` into `to` until `from` has nothing more to send.

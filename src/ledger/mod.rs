@@ -260,6 +260,9 @@ impl Ledger {
                 .insert(id.epoch, EpochDoc::new(doc, stored.bytes.len()));
             for entry in entries {
                 match entry {
+                    // A batch folded twice (see `ShardDocument::entries`) holds
+                    // some transactions twice: each is one allocation.
+                    Entry::Allocation(record) if group.contains(&record) => {}
                     Entry::Allocation(record) => {
                         // Re-seed the clock so no stamp ever repeats after a restart.
                         hlc.observe_local(record.hlc);
@@ -1180,4 +1183,81 @@ impl Names {
 struct LastInterned {
     region: Option<(Arc<str>, Arc<str>)>,
     node: Option<(Arc<str>, Arc<str>)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::document::{batch_id, record_json, ShardDocument};
+    use super::*;
+    use crate::hlc::Timestamp;
+    use crate::record::RECORD_VERSION;
+
+    #[test]
+    fn a_batch_folded_twice_before_a_crash_opens_as_one_allocation_per_transaction() {
+        let now = crate::time::SystemClock.now_ms();
+        let windows = Windows::default();
+        // Three keys of one shard, as one batch holds.
+        let keys: Vec<String> = (0..)
+            .map(|i| format!("key-{i}"))
+            .filter(|k| crate::key::shard_of(k, SHARD_COUNT) == 0)
+            .take(3)
+            .collect();
+        let records: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| {
+                record_json(&AllocationRecord {
+                    v: RECORD_VERSION,
+                    key: key.as_str().into(),
+                    txn_id: format!("tx_{i}"),
+                    region: "sgp".into(),
+                    node: "node-a".into(),
+                    hlc: Timestamp::new(now, i as u32),
+                    fingerprint: "f".into(),
+                    confidence: 0.9,
+                })
+            })
+            .collect();
+        let first: AllocationRecord = serde_json::from_str(&records[0]).unwrap();
+        let id = DocId {
+            epoch: windows.epoch_of(now),
+            shard: 0,
+        };
+        // The batch as sent before the crash, and as folded again after it.
+        let mut doc = ShardDocument::genesis(id);
+        doc.set_actor(ActorId::from(vec![1; 16]));
+        doc.put_allocation_batch(&batch_id(&first), [records[0].as_str()].into_iter())
+            .unwrap();
+        let mut refolded = ShardDocument::genesis(id);
+        refolded.set_actor(ActorId::from(vec![2; 16]));
+        refolded
+            .put_allocation_batch(&batch_id(&first), records.iter().map(String::as_str))
+            .unwrap();
+        doc.merge_bytes(&refolded.save()).unwrap();
+
+        let stored = Stored {
+            documents: [(id, StoredDocument { bytes: doc.save() })].into(),
+            journal: Vec::new(),
+        };
+        let ledger = Ledger::open(
+            NodeIdentity {
+                region: "sgp".into(),
+                node: "node-a".into(),
+            },
+            vec!["node-b".into()],
+            Arc::new(crate::time::SystemClock),
+            500,
+            windows,
+            stored,
+            Arc::new(DiscardSink),
+        )
+        .unwrap();
+        let stats = ledger.stats();
+        assert_eq!((stats.keys, stats.allocations), (3, 3), "{stats:?}");
+        assert_eq!(
+            stats.conflicts, 0,
+            "a transaction read twice is no conflict"
+        );
+        assert!(ledger.conflicts().is_empty());
+    }
 }
