@@ -437,6 +437,17 @@ impl Ledger {
 
     /// Allocates (or replays) a batch of keys that all live in `shard`.
     ///
+    /// The epoch a new allocation stamped `hlc` goes in: its physical time's,
+    /// as docs/DATA_MODEL.md says, but never more than the allowed clock
+    /// offset past this node's wall clock. A peer whose clock runs far ahead
+    /// drags every clock it talks to (stamps are merged, not refused); were
+    /// the epoch to follow, healthy nodes would write documents so far ahead
+    /// that their peers refuse them, and stop seeing each other's allocations.
+    fn epoch_for(&self, hlc: Timestamp) -> u32 {
+        let limit = self.wall_ms().saturating_add(self.hlc().max_offset_ms());
+        self.windows.epoch_of(hlc.physical_ms.min(limit))
+    }
+
     /// A new allocation goes into the key index (so replays and conflicts
     /// see it at once) and into the durable journal; the caller answers once
     /// the journal entry is durable. No automerge work happens here: the
@@ -492,7 +503,7 @@ impl Ledger {
                 continue;
             }
             let hlc = self.hlc().now();
-            let epoch = self.windows.epoch_of(hlc.physical_ms);
+            let epoch = self.epoch_for(hlc);
             let record = Arc::new(AllocationRecord {
                 v: RECORD_VERSION,
                 key: key.into(),
@@ -1190,7 +1201,57 @@ mod tests {
     use super::document::{batch_id, record_json, ShardDocument};
     use super::*;
     use crate::hlc::Timestamp;
+    use crate::key::IdempotencyKey;
     use crate::record::RECORD_VERSION;
+
+    fn ledger_at(node: &str, peer: &str, clock: &crate::time::ManualClock) -> Ledger {
+        Ledger::open(
+            NodeIdentity {
+                region: node.into(),
+                node: node.into(),
+            },
+            vec![peer.into()],
+            Arc::new(clock.clone()),
+            500,
+            Windows::for_retention(10_000),
+            Stored::default(),
+            Arc::new(DiscardSink),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_peer_far_ahead_does_not_push_new_allocations_into_documents_others_refuse() {
+        let clock = crate::time::ManualClock::at(1_000_000);
+        let (a, b) = (ledger_at("a", "b", &clock), ledger_at("b", "a", &clock));
+        // A third node's stamp, 20 s ahead with a retention of 10 s, reaches
+        // both (merged, and counted as skew).
+        for ledger in [&a, &b] {
+            let far = Timestamp::new(1_020_000, 0);
+            assert!(ledger.observe_remote_clock(far).skew_violation);
+        }
+        let key = IdempotencyKey::parse("same-key").unwrap();
+        for (ledger, amount) in [(&a, 1), (&b, 2)] {
+            let out = ledger.allocate_batch(
+                key.shard(SHARD_COUNT),
+                &[AllocateRequest {
+                    key: key.clone(),
+                    fingerprint: crate::key::fingerprint(&serde_json::json!({ "amount": amount }))
+                        .unwrap(),
+                    confidence: 0.9,
+                    stake: None,
+                }],
+            );
+            assert!(out[0].is_ok());
+            ledger.fold_pending();
+        }
+        for (doc, _) in a.digests() {
+            if let Some(bytes) = a.save_document(doc) {
+                b.merge_bytes(doc, &bytes).unwrap();
+            }
+        }
+        assert_eq!(b.conflicts().len(), 1, "b sees a's competing allocation");
+    }
 
     #[test]
     fn a_batch_folded_twice_before_a_crash_opens_as_one_allocation_per_transaction() {
