@@ -593,10 +593,7 @@ impl Ledger {
             }
             last_seq = last_seq.max(doc.persist(&*self.sink));
             for entry in entries {
-                let arrival = group.arrive(epoch, entry.record.hlc.physical_ms);
-                if let Some(slot) = group.find_mut(&entry.record) {
-                    slot.arrival = arrival;
-                }
+                let arrival = group.arrive_folded(epoch, &entry.record);
                 if let Some(stake) = entry.stake {
                     group.own.folded(epoch, arrival, entry.record, stake);
                 }
