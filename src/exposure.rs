@@ -23,6 +23,12 @@ pub const UNKNOWN: &str = "unknown";
 pub const OTHER: &str = "other";
 /// Longest currency code taken as such.
 const MAX_CURRENCY_LEN: usize = 16;
+/// Largest amount taken as one: 10^15 (beyond any payment, even in the
+/// minor units of a currency with many of them). A larger number, which
+/// one request could send, would swamp or overflow the sums of every
+/// other allocation of its currency; it counts as an allocation whose
+/// amount is unknown.
+pub const MAX_AMOUNT: f64 = 1e15;
 
 /// Why a JSON pointer setting was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -83,8 +89,8 @@ impl Pricing {
         let amount = payload
             .pointer(&self.amount_pointer)
             .and_then(Value::as_f64)
-            .filter(|a| a.is_finite())
-            .map(f64::abs);
+            .map(f64::abs)
+            .filter(|a| *a <= MAX_AMOUNT);
         let currency = payload
             .pointer(&self.currency_pointer)
             .and_then(Value::as_str)
@@ -273,6 +279,8 @@ mod tests {
             json!({"amount": 5, "currency": 978}),
             json!({"amount": 5, "currency": "not a currency"}),
             json!({"amount": 5, "currency": ""}),
+            json!({"amount": 1e308, "currency": "EUR"}),
+            json!({"amount": -2e15, "currency": "EUR"}),
         ] {
             let price = p.price(&payload);
             assert!(
