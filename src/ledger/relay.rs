@@ -120,7 +120,9 @@ impl HeldBack {
         let mut first_held = HashMap::with_capacity(hashes.len());
         let mut keep = Vec::with_capacity(hashes.len());
         for hash in hashes {
-            let since = self.first_held.get(&hash).copied().unwrap_or(now_ms);
+            // A clock stepped back restarts the grace at most: a change is
+            // never held back for the size of the step.
+            let since = self.first_held.get(&hash).map_or(now_ms, |&t| t.min(now_ms));
             first_held.insert(hash, since);
             if now_ms.saturating_sub(since) < grace {
                 keep.push(hash);
@@ -171,5 +173,17 @@ mod tests {
         // A change no longer held back is forgotten: held again, it starts over.
         assert_eq!(held.within_grace(vec![], t0 + grace), vec![]);
         assert_eq!(held.within_grace(vec![x], t0 + grace * 2), vec![x]);
+    }
+
+    #[test]
+    fn a_clock_stepped_back_holds_a_change_back_for_one_grace_at_most() {
+        let x = ChangeHash([1; 32]);
+        let (t0, grace) = (1_000_000, RELAY_GRACE.as_millis() as u64);
+        let mut held = HeldBack::default();
+        assert_eq!(held.within_grace(vec![x], t0), vec![x]);
+        // The wall clock steps back five minutes.
+        let back = t0 - 300_000;
+        assert_eq!(held.within_grace(vec![x], back), vec![x]);
+        assert_eq!(held.within_grace(vec![x], back + grace), vec![]);
     }
 }
