@@ -450,7 +450,11 @@ impl Engine {
             return;
         };
         p.connected = false;
-        p.outbound = Outbound::Idle;
+        // A build under way still reports back; until it has, no other
+        // starts, so that one request at most is ever in flight.
+        if p.outbound == Outbound::InFlight {
+            p.outbound = Outbound::Idle;
+        }
         p.reports.clear();
         out.push(Action::ResetSession(key.to_owned()));
         self.schedule_redial(key, now, out);
@@ -685,6 +689,32 @@ mod tests {
             now,
             &live,
         )
+    }
+
+    #[test]
+    fn a_build_that_outlives_its_connection_is_the_only_one_until_it_reports() {
+        let mut e = engine();
+        e.handle(Input::Tick, 0, &live);
+        connect(&mut e, A, 0);
+        respond(&mut e, A, 10, vec![]);
+        // A build is under way when the link drops and comes back.
+        let changed = e.handle(Input::DocsChanged([doc(1)].into()), 20, &live);
+        assert_eq!(builds(&changed).len(), 1, "{changed:?}");
+        e.handle(Input::Disconnected(A.into()), 30, &live);
+        let again = e.handle(Input::Connected(A.into()), 40, &live);
+        assert!(builds(&again).is_empty(), "a second build while one is out: {again:?}");
+        // The old build reports: it is sent, and nothing else is built.
+        let sent = e.handle(
+            Input::Built {
+                peer: A.into(),
+                has_request: true,
+                deferred: vec![],
+            },
+            50,
+            &live,
+        );
+        assert_eq!(sent, [Action::Send(A.into())]);
+        assert!(builds(&e.handle(Input::Tick, 60, &live)).is_empty());
     }
 
     #[test]
