@@ -73,3 +73,26 @@ fn every_decoder_survives_random_and_mutated_input() {
         }
     }
 }
+
+/// Inputs the long runs found a panic with, kept so it stays fixed.
+#[test]
+fn inputs_that_once_made_a_target_panic_no_longer_do() {
+    let found: &[(&str, &[u8])] = &[
+        // A peer's bloom filter with entries and no bits: automerge 0.12
+        // divided by zero the next time it generated a message for the peer.
+        (
+            "sync_message",
+            &[
+                0x0a, 0x43, 0x00, 0x00, 0x01, 0x00, 0x06, 0x09, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                0x00, 0xff, 0xff, 0xc4, 0x00, 0x00, 0x00,
+            ],
+        ),
+    ];
+    for (name, data) in found {
+        let (_, target) = fuzz_targets::TARGETS
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("a target of that name");
+        target(data);
+    }
+}

@@ -64,6 +64,14 @@ pub enum DocumentError {
         /// Container missing.
         name: &'static str,
     },
+    /// A peer's sync message that automerge could not be trusted with.
+    #[error("{doc}: refused a sync message: {reason}")]
+    Refused {
+        /// Document involved.
+        doc: DocId,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An automerge operation failed.
     #[error("{doc}: automerge operation failed: {source}")]
     Automerge {
@@ -329,6 +337,12 @@ impl ShardDocument {
         state: &mut sync::State,
         message: sync::Message,
     ) -> Result<Vec<Entry>, DocumentError> {
+        if let Some(reason) = super::sync_receive::unusable_bloom(&message) {
+            return Err(DocumentError::Refused {
+                doc: self.id,
+                reason,
+            });
+        }
         // When every change of the message is new and applied, the message's
         // own bytes are what storage needs: keeping them saves re-encoding
         // and re-hashing the same changes for the chunk (`save_after`).
@@ -751,6 +765,44 @@ mod tests {
                 assert_eq!(txns(&loaded.entries()), all);
             }
         }
+    }
+
+    #[test]
+    fn a_sync_message_with_a_bloom_filter_automerge_cannot_probe_is_refused() {
+        let mut a = doc();
+        a.set_actor(NodeTag::of("a").new_actor());
+        a.put_allocation_batch("tx_a", [record("tx_a").as_str()].into_iter())
+            .unwrap();
+        let mut held = HeldBack::default();
+        let template =
+            generate(&a, &mut sync::State::new(), &Withhold::nothing(), &mut held).unwrap();
+        let leb = |n: u64| {
+            let mut v = Vec::new();
+            leb128::write::unsigned(&mut v, n).unwrap();
+            v
+        };
+        // (entries, bits per entry, probes, bytes of bits): entries and no
+        // bits (automerge divides by zero), a billion probes per hash.
+        for (entries, per_entry, probes, bits) in [(1, 0, 7, 0), (1, 10, 1_000_000_000, 2)] {
+            let bloom = [leb(entries), leb(per_entry), leb(probes), vec![0xff; bits]].concat();
+            let mut message = template.clone();
+            message.have = vec![sync::Have {
+                last_sync: Vec::new(),
+                bloom: sync::BloomFilter::try_from(bloom.as_slice()).unwrap(),
+            }];
+            let mut peer = doc();
+            let mut state = sync::State::new();
+            let refused = peer.receive_sync(&mut state, message);
+            assert!(
+                matches!(refused, Err(DocumentError::Refused { .. })),
+                "{refused:?}"
+            );
+            // Nothing of it was applied, and the next message is generated as usual.
+            assert!(peer.entries().is_empty());
+            let _ = generate(&peer, &mut state, &Withhold::nothing(), &mut held);
+        }
+        let mut fine = doc();
+        assert!(fine.receive_sync(&mut sync::State::new(), template).is_ok());
     }
 
     /// Syncs `from` into `to` until `from` has nothing more to send.

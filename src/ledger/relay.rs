@@ -122,7 +122,10 @@ impl HeldBack {
         for hash in hashes {
             // A clock stepped back restarts the grace at most: a change is
             // never held back for the size of the step.
-            let since = self.first_held.get(&hash).map_or(now_ms, |&t| t.min(now_ms));
+            let since = self
+                .first_held
+                .get(&hash)
+                .map_or(now_ms, |&t| t.min(now_ms));
             first_held.insert(hash, since);
             if now_ms.saturating_sub(since) < grace {
                 keep.push(hash);

@@ -24,6 +24,51 @@ pub const MAX_UNTRIMMED: usize = 1024;
 /// A head no document has: hashes are SHA-256 of change bytes.
 const UNKNOWN_HEAD: ChangeHash = ChangeHash([0; 32]);
 
+/// Most probes per hash a bloom filter of a peer may ask for (automerge
+/// writes 7). Each probe of each hash costs a step when the next message is
+/// generated, and automerge reserves memory for all of them at once.
+pub const MAX_BLOOM_PROBES: u64 = 64;
+/// Largest bloom filter a peer may send, bytes (16 MiB: some 13 million
+/// changes at automerge's 10 bits each). automerge's probe arithmetic is
+/// 32-bit and overflows on a filter past 256 MiB.
+pub const MAX_BLOOM_BYTES: usize = 1 << 24;
+
+/// Why `message` must not reach automerge, if it must not: a bloom filter
+/// automerge 0.12 would divide by zero over (entries but no bits), loop and
+/// allocate over (billions of probes), or overflow on. The filter is only
+/// read when our next message to the peer is generated, so this is checked
+/// on receipt, where the message can still be refused and counted.
+pub fn unusable_bloom(message: &sync::Message) -> Option<String> {
+    for have in &message.have {
+        let bytes = have.bloom.to_bytes();
+        let mut rest = bytes.as_slice();
+        let mut next = || leb128::read::unsigned(&mut rest).ok();
+        let (Some(entries), Some(bits_per_entry), Some(probes)) = (next(), next(), next()) else {
+            if bytes.is_empty() {
+                continue; // No entries: automerge never probes it.
+            }
+            return Some("a bloom filter whose header does not read".into());
+        };
+        let bits = rest.len();
+        if entries > 0 && bits == 0 {
+            return Some(format!(
+                "a bloom filter of {entries} entries with no bits ({bits_per_entry} per entry)"
+            ));
+        }
+        if probes > MAX_BLOOM_PROBES {
+            return Some(format!(
+                "a bloom filter with {probes} probes per hash (at most {MAX_BLOOM_PROBES})"
+            ));
+        }
+        if bits > MAX_BLOOM_BYTES {
+            return Some(format!(
+                "a bloom filter of {bits} bytes (at most {MAX_BLOOM_BYTES})"
+            ));
+        }
+    }
+    None
+}
+
 /// Receives one sync message into `doc`, logging patches into `log`, with
 /// the same effect on `doc` and `state` as automerge's
 /// `receive_sync_message_log_patches` (except that `sent_hashes` may keep

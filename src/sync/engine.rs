@@ -702,7 +702,10 @@ mod tests {
         assert_eq!(builds(&changed).len(), 1, "{changed:?}");
         e.handle(Input::Disconnected(A.into()), 30, &live);
         let again = e.handle(Input::Connected(A.into()), 40, &live);
-        assert!(builds(&again).is_empty(), "a second build while one is out: {again:?}");
+        assert!(
+            builds(&again).is_empty(),
+            "a second build while one is out: {again:?}"
+        );
         // The old build reports: it is sent, and nothing else is built.
         let sent = e.handle(
             Input::Built {
