@@ -5,7 +5,7 @@
 //!
 //! - [`crate::config::health`]: the `[health]` TOML section and its defaults.
 //! - [`reasons`]: the reasons' stable codes and shape.
-//! - [`indicators`]: the rolling baselines, fed by [`sample_round`].
+//! - [`indicators`]: the rolling baselines, fed by [`Health::sample_round`].
 //!
 //! A report costs O(peers + conflicted keys): counts come from the ledger's
 //! kept counts, peers from the peer table, anomalies from detectors updated
