@@ -22,11 +22,18 @@
 //!   allocation is not a duplicate, and the score of how well it held.
 //! - [`exposure`]: expected duplicates and value at risk of provisional
 //!   allocations.
-//! - [`compensation`]: the state machine, its durable log, and the actions.
+//! - [`compensation`]: the state machine, its durable log, the actions, and
+//!   the engine that owns this node's compensations.
+//! - [`peers`]: what this node knows of each peer, and the replication lag.
+//! - [`estimator`]: the node's one confidence model, its calibration score
+//!   and the pricing, fed by what the node observes.
+//! - [`allocator`]: the allocation path, from request to durable answer.
+//! - [`health`]: the health verdict and the indicators behind it.
 //! - [`sync`]: replication with no I/O: the policy engine, the messages,
 //!   the work each step does on the ledger.
 //! - [`p2p`]: the libp2p swarm (a shell around [`sync`]) and the wire codec.
-//! - [`node`]: wires everything together and owns shutdown.
+//! - [`node`]: wires everything together (each subsystem gets the handles
+//!   it needs, not the node) and owns shutdown; only [`cli`] imports it.
 //! - [`http`]: the JSON API; [`client`]: a typed client of it; [`cli`]: the
 //!   `oncemesh` command line.
 //! - [`sim`]: the deterministic simulator of a whole cluster and its checker.
@@ -36,6 +43,7 @@
 //!   nodes (the demo, the tests and the benchmarks put one on every link).
 #![deny(missing_docs)]
 
+pub mod allocator;
 pub mod anomaly;
 pub mod cli;
 pub mod client;
@@ -43,8 +51,10 @@ pub mod compensation;
 pub mod confidence;
 pub mod config;
 pub mod drill;
+pub mod estimator;
 pub mod exposure;
 pub mod group_commit;
+pub mod health;
 pub mod hlc;
 pub mod http;
 pub mod jcs;
@@ -54,6 +64,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod node;
 pub mod p2p;
+pub mod peers;
 pub mod record;
 pub mod sim;
 pub mod storage;

@@ -10,7 +10,7 @@
 //! Prometheus exposition format 0.0.4, which every scraper and `promtool`
 //! read.
 
-use crate::p2p::status::{PeerSamples, PeerStatus, PeerTable};
+use crate::peers::status::{PeerSamples, PeerStatus, PeerTable};
 use crate::time::Clock;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -688,7 +688,7 @@ mod tests {
             s.region = Some("lon".into());
             s.connected = true;
             s.count_drop("malformed");
-            s.count_message(crate::p2p::status::Direction::Sent, 300);
+            s.count_message(crate::peers::status::Direction::Sent, 300);
         });
         table.samples("12D3KooA").unwrap().lag_seconds.observe(0.02);
         let metrics = Metrics::new(PeerSeries {

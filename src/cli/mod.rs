@@ -173,7 +173,7 @@ async fn run_node(args: RunArgs) -> anyhow::Result<i32> {
     use std::io::Write;
     let config = args.resolve()?;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let started = crate::node::Node::start(config, shutdown.clone()).await?;
+    let started = crate::node::start(config, shutdown.clone()).await?;
     println!("{}", started.banner());
     std::io::stdout().flush()?;
     tracing::info!(http = %started.http_addr, "node ready");

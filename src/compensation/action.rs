@@ -121,7 +121,7 @@ impl Executor {
             .map_err(|e| SetupError::Client(describe_setup_failure(options, &e)))?;
         let mut headers = HeaderMap::new();
         for header in &options.headers {
-            // config.rs checked both; a failure here would be a bug there.
+            // config/ checked both; a failure here would be a bug there.
             let (Ok(name), Ok(mut value)) = (
                 HeaderName::from_bytes(header.name.as_bytes()),
                 HeaderValue::from_str(&header.value),

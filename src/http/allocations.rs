@@ -2,10 +2,11 @@
 //! header) and `GET /v1/allocations/{key}`.
 
 use super::render::{allocation_json, key_json};
+use super::Api;
 use super::ApiError;
+use crate::allocator::AllocationFailure;
 use crate::key::InputError;
 use crate::ledger::AllocateError;
-use crate::node::{AllocationFailure, Node};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -35,7 +36,7 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// The key comes in the body (`{"key", "payload"}`) or in an
 /// `Idempotency-Key` header, and then the body is the payload itself.
 pub async fn create(
-    State(node): State<Arc<Node>>,
+    State(api): State<Arc<Api>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -52,9 +53,13 @@ pub async fn create(
             (key, payload)
         }
     };
-    match node.allocate(&key, &payload).await {
+    match api.allocator.allocate(&key, &payload).await {
         Ok(allocated) => {
-            let mut json = allocation_json(&node, &allocated.allocation, allocated.view.as_ref());
+            let mut json = allocation_json(
+                &api.estimator,
+                &allocated.allocation,
+                allocated.view.as_ref(),
+            );
             json.replay = Some(allocated.replay);
             let status = if allocated.replay {
                 StatusCode::OK
@@ -143,7 +148,7 @@ fn header_form(key: &[u8], body: &[u8]) -> Result<serde_json::Value, ApiError> {
 }
 
 /// The key of the `Idempotency-Key` header, if there is one, as bytes:
-/// [`Node::allocate`] checks it against the key rules, as in the body form
+/// [`Allocator::allocate`](crate::allocator::Allocator::allocate) checks it against the key rules, as in the body form
 /// (a 422). The draft makes the value a structured-field string (`"abc"`,
 /// with `\"` and `\\` escapes); many clients send the bare key (`abc`), as
 /// Stripe's do. Both are read.
@@ -187,24 +192,24 @@ fn structured_string(inner: &[u8]) -> Option<Vec<u8>> {
 
 /// Every allocation of one key and the key's state.
 pub async fn show(
-    State(node): State<Arc<Node>>,
+    State(api): State<Arc<Api>>,
     Path(key): Path<String>,
 ) -> Result<Response, ApiError> {
     crate::key::IdempotencyKey::parse(&key)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    let ledger = node.ledger.clone();
+    let ledger = api.ledger.clone();
     let looked_up = key.clone();
     let view = super::off_runtime(move || ledger.key(&looked_up))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("idempotency key '{key}' is unknown here")))?;
     // Never show what is not yet durable: a reader could act on it.
     for allocation in &view.allocations {
-        node.storage
+        api.storage
             .wait(allocation.durable)
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     }
-    Ok(Json(key_json(&node, &view)).into_response())
+    Ok(Json(key_json(&api.estimator, &view)).into_response())
 }
 
 #[cfg(test)]

@@ -1,9 +1,8 @@
 //! `/v1/documents`: the ledger's automerge documents, for backups and for
 //! carrying state between regions by hand during a long partition.
 
-use super::ApiError;
+use super::{Api, ApiError};
 use crate::ledger::{DocId, MergeError};
-use crate::node::Node;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -21,8 +20,8 @@ fn parse_id(id: &str) -> Result<DocId, ApiError> {
 /// Lists every live document with its heads, heads digest and size.
 /// Pending allocations are folded in first, so the documents hold every
 /// allocation acknowledged before the request.
-pub async fn list(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
-    let ledger = node.ledger.clone();
+pub async fn list(State(api): State<Arc<Api>>) -> Json<serde_json::Value> {
+    let ledger = api.ledger.clone();
     let docs = tokio::task::spawn_blocking(move || {
         ledger.fold_pending();
         ledger
@@ -48,11 +47,11 @@ pub async fn list(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
 /// One document as `Automerge::save` writes it, with every allocation
 /// acknowledged before the request.
 pub async fn download(
-    State(node): State<Arc<Node>>,
+    State(api): State<Arc<Api>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let doc = parse_id(&id)?;
-    let ledger = node.ledger.clone();
+    let ledger = api.ledger.clone();
     let bytes = tokio::task::spawn_blocking(move || {
         ledger.fold_pending();
         ledger.save_document(doc)
@@ -65,7 +64,7 @@ pub async fn download(
 
 /// Merges automerge bytes into a document; answers once the merge is durable.
 pub async fn merge(
-    State(node): State<Arc<Node>>,
+    State(api): State<Arc<Api>>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -76,7 +75,7 @@ pub async fn merge(
             "body is empty; send automerge document bytes",
         ));
     }
-    let ledger = node.ledger.clone();
+    let ledger = api.ledger.clone();
     let outcome = tokio::task::spawn_blocking(move || ledger.merge_bytes(doc, &body))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -87,11 +86,11 @@ pub async fn merge(
                 ApiError::bad_request(format!("cannot merge into {id}: {e}"))
             }
         })?;
-    node.storage
+    api.storage
         .wait_durable(outcome.durable_seq)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    node.after_merge(&outcome);
+    (api.on_merge)(&outcome);
     Ok(Json(json!({
         "id": id,
         "new_allocations": outcome.new_allocations.len(),

@@ -1,7 +1,8 @@
 //! The HTTP API (`/v1/...`, `/metrics`): JSON in and out, errors as
 //! `{"error": "..."}` with a fitting status, optional bearer token.
 //!
-//! Handlers stay thin: they parse, call the node, and render. Bodies are
+//! Handlers stay thin: they parse, call the subsystem ([`Api`] holds a
+//! handle to each), and render. Bodies are
 //! parsed by hand from bytes so every malformed request gets a message that
 //! says what is wrong, in the same JSON error shape as every other error.
 
@@ -10,9 +11,16 @@ mod documents;
 mod render;
 mod reports;
 
-pub use render::{is_resolved, rfc3339};
+pub use render::rfc3339;
 
-use crate::node::Node;
+use crate::allocator::Allocator;
+use crate::compensation::Compensations;
+use crate::estimator::Estimator;
+use crate::health::Health;
+use crate::ledger::{Ledger, OnMerge};
+use crate::metrics::Metrics;
+use crate::peers::status::PeerTable;
+use crate::storage::Storage;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -97,9 +105,35 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Builds the router over a running node.
-pub fn router(node: Arc<Node>) -> Router {
-    let api = Router::new()
+/// What the handlers reach: one handle per subsystem, not the whole node.
+pub struct Api {
+    /// The allocation path.
+    pub allocator: Arc<Allocator>,
+    /// Keys, conflicts and documents.
+    pub ledger: Arc<Ledger>,
+    /// Nothing is shown before it is durable.
+    pub storage: Arc<Storage>,
+    /// What we know of each peer.
+    pub peers: Arc<PeerTable>,
+    /// Current confidence and the calibration report.
+    pub estimator: Arc<Estimator>,
+    /// Operator retries of this node's compensations.
+    pub compensations: Arc<Compensations>,
+    /// `/v1/health` and the gauges of `/metrics`.
+    pub health: Arc<Health>,
+    /// `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Acts on what an uploaded document brought in.
+    pub on_merge: OnMerge,
+    /// The bearer token every `/v1` route but health requires, if any.
+    pub api_token: Option<String>,
+    /// When this process started: a peer never in sync counts from here.
+    pub started_ms: u64,
+}
+
+/// Builds the router over a running node's subsystems.
+pub fn router(api: Arc<Api>) -> Router {
+    let guarded = Router::new()
         .route(
             "/v1/allocations",
             post(allocations::create).layer(DefaultBodyLimit::max(ALLOCATE_BODY_LIMIT)),
@@ -120,11 +154,11 @@ pub fn router(node: Arc<Node>) -> Router {
                 .post(documents::merge)
                 .layer(DefaultBodyLimit::max(DOCUMENT_BODY_LIMIT)),
         )
-        .route_layer(middleware::from_fn_with_state(node.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
     Router::new()
         .route("/v1/health", get(reports::health))
         .route("/metrics", get(reports::metrics))
-        .merge(api)
+        .merge(guarded)
         .fallback(|| async { ApiError::not_found("no such route; see docs/API.md") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -132,12 +166,12 @@ pub fn router(node: Arc<Node>) -> Router {
                 "method not allowed on this route",
             )
         })
-        .with_state(node)
+        .with_state(api)
 }
 
 /// Refuses requests without the configured bearer token.
-async fn require_token(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
-    let Some(expected) = node.config.api_token.as_deref() else {
+async fn require_token(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let Some(expected) = api.api_token.as_deref() else {
         return next.run(request).await;
     };
     let given = request

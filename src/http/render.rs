@@ -7,9 +7,9 @@
 //! whose building and copying was most of the cost of answering an
 //! operator's poll of the conflict report.
 
+use crate::estimator::Estimator;
 use crate::hlc::Timestamp;
 use crate::ledger::{Allocation, ConflictView, KeyView};
-use crate::node::Node;
 use crate::record::{AllocationRecord, CompensationRecord, CompensationState};
 use serde::Serialize;
 use std::time::{Duration, UNIX_EPOCH};
@@ -62,7 +62,7 @@ impl<'a> AllocationJson<'a> {
 
 /// One allocation with its current confidence and role within its key.
 pub fn allocation_json<'a>(
-    node: &Node,
+    estimator: &Estimator,
     allocation: &'a Allocation,
     view: Option<&KeyView>,
 ) -> AllocationJson<'a> {
@@ -82,7 +82,7 @@ pub fn allocation_json<'a>(
             } else if view.settled {
                 1.0
             } else {
-                node.confidence_now(&view.unsynced_peers)
+                estimator.confidence_now(&view.unsynced_peers)
             };
             (view.state().as_str(), role, confidence)
         }
@@ -108,7 +108,7 @@ pub struct KeyJson<'a> {
 }
 
 /// The key view of `GET /v1/allocations/{key}`.
-pub fn key_json<'a>(node: &Node, view: &'a KeyView) -> KeyJson<'a> {
+pub fn key_json<'a>(estimator: &Estimator, view: &'a KeyView) -> KeyJson<'a> {
     KeyJson {
         key: &view.key,
         state: view.state().as_str(),
@@ -117,7 +117,7 @@ pub fn key_json<'a>(node: &Node, view: &'a KeyView) -> KeyJson<'a> {
         allocations: view
             .allocations
             .iter()
-            .map(|a| allocation_json(node, a, Some(view)))
+            .map(|a| allocation_json(estimator, a, Some(view)))
             .collect(),
         compensations: compensations_json(view),
         unsynced_peers: &view.unsynced_peers,
@@ -148,7 +148,7 @@ pub fn conflict_json(view: &ConflictView) -> ConflictJson<'_> {
     ConflictJson {
         key: &key.key,
         state,
-        resolved: is_resolved(key),
+        resolved: key.is_resolved(),
         allocations: key
             .allocations
             .iter()
@@ -160,11 +160,6 @@ pub fn conflict_json(view: &ConflictView) -> ConflictJson<'_> {
         detected_at: rfc3339(view.detected_at_ms),
         detected_at_ms: view.detected_at_ms,
     }
-}
-
-/// Whether every loser of a conflicted key is compensated.
-pub fn is_resolved(key: &KeyView) -> bool {
-    key.state() == crate::ledger::KeyState::Compensated
 }
 
 /// A loser's compensation: its owner's record, or, before the owner has

@@ -1,8 +1,7 @@
 //! Reports for operators: conflicts, compensations, peers, health, metrics.
 
-use super::render::{compensation_json, conflict_json, is_resolved, rfc3339};
-use super::{json_list, off_runtime, ApiError};
-use crate::node::Node;
+use super::render::{compensation_json, conflict_json, rfc3339};
+use super::{json_list, off_runtime, Api, ApiError};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +18,7 @@ pub struct ConflictFilter {
 
 /// `GET /v1/conflicts[?state=open|resolved]`.
 pub async fn conflicts(
-    State(node): State<Arc<Node>>,
+    State(api): State<Arc<Api>>,
     Query(filter): Query<ConflictFilter>,
 ) -> Result<Response, ApiError> {
     let want_resolved = match filter.state.as_deref() {
@@ -33,10 +32,10 @@ pub async fn conflicts(
         }
     };
     off_runtime(move || {
-        let conflicts = node.ledger.conflicts();
+        let conflicts = api.ledger.conflicts();
         let list: Vec<_> = conflicts
             .iter()
-            .filter(|c| want_resolved.is_none_or(|r| is_resolved(&c.key) == r))
+            .filter(|c| want_resolved.is_none_or(|r| c.key.is_resolved() == r))
             .map(conflict_json)
             .collect();
         json_list("conflicts", &list)
@@ -47,9 +46,9 @@ pub async fn conflicts(
 /// `GET /v1/calibration`: how well this node's confidence held, per
 /// situation and per partition episode.
 pub async fn calibration(
-    State(node): State<Arc<Node>>,
+    State(api): State<Arc<Api>>,
 ) -> Json<crate::confidence::calibration::CalibrationReport> {
-    Json(node.calibration_report())
+    Json(api.estimator.calibration_report())
 }
 
 /// Filter of the compensation list.
@@ -61,11 +60,11 @@ pub struct CompensationFilter {
 /// `GET /v1/compensations[?state=...]`: every compensation known here
 /// (this node's and, replicated, every other region's).
 pub async fn compensations(
-    State(node): State<Arc<Node>>,
+    State(api): State<Arc<Api>>,
     Query(filter): Query<CompensationFilter>,
 ) -> Result<Response, ApiError> {
     off_runtime(move || {
-        let conflicts = node.ledger.conflicts();
+        let conflicts = api.ledger.conflicts();
         let list: Vec<_> = conflicts
             .iter()
             .flat_map(|c| &c.key.compensations)
@@ -85,10 +84,10 @@ pub async fn compensations(
 /// `POST /v1/compensations/{txn}/retry`: an operator sends a dead-lettered
 /// compensation back for another round of attempts.
 pub async fn retry_compensation(
-    State(node): State<Arc<Node>>,
+    State(api): State<Arc<Api>>,
     Path(txn): Path<String>,
 ) -> Result<Response, ApiError> {
-    match crate::compensation::operator_retry(&node, &txn).await {
+    match api.compensations.operator_retry(&txn).await {
         Ok(record) => Ok(Json(compensation_json(&record)).into_response()),
         Err(e) => Err(ApiError::new(e.status(), e.to_string())),
     }
@@ -97,15 +96,15 @@ pub async fn retry_compensation(
 /// `GET /v1/peers`: every allowlisted peer, with its region, replication
 /// lag (now and p50 / p99 over the last samples), store delta both ways,
 /// clock offset and message counts.
-pub async fn peers(State(node): State<Arc<Node>>) -> Json<Value> {
-    let now = node.ledger.wall_ms();
-    let list: Vec<Value> = node
+pub async fn peers(State(api): State<Arc<Api>>) -> Json<Value> {
+    let now = api.ledger.wall_ms();
+    let list: Vec<Value> = api
         .peers
         .snapshot()
         .into_iter()
         .map(|p| {
-            let since_in_sync = now.saturating_sub(p.last_in_sync_ms.unwrap_or(node.started_ms()));
-            let samples = node.peers.samples(&p.peer_id);
+            let since_in_sync = now.saturating_sub(p.last_in_sync_ms.unwrap_or(api.started_ms));
+            let samples = api.peers.samples(&p.peer_id);
             json!({
                 "peer_id": p.peer_id,
                 "region": p.region,
@@ -138,20 +137,20 @@ pub async fn peers(State(node): State<Arc<Node>>) -> Json<Value> {
 /// `GET /v1/health`: ok, degraded or critical, with the reasons and the
 /// leading indicators behind them. 200 for ok and degraded (the node
 /// serves), 503 for critical, so a load balancer's check needs no parsing.
-pub async fn health(State(node): State<Arc<Node>>) -> Result<Response, ApiError> {
-    let report = off_runtime(move || crate::node::health::report(&node)).await?;
+pub async fn health(State(api): State<Arc<Api>>) -> Result<Response, ApiError> {
+    let report = off_runtime(move || api.health.report()).await?;
     let code = match report.status {
-        crate::node::health::reasons::Status::Critical => StatusCode::SERVICE_UNAVAILABLE,
+        crate::health::reasons::Status::Critical => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::OK,
     };
     Ok((code, Json(report.body)).into_response())
 }
 
 /// `GET /metrics` in the Prometheus text format.
-pub async fn metrics(State(node): State<Arc<Node>>) -> Result<Response, ApiError> {
+pub async fn metrics(State(api): State<Arc<Api>>) -> Result<Response, ApiError> {
     let text = off_runtime(move || {
-        crate::node::health::refresh_gauges(&node);
-        node.metrics.encode()
+        api.health.refresh_gauges();
+        api.metrics.encode()
     })
     .await?;
     Ok((

@@ -166,6 +166,11 @@ pub struct MergeOutcome {
     pub durable_seq: u64,
 }
 
+/// Called with what a merge brought in (by the swarm's shell and by
+/// `POST /v1/documents/{id}`): the node acts on it (metrics, the confidence
+/// model, the compensation engine) without either caller knowing those.
+pub type OnMerge = Arc<dyn Fn(&MergeOutcome) + Send + Sync>;
+
 /// Why remote state was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {

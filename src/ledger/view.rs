@@ -76,6 +76,13 @@ impl KeyView {
         self.allocations.first()
     }
 
+    /// Whether every loser of a conflicted key is compensated: what the
+    /// conflict report's `resolved`, its filter and health's count of open
+    /// conflicts all go by.
+    pub fn is_resolved(&self) -> bool {
+        self.state() == KeyState::Compensated
+    }
+
     /// The key's state.
     pub fn state(&self) -> KeyState {
         if self.allocations.len() <= 1 {

@@ -6,10 +6,11 @@
 //! [`crate::p2p`].
 
 use super::codec::{InboundRequest, SyncCodec, PROTOCOL, PROTOCOL_UNCOMPRESSED, PROTOCOL_V2};
-use super::status::Direction;
+use super::{Handles, NetworkError};
+use crate::config::NodeConfig;
 use crate::ledger::DocId;
 use crate::metrics::Kind;
-use crate::node::{Node, StartError};
+use crate::peers::status::Direction;
 use crate::sync::engine::HOUSEKEEPING;
 use crate::sync::message::{Origin, SyncRequest, SyncResponse};
 use crate::sync::{work, Action, Engine, Input};
@@ -75,7 +76,8 @@ struct Link {
 
 /// Owns the swarm and the replication engine.
 pub struct EventLoop {
-    node: Arc<Node>,
+    /// The subsystems the shell feeds and reads.
+    handles: Arc<Handles>,
     swarm: Swarm<Behaviour>,
     links: HashMap<PeerId, Link>,
     by_key: HashMap<String, PeerId>,
@@ -84,7 +86,7 @@ pub struct EventLoop {
     internal_rx: mpsc::UnboundedReceiver<Internal>,
     /// Answers under way, so shutdown waits for them.
     tasks: TaskTracker,
-    /// A sampling round ([`crate::node::health::sample_round`]) is running.
+    /// A sampling round ([`crate::health::Health::sample_round`]) is running.
     sampling: Arc<AtomicBool>,
     /// The engine's monotonic time counts from here.
     started: std::time::Instant,
@@ -93,13 +95,14 @@ pub struct EventLoop {
 impl EventLoop {
     /// Builds the swarm and listens; returns the loop and the listen addresses.
     pub async fn start(
-        node: Arc<Node>,
+        handles: Arc<Handles>,
+        config: &NodeConfig,
         keypair: Keypair,
         tasks: TaskTracker,
-    ) -> Result<(Self, Vec<Multiaddr>), StartError> {
-        let net = |e: &dyn std::fmt::Display| StartError::Network(e.to_string());
+    ) -> Result<(Self, Vec<Multiaddr>), NetworkError> {
+        let net = |e: &dyn std::fmt::Display| NetworkError(e.to_string());
         let mut allow = allow_block_list::Behaviour::<AllowedPeers>::default();
-        for peer in &node.config.peers {
+        for peer in &config.peers {
             allow.allow_peer(peer.peer_id);
         }
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -132,12 +135,12 @@ impl EventLoop {
             .map_err(|e| net(&e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
             .build();
-        swarm.listen_on(node.config.listen.clone()).map_err(|e| {
+        swarm.listen_on(config.listen.clone()).map_err(|e| {
             // libp2p's transport error displays nothing of an I/O cause
             // (such as the port being taken): name the cause itself.
             let cause =
                 std::error::Error::source(&e).map_or_else(|| e.to_string(), |c| c.to_string());
-            StartError::Network(format!("cannot listen on {}: {cause}", node.config.listen))
+            NetworkError(format!("cannot listen on {}: {cause}", config.listen))
         })?;
         let mut listen_addrs = Vec::new();
         let deadline = tokio::time::sleep(Duration::from_secs(10));
@@ -150,12 +153,12 @@ impl EventLoop {
                     SwarmEvent::ListenerClosed { reason: Err(error), .. } => return Err(net(&error)),
                     _ => {}
                 },
-                _ = &mut deadline => return Err(StartError::Network(format!("no listen address on {} after 10 s", node.config.listen))),
+                _ = &mut deadline => return Err(NetworkError(format!("no listen address on {} after 10 s", config.listen))),
             }
         }
         let mut links = HashMap::new();
         let mut by_key = HashMap::new();
-        for p in &node.config.peers {
+        for p in &config.peers {
             let key = p.peer_id.to_string();
             by_key.insert(key.clone(), p.peer_id);
             links.insert(
@@ -171,11 +174,11 @@ impl EventLoop {
             );
         }
         let started = std::time::Instant::now();
-        let engine = Engine::new(by_key.keys().cloned(), node.config.sync_interval, 0);
+        let engine = Engine::new(by_key.keys().cloned(), config.sync_interval, 0);
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         Ok((
             Self {
-                node,
+                handles,
                 swarm,
                 links,
                 by_key,
@@ -194,7 +197,7 @@ impl EventLoop {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let changes = self.node.changes.clone();
+        let changes = self.handles.changes.clone();
         loop {
             tokio::select! {
                 biased;
@@ -212,8 +215,8 @@ impl EventLoop {
     /// follows the node's wall clock.
     fn input(&mut self, input: Input) {
         let now = monotonic_ms(self.started);
-        let wall = self.node.ledger.wall_ms();
-        let windows = self.node.ledger.windows();
+        let wall = self.handles.ledger.wall_ms();
+        let windows = self.handles.ledger.windows();
         let actions = self
             .engine
             .handle(input, now, &|epoch| windows.live(epoch, wall));
@@ -245,19 +248,19 @@ impl EventLoop {
                     self.input(Input::DialFailed(key));
                 }
             }
-            Action::RedialScheduled(key) => self.node.peers.update(&key, |s| {
+            Action::RedialScheduled(key) => self.handles.peers.update(&key, |s| {
                 s.redial_attempts += 1;
                 s.redials_total += 1;
             }),
-            Action::ResetSession(key) => self.node.ledger.reset_sync(&key),
+            Action::ResetSession(key) => self.handles.ledger.reset_sync(&key),
             Action::Build(order) => {
                 let Some(&peer) = self.by_key.get(&order.peer) else {
                     return;
                 };
-                let node = self.node.clone();
+                let handles = self.handles.clone();
                 let tx = self.internal_tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let built = work::build(&node.ledger, &order);
+                    let built = work::build(&handles.ledger, &order);
                     let _ = tx.send(Internal::Built { peer, built });
                 });
             }
@@ -272,12 +275,12 @@ impl EventLoop {
                     return;
                 };
                 let bytes: usize = request.docs.iter().map(|d| d.message.len()).sum();
-                self.node.metrics.sync_messages_sent.inc();
-                self.node.metrics.sync_bytes_sent.inc_by(bytes as u64);
-                self.node
+                self.handles.metrics.sync_messages_sent.inc();
+                self.handles.metrics.sync_bytes_sent.inc_by(bytes as u64);
+                self.handles
                     .peers
                     .update(&key, |s| s.count_message(Direction::Sent, bytes));
-                link.sent_wall_ms = self.node.ledger.wall_ms();
+                link.sent_wall_ms = self.handles.ledger.wall_ms();
                 let id = self
                     .swarm
                     .behaviour_mut()
@@ -286,13 +289,13 @@ impl EventLoop {
                 link.in_flight = Some(id);
             }
             Action::AntiEntropyRound => {
-                self.off_loop(|node| Internal::Digests(node.ledger.digests()));
+                self.off_loop(|handles| Internal::Digests(handles.ledger.digests()));
                 // One sampling round at a time: counting a far-behind peer's
                 // delta can take longer than a round, and rounds must not pile up.
                 if !self.sampling.swap(true, Ordering::AcqRel) {
-                    let (node, sampling) = (self.node.clone(), self.sampling.clone());
+                    let (handles, sampling) = (self.handles.clone(), self.sampling.clone());
                     tokio::task::spawn_blocking(move || {
-                        crate::node::health::sample_round(&node);
+                        handles.health.sample_round();
                         sampling.store(false, Ordering::Release);
                     });
                 }
@@ -301,8 +304,8 @@ impl EventLoop {
                 let Some(&peer) = self.by_key.get(&key) else {
                     return;
                 };
-                self.off_loop(move |node| {
-                    let (ours, in_sync) = mark_in_sync(node, &key, &theirs);
+                self.off_loop(move |handles| {
+                    let (ours, in_sync) = mark_in_sync(handles, &key, &theirs);
                     Internal::Compared {
                         peer,
                         ours,
@@ -311,14 +314,12 @@ impl EventLoop {
                 });
             }
             Action::InSync(key) => {
-                let now = self.node.ledger.wall_ms();
-                self.node
+                let now = self.handles.ledger.wall_ms();
+                self.handles
                     .peers
                     .update(&key, |s| s.last_in_sync_ms = Some(now));
             }
-            Action::Resynced { outage, .. } => {
-                self.node.confidence_model().observe_peer_resync(outage)
-            }
+            Action::Resynced { outage, .. } => self.handles.estimator.observe_peer_resync(outage),
         }
     }
 
@@ -327,11 +328,11 @@ impl EventLoop {
     /// shard lock for tens of milliseconds while it is applied; the event
     /// loop waiting for it stopped every connection's traffic meanwhile
     /// (up to a fifth of a node's time while converging after a partition).
-    fn off_loop(&self, work: impl FnOnce(&Node) -> Internal + Send + 'static) {
-        let node = self.node.clone();
+    fn off_loop(&self, work: impl FnOnce(&Handles) -> Internal + Send + 'static) {
+        let handles = self.handles.clone();
         let tx = self.internal_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let _ = tx.send(work(&node));
+            let _ = tx.send(work(&handles));
         });
     }
 
@@ -409,10 +410,10 @@ impl EventLoop {
                 tracing::warn!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected; will redial");
                 link.in_flight = None;
                 let key = link.key.clone();
-                self.node.peers.update(&key, |s| s.connected = false);
+                self.handles.peers.update(&key, |s| s.connected = false);
                 // A partition episode starts the moment a peer is lost.
-                self.node.observe_situation();
-                self.node.metrics.peers_connected.dec();
+                self.handles.estimator.observe_situation();
+                self.handles.metrics.peers_connected.dec();
                 self.input(Input::Disconnected(key));
             }
             SwarmEvent::OutgoingConnectionError {
@@ -432,7 +433,7 @@ impl EventLoop {
                 ..
             } => {
                 if matches!(error, ListenError::Denied { .. }) {
-                    self.node.metrics.refused_peers.inc();
+                    self.handles.metrics.refused_peers.inc();
                     tracing::warn!(peer = ?peer_id.map(|p| p.to_string()), from = %send_back_addr, "refused a peer that is not in the allowlist");
                 }
             }
@@ -452,15 +453,15 @@ impl EventLoop {
         }
         tracing::info!(peer = %peer_id, "peer connected");
         let key = link.key.clone();
-        let now = self.node.ledger.wall_ms();
-        self.node.peers.update(&key, |s| {
+        let now = self.handles.ledger.wall_ms();
+        self.handles.peers.update(&key, |s| {
             s.connected = true;
             s.connected_since_ms = Some(now);
             s.redial_attempts = 0;
         });
         // ...and ends the moment every peer is back.
-        self.node.observe_situation();
-        self.node.metrics.peers_connected.inc();
+        self.handles.estimator.observe_situation();
+        self.handles.metrics.peers_connected.inc();
         self.input(Input::Connected(key));
     }
 
@@ -521,7 +522,7 @@ impl EventLoop {
     }
 
     fn drop_message(&self, peer: PeerId, kind: &'static str, why: &str) {
-        drop_record(&self.node, &peer.to_string(), kind, why);
+        drop_record(&self.handles, &peer.to_string(), kind, why);
     }
 
     /// Takes in what a peer's message says of its clock and region. The
@@ -536,7 +537,7 @@ impl EventLoop {
         origin: Option<&Origin>,
         measured: Option<i64>,
     ) {
-        let observation = self.node.ledger.observe_remote_clock(hlc);
+        let observation = self.handles.ledger.observe_remote_clock(hlc);
         let offset_ms = match (origin, measured) {
             (_, Some(offset)) => offset,
             (None, None) => observation.offset_ms,
@@ -545,9 +546,9 @@ impl EventLoop {
                 return;
             }
         };
-        let bound = self.node.config.max_clock_offset.as_millis() as i64;
+        let bound = self.handles.max_clock_offset.as_millis() as i64;
         let violation = offset_ms > bound;
-        self.node.peers.update(peer, |s| {
+        self.handles.peers.update(peer, |s| {
             s.clock_offset_ms = Some(offset_ms);
             s.skew_violations += u64::from(violation);
             if let Some(o) = origin {
@@ -565,7 +566,7 @@ impl EventLoop {
 
     fn note_region(&self, peer: &str, origin: Option<&Origin>) {
         if let Some(o) = origin {
-            self.node
+            self.handles
                 .peers
                 .update(peer, |s| s.region = Some(o.region.as_str().into()));
         }
@@ -585,7 +586,7 @@ impl EventLoop {
             );
             return;
         };
-        let ours = self.node.ledger.windows().window_ms;
+        let ours = self.handles.ledger.windows().window_ms;
         if request.window_ms != ours {
             let why = format!(
                 "peer cuts documents into {} ms windows, we use {ours} ms: every node needs the same --retention",
@@ -601,31 +602,32 @@ impl EventLoop {
             connected: request.connected.clone(),
         });
         let connected = self.engine.connected_tags();
-        let node = self.node.clone();
+        let handles = self.handles.clone();
         let tx = self.internal_tx.clone();
-        let received_ms = node.ledger.wall_ms();
+        let received_ms = handles.ledger.wall_ms();
         self.tasks.spawn(async move {
             let received: usize = request.docs.iter().map(|d| d.message.len()).sum();
-            node.metrics.sync_bytes_received.inc_by(received as u64);
-            node.peers
+            handles.metrics.sync_bytes_received.inc_by(received as u64);
+            handles
+                .peers
                 .update(&key, |s| s.count_message(Direction::Received, received));
-            let apply_node = node.clone();
+            let apply_handles = handles.clone();
             let apply_key = key.clone();
             let applied = tokio::task::spawn_blocking(move || {
-                let node = &apply_node;
+                let handles = &apply_handles;
                 work::apply(
-                    &node.ledger,
+                    &handles.ledger,
                     &apply_key,
                     request,
-                    |outcome| node.after_merge(outcome),
-                    |kind, why| drop_record(node, &apply_key, kind, why),
+                    |outcome| (handles.on_merge)(outcome),
+                    |kind, why| drop_record(handles, &apply_key, kind, why),
                 )
             })
             .await
             .unwrap_or_default();
             // Answer only once what we received is on disk: the sender takes
             // equal digests as "this peer holds my allocations".
-            if node
+            if handles
                 .storage
                 .wait_durable(applied.durable_seq)
                 .await
@@ -634,12 +636,12 @@ impl EventLoop {
                 return;
             }
             // Shard locks again: off the runtime's workers.
-            let answer_node = node.clone();
+            let answer_handles = handles.clone();
             let their_digests = applied.their_digests;
             let Ok(response) = tokio::task::spawn_blocking(move || {
-                mark_in_sync(&answer_node, &key, &their_digests);
-                let held_ms = answer_node.ledger.wall_ms().saturating_sub(received_ms);
-                work::response(&answer_node.ledger, connected, held_ms)
+                mark_in_sync(&answer_handles, &key, &their_digests);
+                let held_ms = answer_handles.ledger.wall_ms().saturating_sub(received_ms);
+                work::response(&answer_handles.ledger, connected, held_ms)
             })
             .await
             else {
@@ -655,7 +657,7 @@ impl EventLoop {
     }
 
     fn on_response(&mut self, peer: PeerId, request_id: OutboundRequestId, response: SyncResponse) {
-        let now = self.node.ledger.wall_ms();
+        let now = self.handles.ledger.wall_ms();
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
@@ -678,12 +680,13 @@ impl EventLoop {
     }
 }
 
-fn drop_record(node: &Node, peer: &str, kind: &'static str, why: &str) {
-    node.metrics
+fn drop_record(handles: &Handles, peer: &str, kind: &'static str, why: &str) {
+    handles
+        .metrics
         .dropped_messages
         .get_or_create(&Kind::of(kind))
         .inc();
-    node.peers.update(peer, |s| s.count_drop(kind));
+    handles.peers.update(peer, |s| s.count_drop(kind));
     tracing::warn!(peer, kind, why, "dropped a sync message from a peer");
 }
 
@@ -694,15 +697,15 @@ fn monotonic_ms(started: std::time::Instant) -> u64 {
 
 /// Records which of `theirs` (the peer's digests) equal ours, and that the
 /// peer shows every allocation folded before the comparison began (see
-/// [`crate::p2p::lag`]). Returns our live documents and those in sync.
+/// [`crate::peers::lag`]). Returns our live documents and those in sync.
 fn mark_in_sync(
-    node: &Node,
+    handles: &Handles,
     peer: &str,
     theirs: &[(DocId, [u8; 32])],
 ) -> (Vec<DocId>, BTreeSet<DocId>) {
-    let generation = node.lag_tracker().generation();
-    let (ours, in_sync) = work::compare(&node.ledger, peer, theirs);
-    let mut lag = node.lag_tracker();
+    let generation = handles.lag_tracker().generation();
+    let (ours, in_sync) = work::compare(&handles.ledger, peer, theirs);
+    let mut lag = handles.lag_tracker();
     for doc in &in_sync {
         lag.shown(peer, *doc, generation);
     }

@@ -25,26 +25,100 @@
 
 pub mod codec;
 mod event_loop;
-pub mod lag;
-pub mod status;
 
-use crate::node::{Node, StartError};
+use crate::config::NodeConfig;
+use crate::estimator::Estimator;
+use crate::health::Health;
+use crate::ledger::{DocId, Ledger, OnMerge};
+use crate::metrics::Metrics;
+use crate::peers::lag::LagTracker;
+use crate::peers::status::PeerTable;
+use crate::storage::Storage;
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Builds the swarm, starts listening, and spawns the event loop. Returns
-/// the addresses the node listens on.
+/// Why the peer network could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NetworkError(String);
+
+/// Documents that changed since the peer network last looked, plus a wake-up.
+#[derive(Default)]
+pub struct ChangeFeed {
+    dirty: Mutex<BTreeSet<DocId>>,
+    notify: Notify,
+}
+
+impl ChangeFeed {
+    /// Marks `doc` changed and wakes the network loop.
+    pub fn mark(&self, doc: DocId) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(doc);
+        self.notify.notify_one();
+    }
+
+    /// Takes the set of changed documents.
+    pub fn take(&self) -> BTreeSet<DocId> {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Resolves when something changed.
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// What the swarm's shell reaches: one handle per subsystem it feeds or
+/// reads, not the whole node.
+pub struct Handles {
+    /// Sync messages are built from and applied to it.
+    pub ledger: Arc<Ledger>,
+    /// A request is answered once what it brought is durable.
+    pub storage: Arc<Storage>,
+    /// Connection state, clock offsets and message counts per peer.
+    pub peers: Arc<PeerTable>,
+    /// Which allocations each peer's digests show.
+    pub lag: Arc<Mutex<LagTracker>>,
+    /// Sync traffic and peer counters.
+    pub metrics: Arc<Metrics>,
+    /// Documents changed here, to push to peers.
+    pub changes: Arc<ChangeFeed>,
+    /// Peers coming and going change the situation confidence is given in.
+    pub estimator: Arc<Estimator>,
+    /// Each anti-entropy round samples the indicators.
+    pub health: Arc<Health>,
+    /// Acts on what a peer's changes brought in.
+    pub on_merge: OnMerge,
+    /// A peer clock further ahead than this is a skew violation.
+    pub max_clock_offset: Duration,
+}
+
+impl Handles {
+    /// The replication lag bookkeeping, locked.
+    fn lag_tracker(&self) -> MutexGuard<'_, LagTracker> {
+        self.lag.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Builds the swarm, listens on `config.listen` and dials `config.peers`,
+/// and spawns the event loop. Returns the addresses the node listens on.
 pub async fn spawn(
-    node: Arc<Node>,
+    handles: Handles,
+    config: &NodeConfig,
     keypair: Keypair,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
-) -> Result<Vec<Multiaddr>, StartError> {
+) -> Result<Vec<Multiaddr>, NetworkError> {
     let (event_loop, listen_addrs) =
-        event_loop::EventLoop::start(node, keypair, tasks.clone()).await?;
+        event_loop::EventLoop::start(Arc::new(handles), config, keypair, tasks.clone()).await?;
     tasks.spawn(event_loop.run(shutdown));
     Ok(listen_addrs)
 }

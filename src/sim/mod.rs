@@ -452,9 +452,7 @@ impl World {
             node.ledger.as_ref().is_some_and(|l| {
                 l.pending_count() == 0
                     && l.digests() == digests
-                    && l.conflicts()
-                        .iter()
-                        .all(|c| crate::http::is_resolved(&c.key))
+                    && l.conflicts().iter().all(|c| c.key.is_resolved())
             })
         })
     }

@@ -787,7 +787,7 @@ impl SimNode {
         let open: Vec<String> = ledger
             .conflicts()
             .iter()
-            .filter(|c| !crate::http::is_resolved(&c.key))
+            .filter(|c| !c.key.is_resolved())
             .map(|c| {
                 let losers: Vec<String> = c
                     .key
@@ -830,7 +830,7 @@ impl SimNode {
             self.waiting_responses.len(),
             ledger.pending_count(),
             ledger.conflicts().len(),
-            ledger.conflicts().iter().filter(|c| !crate::http::is_resolved(&c.key)).count(),
+            ledger.conflicts().iter().filter(|c| !c.key.is_resolved()).count(),
             digests.join(" ")
         )
     }

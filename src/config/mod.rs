@@ -2,6 +2,8 @@
 //! and validation, so a bad value is refused at start with a message that
 //! names it rather than discovered under load.
 
+pub mod health;
+
 use clap::Args;
 use libp2p::{multiaddr::Protocol, Multiaddr, PeerId};
 use serde::Deserialize;
@@ -105,9 +107,9 @@ pub struct RunArgs {
     pub webhook_client_key: Option<PathBuf>,
     /// Extra headers of every webhook call, such as `Authorization`: a
     /// The `[health]` section: thresholds and anomaly detection (TOML only;
-    /// see `node::health::settings`).
+    /// see `config::health`).
     #[arg(skip)]
-    pub health: Option<crate::node::health::settings::HealthFile>,
+    pub health: Option<crate::config::health::HealthFile>,
     /// `[webhook_headers]` table in the TOML file only, never a flag, since
     /// a command line is visible to every user of the machine.
     #[arg(skip)]
@@ -246,7 +248,7 @@ pub struct NodeConfig {
     /// JSON pointer of a payload's currency.
     pub currency_pointer: String,
     /// Health thresholds and anomaly detection.
-    pub health: crate::node::health::settings::HealthSettings,
+    pub health: crate::config::health::HealthSettings,
 }
 
 impl RunArgs {
@@ -779,7 +781,7 @@ mod tests {
             // The files spell out the [health] defaults: they must be the code's.
             assert_eq!(
                 config.health,
-                crate::node::health::settings::HealthSettings::default()
+                crate::config::health::HealthSettings::default()
             );
         }
     }

@@ -4,9 +4,9 @@
 //! allocation). Fed once per sync round with the time; no I/O.
 
 use super::reasons::{Code, Reason};
-use super::settings::HealthSettings;
 use crate::anomaly::{Detector, Reading};
-use crate::p2p::status::PeerStatus;
+use crate::config::health::HealthSettings;
+use crate::peers::status::PeerStatus;
 use std::collections::{BTreeMap, VecDeque};
 
 /// Fewest new allocations over the near-miss window for a rate to mean
@@ -269,7 +269,7 @@ fn short(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::health::settings::HealthFile;
+    use crate::config::health::HealthFile;
 
     fn drill_settings() -> HealthSettings {
         toml::from_str::<HealthFile>(

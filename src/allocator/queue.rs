@@ -1,4 +1,4 @@
-//! The allocation path and the folder behind it.
+//! The per-shard queues and the folder behind the allocation path.
 //!
 //! Per-shard queues gather concurrent requests into batches, each decided
 //! under one shard lock: on the queue's own task when the lock is free, on
@@ -10,8 +10,8 @@
 
 use crate::ledger::{AllocateError, AllocateRequest, Allocated, Ledger};
 use crate::metrics::Metrics;
-use crate::p2p::lag::LagTracker;
-use crate::p2p::status::PeerTable;
+use crate::peers::lag::LagTracker;
+use crate::peers::status::PeerTable;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
