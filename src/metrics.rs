@@ -279,7 +279,7 @@ impl Metrics {
         );
         r.register(
             "conflicts_open",
-            "Keys currently in conflict",
+            "Keys in conflict with a loser not compensated yet (as /v1/health's conflicts_open)",
             m.conflicts_open.clone(),
         );
         r.register(

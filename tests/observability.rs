@@ -163,6 +163,12 @@ async fn metrics_parse_as_prometheus_text_and_hold_every_name_the_rules_and_dash
     all_connected(&c).await;
     make_a_conflict(&c, "metrics-dup").await;
     let text = c.node(0).metrics_text().await;
+    // Detected, and compensated: no longer open, on the gauge as in health.
+    assert!(
+        text.contains("\noncemesh_conflicts_detected_total 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("\noncemesh_conflicts_open 0\n"), "{text}");
     let (ok, lint) = promtool(&["check", "metrics"], &text);
     assert!(ok, "promtool check metrics: {lint}\n{text}");
     let exported = exported_names(&text);

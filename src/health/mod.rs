@@ -353,7 +353,6 @@ impl Health {
         m.documents.set(stats.documents as i64);
         m.expired_allocations.set(stats.expired_allocations as i64);
         m.journal_backlog.set(self.storage.journal_backlog() as i64);
-        m.conflicts_open.set(stats.conflicts as i64);
         m.provisional.set(stats.provisional as i64);
         m.oldest_provisional_seconds.set(
             stats
@@ -378,7 +377,8 @@ impl Health {
         m.compensations_in_flight.set(in_flight as i64);
         m.compensations_dead_lettered.set(dead as i64);
         self.refresh_uncertainty();
-        let (_, oldest_open) = self.open_conflicts();
+        let (open, oldest_open) = self.open_conflicts();
+        m.conflicts_open.set(open as i64);
         let found = self.reasons(&peers, stats.malformed_records, oldest_open, now);
         m.health_status.set(status_of(&found).gauge());
         for code in Code::ALL {
