@@ -29,7 +29,8 @@
 //! - [`node`]: wires everything together and owns shutdown.
 //! - [`http`]: the JSON API; [`client`]: a typed client of it; [`cli`]: the
 //!   `oncemesh` command line.
-//! - [`sim`]: the deterministic simulator of a whole cluster and its checker.
+//! - [`sim`]: the deterministic simulator of a whole cluster; [`check`]: the
+//!   recorded history of a run and the checker that judges it.
 //! - [`metrics`]: Prometheus metrics; [`config`]: flags and TOML.
 //! - [`tls`]: the rustls provider every HTTP client uses.
 //! - [`drill`]: a TCP relay that makes network faults from outside the
@@ -37,6 +38,7 @@
 #![deny(missing_docs)]
 
 pub mod anomaly;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod compensation;
