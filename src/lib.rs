@@ -30,7 +30,8 @@
 //! - [`http`]: the JSON API; [`client`]: a typed client of it; [`cli`]: the
 //!   `oncemesh` command line.
 //! - [`sim`]: the deterministic simulator of a whole cluster; [`check`]: the
-//!   recorded history of a run and the checker that judges it.
+//!   recorded history of a run and the checker it shares with [`chaos`],
+//!   the runner of real node processes under faults made from outside.
 //! - [`metrics`]: Prometheus metrics; [`config`]: flags and TOML.
 //! - [`tls`]: the rustls provider every HTTP client uses.
 //! - [`drill`]: a TCP relay that makes network faults from outside the
@@ -38,6 +39,7 @@
 #![deny(missing_docs)]
 
 pub mod anomaly;
+pub mod chaos;
 pub mod check;
 pub mod cli;
 pub mod client;
