@@ -445,3 +445,101 @@ pub fn ece(outcomes: &[(f64, bool)]) -> f64 {
         .map(|b| (b.0 as f64 / n) * (b.1 / b.0 as f64 - b.2 as f64 / b.0 as f64).abs())
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two nodes that made `k1` once each (node 0's wins) and `k2` once.
+    fn healthy() -> (History, Vec<Option<NodeState>>) {
+        let mut history = History::new(1);
+        for (at, node, key, txn) in [(1, 0, "k1", "t1"), (2, 1, "k1", "t2"), (3, 1, "k2", "t3")] {
+            history.attempted(at, node, key, true);
+            history.answered(
+                at,
+                Answer {
+                    op: at,
+                    node,
+                    key: key.into(),
+                    txn: txn.into(),
+                    replay: false,
+                    confidence: 0.9,
+                },
+            );
+        }
+        history.compensated(1, Compensation::idempotency_key_for("t2"), "t2".into());
+        let state = NodeState {
+            keys: BTreeMap::from([
+                (
+                    "k1".into(),
+                    vec![("t1".into(), Some(0)), ("t2".into(), Some(1))],
+                ),
+                ("k2".into(), vec![("t3".into(), Some(1))]),
+            ]),
+            conflicts: BTreeMap::from([("k1".into(), "t1".into())]),
+            digests: BTreeMap::from([("d".into(), "x".into())]),
+        };
+        (history, vec![Some(state.clone()), Some(state)])
+    }
+
+    fn checks(history: History, nodes: &[Option<NodeState>]) -> Vec<&'static str> {
+        let run = Run {
+            converged_after_ms: Some(1),
+            ..Run::default()
+        };
+        judge(history, nodes, run)
+            .violations
+            .iter()
+            .map(|v| v.check)
+            .collect()
+    }
+
+    #[test]
+    fn a_healthy_end_state_passes() {
+        let (history, nodes) = healthy();
+        assert_eq!(checks(history, &nodes), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn each_broken_invariant_is_found() {
+        let (history, mut nodes) = healthy();
+        if let Some(n) = nodes[1].as_mut() {
+            n.keys.remove("k2");
+        }
+        assert_eq!(checks(history, &nodes), ["lost"]);
+
+        let (history, mut nodes) = healthy();
+        if let Some(n) = nodes[1].as_mut() {
+            n.conflicts.insert("k1".into(), "t2".into());
+        }
+        assert_eq!(checks(history, &nodes), ["conflict report"]);
+
+        let (mut history, nodes) = healthy();
+        history.compensated(0, Compensation::idempotency_key_for("t1"), "t1".into());
+        assert_eq!(checks(history, &nodes), ["compensation"]);
+
+        let (mut history, nodes) = healthy();
+        history.compensated(0, Compensation::idempotency_key_for("t2"), "t2".into());
+        assert_eq!(checks(history, &nodes), ["compensation"]);
+
+        let (history, mut nodes) = healthy();
+        if let Some(n) = nodes[0].as_mut() {
+            n.digests.insert("d".into(), "y".into());
+        }
+        assert_eq!(checks(history, &nodes), ["documents"]);
+
+        let (mut history, nodes) = healthy();
+        history.answered(
+            9,
+            Answer {
+                op: 9,
+                node: 0,
+                key: "k2".into(),
+                txn: "t9".into(),
+                replay: true,
+                confidence: 1.0,
+            },
+        );
+        assert_eq!(checks(history, &nodes), ["replay"]);
+    }
+}

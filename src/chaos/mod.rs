@@ -210,14 +210,14 @@ async fn play(
     for effect in receiver.accepted() {
         history.compensated(effect.node, effect.idempotency_key, effect.loser_txn);
     }
-    for (txn, keys) in receiver.refunded_twice() {
+    for ((key, txn), keys) in receiver.refunded_twice() {
         history.violation(Violation::new(
             "compensation",
             format!(
                 "the loser {txn} was refunded under {} keys: {keys:?}",
                 keys.len()
             ),
-            None,
+            Some(key),
         ));
     }
     let keys: Vec<String> = history.keys().cloned().collect();

@@ -36,6 +36,8 @@ pub struct Effect {
     pub idempotency_key: String,
     /// The loser's transaction, from the body.
     pub loser_txn: String,
+    /// The loser's idempotency key (of the payment), from the body.
+    pub key: String,
 }
 
 #[derive(Default)]
@@ -103,11 +105,11 @@ impl Receiver {
     }
 
     /// Losers refunded under more than one idempotency key: each would be
-    /// refunded twice by a real provider.
-    pub fn refunded_twice(&self) -> BTreeMap<String, BTreeSet<String>> {
-        let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    /// refunded twice by a real provider. Keyed by (payment key, loser txn).
+    pub fn refunded_twice(&self) -> BTreeMap<(String, String), BTreeSet<String>> {
+        let mut keys: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
         for e in &lock(&self.inner).accepted {
-            keys.entry(e.loser_txn.clone())
+            keys.entry((e.key.clone(), e.loser_txn.clone()))
                 .or_default()
                 .insert(e.idempotency_key.clone());
         }
@@ -128,6 +130,7 @@ async fn refund(
         .map(str::to_owned);
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let loser_txn = body["loser"]["txn_id"].as_str().unwrap_or("").to_owned();
+    let payment_key = body["key"].as_str().unwrap_or("").to_owned();
     let (status, wait) = {
         let mut st = lock(&inner);
         match (st.mode, key) {
@@ -145,6 +148,7 @@ async fn refund(
                     node,
                     idempotency_key: key,
                     loser_txn,
+                    key: payment_key,
                 });
                 let wait = match mode {
                     Mode::Hangs(d) => Some(d),
