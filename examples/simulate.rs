@@ -9,7 +9,8 @@
 //! ```
 
 use clap::Parser;
-use oncemesh::sim::{self, check, SimConfig};
+use oncemesh::check;
+use oncemesh::sim::{self, SimConfig};
 use std::time::{Duration, Instant};
 
 /// Deterministic simulation of an oncemesh cluster.

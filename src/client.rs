@@ -277,6 +277,26 @@ struct Compensations {
     compensations: Vec<Compensation>,
 }
 
+/// One of a node's automerge documents, as `GET /v1/documents` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Document {
+    /// Its id.
+    pub id: String,
+    /// blake3 over its heads: equal on two nodes when they hold the same changes.
+    pub heads_digest: String,
+    /// Its saved size.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// Fields this client does not model.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct Documents {
+    documents: Vec<Document>,
+}
+
 #[derive(Deserialize)]
 struct Peers {
     peers: Vec<Peer>,
@@ -405,6 +425,13 @@ impl Client {
         let request = self.request(Method::GET, &["v1", "peers"])?;
         let list: Peers = self.call(request, "the peer list").await?;
         Ok(list.peers)
+    }
+
+    /// The node's documents with their heads digests, to compare nodes.
+    pub async fn documents(&self) -> Result<Vec<Document>, ClientError> {
+        let request = self.request(Method::GET, &["v1", "documents"])?;
+        let list: Documents = self.call(request, "the document list").await?;
+        Ok(list.documents)
     }
 
     /// A request to the base URL plus `segments`, each percent-encoded (a

@@ -36,7 +36,9 @@
 //!   it needs, not the node) and owns shutdown; only [`cli`] imports it.
 //! - [`http`]: the JSON API; [`client`]: a typed client of it; [`cli`]: the
 //!   `oncemesh` command line.
-//! - [`sim`]: the deterministic simulator of a whole cluster and its checker.
+//! - [`sim`]: the deterministic simulator of a whole cluster; [`check`]: the
+//!   recorded history of a run and the checker it shares with [`chaos`],
+//!   the runner of real node processes under faults made from outside.
 //! - [`metrics`]: Prometheus metrics; [`config`]: flags and TOML.
 //! - [`tls`]: the rustls provider every HTTP client uses.
 //! - [`drill`]: a TCP relay that makes network faults from outside the
@@ -45,6 +47,8 @@
 
 pub mod allocator;
 pub mod anomaly;
+pub mod chaos;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod compensation;

@@ -1,8 +1,10 @@
 //! The `oncemesh` command line: `run` starts a node, `id` prints its peer
-//! id, the other subcommands are clients of a node's HTTP API, and `demo`
-//! replays the incident end to end on one machine.
+//! id, the other subcommands are clients of a node's HTTP API, `demo`
+//! replays the incident end to end on one machine, and `chaos` runs the
+//! binary under faults on seeded schedules.
 
 mod calibration;
+mod chaos;
 mod client;
 mod demo;
 mod status;
@@ -115,6 +117,11 @@ pub enum Command {
     /// processes, cross-region retries, a partition, a skewed clock, heal,
     /// and what every region reports afterwards.
     Demo(demo::DemoArgs),
+    /// Run the real binary under faults from outside (partitions, delay,
+    /// SIGKILL and restart, SIGSTOP pauses, clock skew, a failing or hanging
+    /// compensation endpoint) on seeded schedules, check the recorded
+    /// history, and end with "N seeds, K failures".
+    Chaos(chaos::ChaosArgs),
 }
 
 /// How to reach a node's API.
@@ -166,6 +173,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::RetryCompensation { txn_id, client } => client::retry(&client, &txn_id).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Chaos(args) => chaos::run(args).await,
     }
 }
 

@@ -15,7 +15,9 @@
 //! One relay carries the connections one node dials to one other node, so a
 //! link between two nodes is two relays (one per ordered pair), and a
 //! partition is a set of cut relays. `oncemesh demo`, the multi-process
-//! tests and the convergence benchmark all wire their nodes this way.
+//! tests and the convergence benchmark all wire their nodes this way;
+//! [`Cluster`] starts real node processes wired so (the demo's and the chaos
+//! runner's launcher) and kills, pauses and restarts them.
 //!
 //! Each relay runs on a thread of its own with a single-threaded tokio
 //! runtime, so it behaves the same under a plain `#[test]`, any tokio
@@ -23,10 +25,12 @@
 //! is busy. Dropping it stops the thread and closes every connection it
 //! carries.
 
+mod cluster;
 mod forward;
 mod relay;
 mod state;
 
+pub use cluster::{Cluster, ClusterError, NodeProcess};
 pub use relay::Relay;
 
 /// Which way bytes travel through a relay, seen from the node that dials.

@@ -84,11 +84,6 @@ impl SimDisk {
         !self.lock().queue.is_empty()
     }
 
-    /// The highest durable sequence.
-    pub fn durable(&self) -> u64 {
-        self.lock().durable
-    }
-
     /// A crash: what was not flushed is gone.
     pub fn crash(&self) {
         let mut s = self.lock();

@@ -14,10 +14,10 @@
 //! suite runs a thousand (tests/simulation.rs). docs/RELIABILITY.md says
 //! what is simulated and what was found.
 
-pub mod check;
 mod disk;
 mod node;
 
+use crate::check::{self, NodeState};
 use crate::compensation::machine::Outcome;
 use crate::ledger::Windows;
 use crate::sync::message::{SyncRequest, SyncResponse};
@@ -27,7 +27,7 @@ use rand::{RngExt, SeedableRng};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
-pub use check::{Report, Violation};
+pub use crate::check::{Report, Violation};
 
 /// What a run simulates.
 #[derive(Debug, Clone)]
@@ -688,9 +688,14 @@ pub fn run(config: &SimConfig, seed: u64) -> Report {
             arrivals.entry(txn.to_owned()).or_default().push(at);
         }
     }
+    let states: Vec<Option<NodeState>> = world
+        .nodes
+        .iter()
+        .map(|n| end_state(n, &world.nodes, world.history.keys()))
+        .collect();
     check::judge(
         world.history,
-        &world.nodes,
+        &states,
         check::Run {
             seed,
             start,
@@ -705,4 +710,43 @@ pub fn run(config: &SimConfig, seed: u64) -> Report {
             arrivals,
         },
     )
+}
+
+/// What the checker needs of `node` at the end (`None` if it is down):
+/// each of `keys` it holds, its conflict report and its digests.
+fn end_state<'a>(
+    node: &SimNode,
+    nodes: &[SimNode],
+    keys: impl Iterator<Item = &'a String>,
+) -> Option<NodeState> {
+    let ledger = node.ledger.as_ref()?;
+    let owner = |id: &str| nodes.iter().position(|n| *n.id == *id);
+    Some(NodeState {
+        keys: keys
+            .filter_map(|key| {
+                let view = ledger.key(key)?;
+                let txns = view
+                    .allocations
+                    .iter()
+                    .map(|a| (a.record.txn_id.clone(), owner(&a.record.node)))
+                    .collect();
+                Some((key.clone(), txns))
+            })
+            .collect(),
+        conflicts: ledger
+            .conflicts()
+            .into_iter()
+            .filter_map(|c| Some((c.key.key.clone(), c.key.winner()?.record.txn_id.clone())))
+            .collect(),
+        digests: ledger
+            .digests()
+            .into_iter()
+            .map(|(doc, digest)| {
+                (
+                    doc.to_string(),
+                    blake3::Hash::from(digest).to_hex().to_string(),
+                )
+            })
+            .collect(),
+    })
 }

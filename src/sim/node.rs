@@ -7,7 +7,6 @@
 use super::disk::SimDisk;
 use crate::compensation::machine::{Compensation, LogEntry, Outcome, RetryPolicy};
 use crate::confidence::{ConfidenceModel, ConfidenceParams, PeerView};
-use crate::hlc::Timestamp;
 use crate::key::{fingerprint, IdempotencyKey};
 use crate::ledger::{AllocateRequest, Ledger, MergeOutcome, NodeIdentity, Windows, SHARD_COUNT};
 use crate::record::{CompensationRecord, RECORD_VERSION};
@@ -53,22 +52,7 @@ pub enum Out {
     },
 }
 
-/// A client's answer.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    /// The client operation it answers.
-    pub op: u64,
-    /// The node that answered.
-    pub node: usize,
-    /// The key.
-    pub key: String,
-    /// The transaction.
-    pub txn: String,
-    /// Whether it was a replay.
-    pub replay: bool,
-    /// The confidence given (new allocations).
-    pub confidence: f64,
-}
+pub use crate::check::Answer;
 
 /// A peer's request applied here, answered once its changes are durable:
 /// (durable sequence, peer, request, its digests, documents applied).
@@ -833,10 +817,5 @@ impl SimNode {
             ledger.conflicts().iter().filter(|c| !c.key.is_resolved()).count(),
             digests.join(" ")
         )
-    }
-
-    /// This node's own HLC reading (for the history).
-    pub fn stamp(&self) -> Option<Timestamp> {
-        self.ledger.as_ref().map(|l| l.clock().last)
     }
 }

@@ -14,8 +14,8 @@
 //! whether every duplicate was found by every region and compensated once.
 
 use super::table::render;
-use crate::client::{Client, Conflict};
-use crate::drill::Relay;
+use crate::client::Conflict;
+use crate::drill::{Cluster, NodeProcess};
 use crate::record::CompensationState;
 use anyhow::{bail, Context};
 use clap::Args;
@@ -25,10 +25,7 @@ use serde::Serialize;
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 /// Options of the demo.
 #[derive(Args, Debug)]
@@ -67,14 +64,6 @@ const NORMAL_RETRY_ONE_IN: u32 = 7;
 /// One in this many of Singapore's customers retries in London during the partition.
 const PARTITION_RETRY_ONE_IN: u32 = 4;
 
-struct Region {
-    name: &'static str,
-    peer_id: String,
-    http: String,
-    client: Client,
-    child: Child,
-}
-
 /// Everything the demo found, as `--json` prints it. One struct, so new
 /// findings are new fields.
 #[derive(Debug, Serialize)]
@@ -106,7 +95,7 @@ pub struct Summary {
 #[derive(Debug, Serialize)]
 pub struct RegionInfo {
     /// Region name.
-    pub name: &'static str,
+    pub name: String,
     /// Its node's peer id.
     pub peer_id: String,
     /// Its node's HTTP address.
@@ -167,7 +156,7 @@ pub struct HealPhase {
 #[derive(Debug, Serialize)]
 pub struct RegionReport {
     /// Region name.
-    pub region: &'static str,
+    pub region: String,
     /// Keys it holds.
     pub keys: u64,
     /// Conflicts it reports.
@@ -259,93 +248,32 @@ async fn play(args: &DemoArgs, root: &std::path::Path, say: Narrator) -> anyhow:
         "oncemesh demo: three regions on this machine ({}), traffic seed {seed}",
         REGIONS.join(", ")
     ));
-    let (mut regions, links) = start_regions(args, root, say).await?;
-    let result = scenario(args, seed, &regions, &links, say).await;
-    for region in &mut regions {
-        let _ = region.child.start_kill();
-        let _ = region.child.wait().await;
-    }
+    let mut cluster = start_regions(args, root, say).await?;
+    let result = scenario(args, seed, &cluster, say).await;
+    cluster.stop().await;
     result
 }
 
-/// Starts three nodes wired through relays; `links[i][j]` carries i's dials to j.
+/// Starts the three regions wired through relays, London's clock ahead.
 async fn start_regions(
     args: &DemoArgs,
     root: &std::path::Path,
     say: Narrator,
-) -> anyhow::Result<(Vec<Region>, Vec<Vec<Option<Relay>>>)> {
+) -> anyhow::Result<Cluster> {
     let exe = std::env::current_exe().context("locating the oncemesh binary")?;
-    let mut ids = Vec::new();
-    let mut ports = Vec::new();
-    for name in REGIONS {
-        let keypair = crate::node::identity::load_or_create(&root.join(name))?;
-        ids.push(keypair.public().to_peer_id().to_string());
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        ports.push(probe.local_addr()?.port());
-    }
-    let mut links: Vec<Vec<Option<Relay>>> = Vec::new();
-    for i in 0..3 {
-        let mut row = Vec::new();
-        for (j, port) in ports.iter().enumerate() {
-            row.push(if i == j {
-                None
-            } else {
-                Some(Relay::start(([127, 0, 0, 1], *port).into())?)
-            });
+    let skew = format!("{}ms", args.skew.as_millis());
+    let cluster = Cluster::start(&exe, root, &REGIONS, |i| {
+        if REGIONS[i] == "lon" {
+            vec!["--drill-clock-offset".into(), skew.clone()]
+        } else {
+            Vec::new()
         }
-        links.push(row);
+    })
+    .await?;
+    for node in &cluster.nodes {
+        say.say(format!("  {}", node.banner));
     }
-    let mut regions = Vec::new();
-    for (i, name) in REGIONS.iter().enumerate() {
-        let mut command = Command::new(&exe);
-        command
-            .arg("run")
-            .args(["--region", name])
-            .arg("--data-dir")
-            .arg(root.join(name))
-            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", ports[i])])
-            .args(["--http", "127.0.0.1:0"]);
-        for (j, link) in links[i].iter().enumerate() {
-            if let Some(link) = link {
-                command.args([
-                    "--peer",
-                    &format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", link.addr().port(), ids[j]),
-                ]);
-            }
-        }
-        if *name == "lon" {
-            command.args([
-                "--drill-clock-offset",
-                &format!("{}ms", args.skew.as_millis()),
-            ]);
-        }
-        let log = std::fs::File::create(root.join(format!("{name}.log")))?;
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting a node")?;
-        let stdout = child.stdout.take().context("node stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let banner = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .context("a node did not start within 20 s")??
-            .context("a node exited before starting")?;
-        let http = banner
-            .split_whitespace()
-            .find_map(|t| t.strip_prefix("http="))
-            .context("start line without http=")?;
-        say.say(format!("  {banner}"));
-        regions.push(Region {
-            name,
-            peer_id: ids[i].clone(),
-            http: http.to_owned(),
-            client: Client::new(&format!("http://{http}"))?,
-            child,
-        });
-    }
-    Ok((regions, links))
+    Ok(cluster)
 }
 
 async fn wait_for(
@@ -369,7 +297,7 @@ fn payment(customer: usize, amount_cents: u64) -> serde_json::Value {
 }
 
 /// The confidence `region` shows now for the first allocation of `key`.
-async fn confidence_of(region: &Region, key: &str) -> anyhow::Result<f64> {
+async fn confidence_of(region: &NodeProcess, key: &str) -> anyhow::Result<f64> {
     let report = region.client.allocation(key).await?;
     Ok(report
         .and_then(|r| r.allocations.first().map(|a| a.confidence))
@@ -379,10 +307,11 @@ async fn confidence_of(region: &Region, key: &str) -> anyhow::Result<f64> {
 async fn scenario(
     args: &DemoArgs,
     seed: u64,
-    regions: &[Region],
-    links: &[Vec<Option<Relay>>],
+    cluster: &Cluster,
     say: Narrator,
 ) -> anyhow::Result<Summary> {
+    let regions = &cluster.nodes;
+    let links = &cluster.links;
     let mut rng = StdRng::seed_from_u64(seed);
     wait_for(
         "the regions to connect",
@@ -590,7 +519,7 @@ async fn scenario(
             .count();
         let x = &health.extra;
         reports.push(RegionReport {
-            region: r.name,
+            region: r.region.clone(),
             keys: x["ledger"]["keys"].as_u64().unwrap_or(0),
             conflicts: conflicts.len(),
             compensated_by_it,
@@ -599,7 +528,7 @@ async fn scenario(
             max_offset_ms: x["clock"]["max_observed_offset_ms"].as_i64().unwrap_or(0),
             health: health.status.as_str(),
         });
-        if r.name == "nyc" {
+        if r.region == "nyc" {
             sample_conflict = conflicts.first().map(sample);
         }
     }
@@ -609,7 +538,7 @@ async fn scenario(
         regions: regions
             .iter()
             .map(|r| RegionInfo {
-                name: r.name,
+                name: r.region.clone(),
                 peer_id: r.peer_id.clone(),
                 http: r.http.clone(),
             })

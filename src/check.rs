@@ -1,5 +1,8 @@
-//! The record of a simulated run and the checker that judges it, once the
-//! cluster has healed and converged:
+//! The record of a run and the checker that judges it, once the cluster has
+//! healed and converged. The simulator ([`crate::sim`], virtual time) and
+//! the chaos runner ([`crate::chaos`], real processes) both record a
+//! [`History`] and hand the checker each node's end state as a plain
+//! [`NodeState`], so both are judged by the same code:
 //!
 //! 1. no acknowledged allocation is lost: every node holds it;
 //! 2. a replay answers with an allocation of its key;
@@ -14,7 +17,6 @@
 //! and reports the calibration of the confidence given, the messages per
 //! allocation, and how long an allocation took to reach every node.
 
-use super::node::{Answer, SimNode};
 use crate::compensation::machine::Compensation;
 use rand::rngs::StdRng;
 use rand::RngExt;
@@ -35,6 +37,45 @@ impl Violation {
     /// A violation of `check`.
     pub fn new(check: &'static str, detail: String, key: Option<String>) -> Self {
         Self { check, detail, key }
+    }
+}
+
+/// A client's answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The client operation it answers.
+    pub op: u64,
+    /// The node that answered.
+    pub node: usize,
+    /// The key.
+    pub key: String,
+    /// The transaction.
+    pub txn: String,
+    /// Whether it was a replay.
+    pub replay: bool,
+    /// The confidence given (new allocations).
+    pub confidence: f64,
+}
+
+/// What the checker needs of one node at the end of a run, however it was
+/// read (a simulated ledger, or a real node's API).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeState {
+    /// Each key the clients asked for that the node holds: its allocations
+    /// as (transaction id, index of the node that made it), winner first
+    /// (smallest HLC, then node id).
+    pub keys: BTreeMap<String, Vec<(String, Option<usize>)>>,
+    /// The node's conflict report: key → the winner it names.
+    pub conflicts: BTreeMap<String, String>,
+    /// Its documents and their heads digests.
+    pub digests: BTreeMap<String, String>,
+}
+
+impl NodeState {
+    fn holds(&self, key: &str, txn: &str) -> bool {
+        self.keys
+            .get(key)
+            .is_some_and(|v| v.iter().any(|(t, _)| t == txn))
     }
 }
 
@@ -99,6 +140,15 @@ impl History {
         self.answers.push((at, answer));
     }
 
+    /// A request of a client for `key` failed (an error, a timeout).
+    pub fn failed(&mut self, at: u64, node: usize, key: &str, reason: &str) {
+        self.lines.push((
+            at,
+            format!("node {node} failed {key}: {reason}"),
+            Some(key.to_owned()),
+        ));
+    }
+
     /// A compensation call from `node` reached the receiver.
     pub fn compensated(&mut self, node: usize, key: String, txn: String) {
         self.calls.push((node, key, txn));
@@ -112,6 +162,11 @@ impl History {
     /// A violation found while running.
     pub fn violation(&mut self, v: Violation) {
         self.violations.push(v);
+    }
+
+    /// Every key clients have asked for, in the order first asked.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.keys.iter()
     }
 
     /// Up to `n` keys clients have asked for, at random.
@@ -138,7 +193,9 @@ impl History {
     }
 }
 
-/// Facts of the run beside the history.
+/// Facts of the run beside the history (the figures after `converged_after_ms`
+/// are the simulator's; a real run leaves them at their defaults).
+#[derive(Debug, Default)]
 pub struct Run {
     /// The seed.
     pub seed: u64,
@@ -196,7 +253,8 @@ impl Report {
 }
 
 /// Judges a run once it is over.
-pub fn judge(mut history: History, nodes: &[SimNode], run: Run) -> Report {
+/// `nodes` holds each node's end state, `None` for a node not running.
+pub fn judge(mut history: History, nodes: &[Option<NodeState>], run: Run) -> Report {
     let mut found = std::mem::take(&mut history.violations);
     if run.converged_after_ms.is_none() {
         found.push(Violation::new(
@@ -205,7 +263,7 @@ pub fn judge(mut history: History, nodes: &[SimNode], run: Run) -> Report {
             None,
         ));
     }
-    let ledgers: Vec<_> = nodes.iter().filter_map(|n| n.ledger.as_ref()).collect();
+    let ledgers: Vec<&NodeState> = nodes.iter().flatten().collect();
     let mut report = Report {
         seed: history.seed,
         violations: Vec::new(),
@@ -232,18 +290,11 @@ pub fn judge(mut history: History, nodes: &[SimNode], run: Run) -> Report {
         return report;
     }
     // Every key's allocations, as node 0 holds them at the end.
-    let mut final_txns: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for key in &history.keys {
-        if let Some(view) = ledgers[0].key(key) {
-            final_txns.insert(
-                key.clone(),
-                view.allocations
-                    .iter()
-                    .map(|a| a.record.txn_id.clone())
-                    .collect(),
-            );
-        }
-    }
+    let final_txns: BTreeMap<String, Vec<String>> = ledgers[0]
+        .keys
+        .iter()
+        .map(|(key, txns)| (key.clone(), txns.iter().map(|(t, _)| t.clone()).collect()))
+        .collect();
     let mut first_answer: BTreeMap<String, u64> = BTreeMap::new();
     for (at, a) in &history.answers {
         if a.replay {
@@ -265,10 +316,7 @@ pub fn judge(mut history: History, nodes: &[SimNode], run: Run) -> Report {
         first_answer.entry(a.txn.clone()).or_insert(*at);
         // 1. Nothing acknowledged is lost.
         for (i, ledger) in ledgers.iter().enumerate() {
-            let held = ledger
-                .key(&a.key)
-                .is_some_and(|v| v.allocations.iter().any(|x| x.record.txn_id == a.txn));
-            if !held {
+            if !ledger.holds(&a.key, &a.txn) {
                 found.push(Violation::new(
                     "lost",
                     format!(
@@ -283,15 +331,7 @@ pub fn judge(mut history: History, nodes: &[SimNode], run: Run) -> Report {
         report.outcomes.push((a.confidence, conflicted));
     }
     // 3. Conflicts, the same everywhere, and no false ones.
-    let reports: Vec<BTreeMap<String, String>> = ledgers
-        .iter()
-        .map(|l| {
-            l.conflicts()
-                .into_iter()
-                .filter_map(|c| Some((c.key.key.clone(), c.key.winner()?.record.txn_id.clone())))
-                .collect()
-        })
-        .collect();
+    let reports: Vec<&BTreeMap<String, String>> = ledgers.iter().map(|l| &l.conflicts).collect();
     for (key, txns) in &final_txns {
         let expected = (txns.len() > 1).then(|| txns[0].clone());
         if expected.is_some() {
@@ -315,33 +355,23 @@ pub fn judge(mut history: History, nodes: &[SimNode], run: Run) -> Report {
     for (node, key, _) in &history.calls {
         callers.entry(key.clone()).or_default().insert(*node);
     }
-    for c in ledgers[0].conflicts() {
-        for (rank, a) in c.key.allocations.iter().enumerate() {
-            let idem = Compensation::idempotency_key_for(&a.record.txn_id);
-            let owner = nodes.iter().position(|n| *n.id == *a.record.node);
+    for (key, allocations) in ledgers[0].keys.iter().filter(|(_, a)| a.len() > 1) {
+        for (rank, (txn, owner)) in allocations.iter().enumerate() {
+            let idem = Compensation::idempotency_key_for(txn);
             let called = callers.remove(&idem).unwrap_or_default();
             let bad = if rank == 0 {
-                (!called.is_empty())
-                    .then(|| format!("the winner {} was compensated", a.record.txn_id))
+                (!called.is_empty()).then(|| format!("the winner {txn} was compensated"))
             } else if called.is_empty() {
+                Some(format!("the loser {txn} was never compensated"))
+            } else if called.iter().any(|n| Some(*n) != *owner) {
                 Some(format!(
-                    "the loser {} was never compensated",
-                    a.record.txn_id
-                ))
-            } else if called.iter().any(|n| Some(*n) != owner) {
-                Some(format!(
-                    "the loser {} was compensated by {called:?}, not its own node {owner:?}",
-                    a.record.txn_id
+                    "the loser {txn} was compensated by {called:?}, not its own node {owner:?}"
                 ))
             } else {
                 None
             };
             if let Some(detail) = bad {
-                found.push(Violation::new(
-                    "compensation",
-                    detail,
-                    Some(c.key.key.clone()),
-                ));
+                found.push(Violation::new("compensation", detail, Some(key.clone())));
             }
         }
     }
@@ -353,9 +383,8 @@ pub fn judge(mut history: History, nodes: &[SimNode], run: Run) -> Report {
         ));
     }
     // 5. Identical documents.
-    let digests = ledgers[0].digests();
     for (i, l) in ledgers.iter().enumerate().skip(1) {
-        if l.digests() != digests {
+        if l.digests != ledgers[0].digests {
             found.push(Violation::new(
                 "documents",
                 format!("node {i}'s documents differ from node 0's"),
@@ -415,4 +444,102 @@ pub fn ece(outcomes: &[(f64, bool)]) -> f64 {
         .filter(|b| b.0 > 0)
         .map(|b| (b.0 as f64 / n) * (b.1 / b.0 as f64 - b.2 as f64 / b.0 as f64).abs())
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two nodes that made `k1` once each (node 0's wins) and `k2` once.
+    fn healthy() -> (History, Vec<Option<NodeState>>) {
+        let mut history = History::new(1);
+        for (at, node, key, txn) in [(1, 0, "k1", "t1"), (2, 1, "k1", "t2"), (3, 1, "k2", "t3")] {
+            history.attempted(at, node, key, true);
+            history.answered(
+                at,
+                Answer {
+                    op: at,
+                    node,
+                    key: key.into(),
+                    txn: txn.into(),
+                    replay: false,
+                    confidence: 0.9,
+                },
+            );
+        }
+        history.compensated(1, Compensation::idempotency_key_for("t2"), "t2".into());
+        let state = NodeState {
+            keys: BTreeMap::from([
+                (
+                    "k1".into(),
+                    vec![("t1".into(), Some(0)), ("t2".into(), Some(1))],
+                ),
+                ("k2".into(), vec![("t3".into(), Some(1))]),
+            ]),
+            conflicts: BTreeMap::from([("k1".into(), "t1".into())]),
+            digests: BTreeMap::from([("d".into(), "x".into())]),
+        };
+        (history, vec![Some(state.clone()), Some(state)])
+    }
+
+    fn checks(history: History, nodes: &[Option<NodeState>]) -> Vec<&'static str> {
+        let run = Run {
+            converged_after_ms: Some(1),
+            ..Run::default()
+        };
+        judge(history, nodes, run)
+            .violations
+            .iter()
+            .map(|v| v.check)
+            .collect()
+    }
+
+    #[test]
+    fn a_healthy_end_state_passes() {
+        let (history, nodes) = healthy();
+        assert_eq!(checks(history, &nodes), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn each_broken_invariant_is_found() {
+        let (history, mut nodes) = healthy();
+        if let Some(n) = nodes[1].as_mut() {
+            n.keys.remove("k2");
+        }
+        assert_eq!(checks(history, &nodes), ["lost"]);
+
+        let (history, mut nodes) = healthy();
+        if let Some(n) = nodes[1].as_mut() {
+            n.conflicts.insert("k1".into(), "t2".into());
+        }
+        assert_eq!(checks(history, &nodes), ["conflict report"]);
+
+        let (mut history, nodes) = healthy();
+        history.compensated(0, Compensation::idempotency_key_for("t1"), "t1".into());
+        assert_eq!(checks(history, &nodes), ["compensation"]);
+
+        let (mut history, nodes) = healthy();
+        history.compensated(0, Compensation::idempotency_key_for("t2"), "t2".into());
+        assert_eq!(checks(history, &nodes), ["compensation"]);
+
+        let (history, mut nodes) = healthy();
+        if let Some(n) = nodes[0].as_mut() {
+            n.digests.insert("d".into(), "y".into());
+        }
+        assert_eq!(checks(history, &nodes), ["documents"]);
+
+        let (mut history, nodes) = healthy();
+        history.answered(
+            9,
+            Answer {
+                op: 9,
+                node: 0,
+                key: "k2".into(),
+                txn: "t9".into(),
+                replay: true,
+                confidence: 1.0,
+            },
+        );
+        assert_eq!(checks(history, &nodes), ["replay"]);
+    }
 }

@@ -1,0 +1,80 @@
+//! The chaos runner (`oncemesh::chaos`, `oncemesh chaos`) on real `oncemesh`
+//! processes, a short version for CI: two seeds of 20 s whose schedules
+//! together inject every fault kind (partitions of each shape, delay,
+//! SIGKILL and restart, SIGSTOP pauses, clock skew, a failing and a hanging
+//! compensation endpoint). Each run must pass the shared checker; the long
+//! run is `cargo run --release -- chaos --seeds 10` (docs/RELIABILITY.md).
+
+use oncemesh::chaos::{self, schedule, Options};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+/// Seeds 2 and 3 of a 20 s, three-node run inject every fault kind between them.
+const SEEDS: [u64; 2] = [2, 3];
+const WORKLOAD: Duration = Duration::from_secs(20);
+
+#[test]
+fn the_ci_seeds_inject_every_fault_kind() {
+    let kinds: BTreeSet<&str> = SEEDS
+        .iter()
+        .flat_map(|&seed| schedule::plan(seed, 3, WORKLOAD.as_millis() as u64))
+        .map(|e| e.fault.kind())
+        .collect();
+    let all = [
+        "isolate",
+        "split",
+        "one-way",
+        "delay",
+        "kill",
+        "pause",
+        "skew",
+        "webhook-fail",
+        "webhook-hang",
+    ];
+    assert_eq!(kinds, BTreeSet::from(all));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_nodes_under_seeded_faults_hold_every_invariant() {
+    let options = Options {
+        nodes: 3,
+        workload: WORKLOAD,
+        converge_within: Duration::from_secs(60),
+    };
+    let exe = Path::new(env!("CARGO_BIN_EXE_oncemesh"));
+    let mut conflicts = 0;
+    for seed in SEEDS {
+        let dir = tempfile::tempdir().expect("a temporary dir");
+        let outcome = chaos::run_seed(exe, dir.path(), &options, seed)
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed} could not run: {e}"));
+        let report = &outcome.report;
+        println!(
+            "seed {seed}: {} allocations, {} replays, {} conflicts, faults {:?}, {} refunds, converged {:?} ms after heal, ECE {:.3}",
+            report.allocations,
+            report.replays,
+            report.conflicts,
+            outcome.faults,
+            outcome.effects,
+            report.converged_after_ms,
+            outcome.ece
+        );
+        assert!(
+            report.passed(),
+            "seed {seed} broke invariants: {:#?}\n{}",
+            report.violations.iter().take(5).collect::<Vec<_>>(),
+            report.excerpt.join("\n")
+        );
+        assert!(report.allocations > 100 && report.replays > 0, "{report:?}");
+        assert_eq!(
+            outcome.faults.values().sum::<usize>(),
+            schedule::plan(seed, 3, WORKLOAD.as_millis() as u64).len(),
+            "every fault of the schedule was injected"
+        );
+        conflicts += report.conflicts;
+    }
+    // Retries across partitions make duplicates, so the conflict and
+    // compensation checks had something to judge.
+    assert!(conflicts > 0, "no conflict in {SEEDS:?}");
+}
