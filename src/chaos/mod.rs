@@ -6,10 +6,12 @@
 //! plays the [`workload`] (customers with cross-region retries and replays)
 //! while the [`schedule`] of the seed cuts, splits, slows and one-ways
 //! links, kills, pauses and clock-skews nodes and makes the endpoint fail
-//! or hang. Then it heals everything, waits for the cluster to converge
-//! (identical documents, no open conflict) within a bound, reads every
-//! node's end state through its API and hands it with the recorded
-//! history to [`crate::check::judge`]. `oncemesh chaos` runs many seeds.
+//! or hang. Then it heals everything (the faults still in force when the
+//! traffic ends stay so until its last retries are done), waits for the
+//! cluster to converge (identical documents, no open conflict) within a
+//! bound, reads every node's end state through its API and hands it with
+//! the recorded history to [`crate::check::judge`]. `oncemesh chaos` runs
+//! many seeds.
 
 pub mod receiver;
 pub mod schedule;
@@ -183,9 +185,13 @@ async fn play(
         paused: BTreeSet::new(),
     };
     let mut counted: BTreeMap<&'static str, usize> = BTreeMap::new();
+    // What is still in force when the traffic stops stays so until the
+    // heal, after the last retries.
+    let workload_ms = options.workload.as_millis() as u64;
     let mut steps: Vec<(u64, bool, &Episode)> = episodes
         .iter()
         .flat_map(|e| [(e.start_ms, true, e), (e.end_ms, false, e)])
+        .filter(|s| s.0 < workload_ms)
         .collect();
     steps.sort_by_key(|s| s.0);
     for (at, begin, episode) in steps {

@@ -106,6 +106,9 @@ impl Cluster {
         extra: impl Fn(usize) -> Vec<String>,
     ) -> Result<Cluster, ClusterError> {
         let mut nodes = Vec::new();
+        // Each node's listen port, held until the relays have bound theirs
+        // so that no relay can be given a port a node is about to listen on.
+        let mut probes = Vec::new();
         for region in regions {
             let keypair =
                 crate::node::identity::load_or_create(&root.join(region)).map_err(|source| {
@@ -124,6 +127,7 @@ impl Cluster {
                 listen_port: probe.local_addr().map_err(io("a free port"))?.port(),
                 child: None,
             });
+            probes.push(probe);
         }
         let mut links = Vec::new();
         for i in 0..nodes.len() {
@@ -137,6 +141,7 @@ impl Cluster {
             }
             links.push(row);
         }
+        drop(probes);
         let mut cluster = Cluster {
             exe: exe.to_owned(),
             root: root.to_owned(),
