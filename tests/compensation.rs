@@ -684,14 +684,18 @@ async fn a_three_region_conflict_compensates_both_losers_each_by_its_own_node() 
     );
     assert!(rx.calls_for(&middle.txn).is_empty(), "{}", rx.describe());
     s.c.heal_all();
+    let winner = s.winner().txn.clone();
     for node in 0..3 {
+        // The last loser's record first named the middle allocation its
+        // winner; its owner rewrites it once it sees the first, and that
+        // rewrite reaches each node a moment after the allocation itself.
         let entry = wait_for_report(
             &s,
             &rx,
             node,
             s.losers(),
-            "succeeded",
-            state_is("succeeded"),
+            "succeeded against the final winner",
+            |c| state_is("succeeded")(c) && c["winner_txn_id"] == winner.as_str(),
         )
         .await;
         for loser in s.losers() {
