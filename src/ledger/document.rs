@@ -72,6 +72,15 @@ pub enum DocumentError {
         /// What is wrong with it.
         reason: String,
     },
+    /// automerge panicked on a peer's message (a bug of automerge that a
+    /// malformed message reaches); the node goes on, this message is dropped.
+    #[error("{doc}: automerge panicked while {during}")]
+    Panicked {
+        /// Document involved.
+        doc: DocId,
+        /// What it was doing.
+        during: &'static str,
+    },
     /// An automerge operation failed.
     #[error("{doc}: automerge operation failed: {source}")]
     Automerge {
@@ -352,8 +361,13 @@ impl ShardDocument {
             let chunks: Vec<&[u8]> = message.changes.iter().collect();
             chunks.concat()
         });
-        let applied =
-            self.apply_remote(|doc, log| super::sync_receive::receive(doc, state, message, log));
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.apply_remote(|doc, log| super::sync_receive::receive(doc, state, message, log))
+        }))
+        .unwrap_or(Err(DocumentError::Panicked {
+            doc: self.id,
+            during: "receiving a sync message",
+        }));
         if let Some(bytes) = as_received {
             let added = self.doc.stats().num_changes - changes_before;
             if applied.is_ok() && added == chunks && self.doc.get_missing_deps(&[]).is_empty() {
@@ -393,7 +407,16 @@ impl ShardDocument {
         // The same trick hands the changes we hold encoded to us: automerge
         // builds the rest, and marks ours sent as it would have.
         let ours = self.encoded_to_send(state);
-        let message = self.doc.generate_sync_message(state);
+        // automerge 0.12 can panic here on what a malformed peer message left
+        // in the document (found by fuzzing): this document then sends
+        // nothing to that peer, and the node and its other documents go on.
+        let message = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.doc.generate_sync_message(state)
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!(doc = %self.id, "automerge panicked generating a sync message; none sent");
+            None
+        });
         for hash in &held_back {
             state.sent_hashes.remove(hash);
         }

@@ -260,7 +260,18 @@ impl EventLoop {
                 let handles = self.handles.clone();
                 let tx = self.internal_tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let built = work::build(&handles.ledger, &order);
+                    // The engine waits for every build it asked for: one that
+                    // panicked still reports, with nothing to send.
+                    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        work::build(&handles.ledger, &order)
+                    }))
+                    .unwrap_or_else(|_| {
+                        tracing::error!(peer = %order.peer, "building a sync request panicked; nothing sent");
+                        work::Built {
+                            request: None,
+                            deferred: Vec::new(),
+                        }
+                    });
                     let _ = tx.send(Internal::Built { peer, built });
                 });
             }
