@@ -32,6 +32,7 @@
 //! - [`sync`]: replication with no I/O: the policy engine, the messages,
 //!   the work each step does on the ledger.
 //! - [`p2p`]: the libp2p swarm (a shell around [`sync`]) and the wire codec.
+//! - [`identity`]: the node's libp2p key in its data dir (its peer id).
 //! - [`node`]: wires everything together (each subsystem gets the handles
 //!   it needs, not the node) and owns shutdown; only [`cli`] imports it.
 //! - [`http`]: the JSON API; [`client`]: a typed client of it; [`cli`]: the
@@ -61,6 +62,7 @@ pub mod group_commit;
 pub mod health;
 pub mod hlc;
 pub mod http;
+pub mod identity;
 pub mod jcs;
 pub mod journal;
 pub mod key;

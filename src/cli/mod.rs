@@ -147,7 +147,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => run_node(*args).await,
         Command::Id { data_dir } => {
-            let keypair = crate::node::identity::load_or_create(&data_dir)?;
+            let keypair = crate::identity::load_or_create(&data_dir)?;
             println!("{}", keypair.public().to_peer_id());
             Ok(0)
         }

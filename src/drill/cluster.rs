@@ -45,7 +45,7 @@ pub enum ClusterError {
         /// The node's region.
         region: String,
         /// Cause.
-        source: crate::node::identity::IdentityError,
+        source: crate::identity::IdentityError,
     },
     /// A relay could not start.
     #[error(transparent)]
@@ -111,7 +111,7 @@ impl Cluster {
         let mut probes = Vec::new();
         for region in regions {
             let keypair =
-                crate::node::identity::load_or_create(&root.join(region)).map_err(|source| {
+                crate::identity::load_or_create(&root.join(region)).map_err(|source| {
                     ClusterError::Identity {
                         region: (*region).to_owned(),
                         source,

@@ -5,7 +5,6 @@
 //! no module but the command line imports this one.
 
 mod heap;
-pub mod identity;
 
 use crate::allocator::Allocator;
 use crate::compensation::Compensations;
@@ -13,6 +12,7 @@ use crate::config::NodeConfig;
 use crate::estimator::Estimator;
 use crate::exposure::Pricing;
 use crate::health::Health;
+use crate::identity;
 use crate::ledger::{
     ChunkSink, DocId, Ledger, MergeOutcome, NodeIdentity, OnMerge, Stored, StoredDocument, Windows,
 };
