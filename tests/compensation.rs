@@ -1104,9 +1104,14 @@ async fn mtls_refuses_a_node_without_a_client_certificate_and_serves_one_with_it
         let (_, entry) = wait_for_loser_state(&s, &rx, node, &with_cert, "succeeded").await;
         let (refused, entry_2) =
             wait_for_loser_state(&s, &rx, node, &without, "dead-lettered").await;
+        // In TLS 1.3 the client finishes its side of the handshake before
+        // the server checks the client's certificate: the refusal reaches it
+        // as a TLS alert, or, when the alert loses the race with the request,
+        // as the connection closing under it. The receiver's count of failed
+        // handshakes below is what shows the refusal happened there.
         let error = refused["last_error"].as_str().unwrap_or("");
         assert!(
-            error.contains("TLS error"),
+            error.contains("TLS error") || error.contains("connection"),
             "node {node}: {entry} {entry_2}"
         );
         assert_eq!(attempts(&refused), 2, "node {node}: {entry_2}");
