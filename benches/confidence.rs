@@ -37,6 +37,7 @@ fn peers(n: usize) -> Vec<PeerView> {
         .map(|i| PeerView {
             staleness: Duration::from_millis(300 + 997 * i as u64),
             connected: i % 4 == 0,
+            behind: Duration::ZERO,
         })
         .collect()
 }

@@ -143,6 +143,7 @@ impl Estimator {
                     return PeerView {
                         staleness: Duration::ZERO,
                         connected: true,
+                        behind: Duration::ZERO,
                     };
                 }
                 // Never in sync since this process started: treat as a
@@ -151,9 +152,14 @@ impl Estimator {
                 let staleness = p
                     .staleness(now)
                     .unwrap_or_else(|| Duration::from_millis(now.saturating_sub(self.started_ms)));
+                // Our oldest allocation it has not shown yet: beyond one
+                // round, a connected peer is slow or stalled (a pause, an
+                // added delay) and will see new allocations late too.
+                let lag = Duration::try_from_secs_f64(p.lag_seconds).unwrap_or_default();
                 PeerView {
                     staleness: staleness.saturating_sub(self.sync_interval),
                     connected: p.connected,
+                    behind: lag.saturating_sub(self.sync_interval),
                 }
             })
             .collect()

@@ -150,10 +150,12 @@ fn peer_views(parts: &[Partition], region: usize, t: f64) -> Vec<PeerView> {
             Some(p) if p.region == region || p.region == peer => PeerView {
                 staleness: Duration::from_secs_f64(t - p.start),
                 connected: false,
+                behind: Duration::ZERO,
             },
             _ => PeerView {
                 staleness: Duration::ZERO,
                 connected: true,
+                behind: Duration::ZERO,
             },
         })
         .collect()

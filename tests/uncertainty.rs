@@ -166,6 +166,14 @@ async fn a_cut_off_region_learns_failover_from_its_first_heal() {
         second.mean_confidence
     );
     let found = second.conflicts_found as f64;
+    // From the second partition on, the confidence given is the share that
+    // ended without a conflict (as the simulation requires of it).
+    let conflict_free = 1.0 - found / PER_PARTITION as f64;
+    assert!(
+        (second.mean_confidence - conflict_free).abs() <= 0.05,
+        "second partition: mean confidence {:.4}, {conflict_free:.4} ended without a conflict",
+        second.mean_confidence
+    );
     assert!(
         second.expected_duplicates >= found / 2.0 && second.expected_duplicates <= found * 2.0,
         "second partition: {:.2} duplicates expected, {found} found",

@@ -59,16 +59,77 @@ impl Curves {
     /// new allocation that could conflict through it because we cannot see
     /// its allocations yet (backward), and because it will not see ours in
     /// time (forward).
-    pub fn peer_terms(&self, staleness_secs: f64, connected: bool) -> (f64, f64) {
-        let (at, frac) = position(staleness_secs);
-        let lerp = |t: &[f64; POINTS + 1]| t[at] + (t[(at + 1).min(POINTS)] - t[at]) * frac;
-        let forward = if connected {
-            self.within_lag
-        } else {
-            lerp(&self.before_heal)
-        };
-        (lerp(&self.backward), forward)
+    pub fn peer_terms(&self, staleness_secs: f64, behind_secs: f64, connected: bool) -> (f64, f64) {
+        (
+            self.backward(staleness_secs),
+            self.forward(staleness_secs, behind_secs, connected),
+        )
     }
+
+    /// The backward term of a peer stale by `staleness_secs`.
+    pub fn backward(&self, staleness_secs: f64) -> f64 {
+        lerp(&self.backward, staleness_secs)
+    }
+
+    /// The forward term of a peer: before the heal if unreachable; a
+    /// connected peer `behind_secs` slower than the lag sees ours within
+    /// `lag + behind`, which is the backward table read at `behind`.
+    pub fn forward(&self, staleness_secs: f64, behind_secs: f64, connected: bool) -> f64 {
+        if !connected {
+            lerp(&self.before_heal, staleness_secs)
+        } else if behind_secs > 0.0 {
+            lerp(&self.backward, behind_secs)
+        } else {
+            self.within_lag
+        }
+    }
+}
+
+/// A table of terms with the weight of the observations that moved the
+/// estimates under it since it was built.
+#[derive(Debug, Clone)]
+pub(super) struct Tabulated {
+    curves: Curves,
+    unbuilt: f64,
+}
+
+impl Tabulated {
+    /// A table to be built at the first query.
+    pub fn unbuilt() -> Self {
+        Self {
+            curves: Curves::empty(),
+            unbuilt: f64::INFINITY,
+        }
+    }
+
+    /// Notes that observations of `weight` moved the estimates.
+    pub fn moved(&mut self, weight: f64) {
+        self.unbuilt += weight;
+    }
+
+    /// Whether the observations since the last build reach 1 % of the
+    /// `basis` they rest on: a single observation then moves the terms by
+    /// well under that, so the table may wait until then.
+    pub fn stale(&self, basis: f64) -> bool {
+        self.unbuilt >= 0.01 * basis
+    }
+
+    /// Replaces the table by a newly built one.
+    pub fn rebuilt(&mut self, curves: Curves) {
+        self.curves = curves;
+        self.unbuilt = 0.0;
+    }
+
+    /// The table as last built.
+    pub fn curves(&self) -> &Curves {
+        &self.curves
+    }
+}
+
+/// The table `t` at `age` seconds, interpolated between its grid points.
+fn lerp(t: &[f64; POINTS + 1], age: f64) -> f64 {
+    let (at, frac) = position(age);
+    t[at] + (t[(at + 1).min(POINTS)] - t[at]) * frac
 }
 
 /// Staleness at grid point `i`: 0, then `2^(FIRST_OCTAVE + o) · (1 + j / PER_OCTAVE)`
@@ -127,12 +188,15 @@ mod tests {
                     } else {
                         delays.before_heal(age, 0.25, 10.0, 1.5)
                     };
-                let (backward, forward) = curves.peer_terms(age, connected);
+                let (backward, forward) = curves.peer_terms(age, 0.0, connected);
                 let table = backward + forward;
                 assert!(
                     (exact - table).abs() < 0.01,
                     "age {age} connected {connected}: exact {exact} table {table}"
                 );
+                // A connected peer that far behind sees ours within lag + age.
+                let (_, slow) = curves.peer_terms(0.0, age, true);
+                assert!((slow - delays.cdf(age + 0.25)).abs() < 0.01, "behind {age}");
             }
         }
     }

@@ -18,7 +18,7 @@ mod situation;
 
 pub use situation::Situation;
 
-use curves::Curves;
+use curves::{Curves, Tabulated};
 use delays::Delays;
 use serde::Serialize;
 use std::time::Duration;
@@ -32,6 +32,11 @@ pub struct PeerView {
     /// normal replication lag (otherwise it waits for the outage to end). A connected peer
     /// with a large staleness is one still catching up.
     pub connected: bool,
+    /// How much longer than the normal replication lag (`sync_lag`) a connected peer is
+    /// taking to show this node's recent allocations; `ZERO` while it keeps up. A peer
+    /// that is slowed or stalled sees a new allocation late, so a retry there is
+    /// likelier to land first.
+    pub behind: Duration,
 }
 
 /// Tunables of the model; `Default` gives the documented prior (docs/CONFIDENCE.md).
@@ -68,6 +73,15 @@ pub struct ConfidenceParams {
     pub prior_isolated_failover: f64,
     /// Weight of those priors, in resolved allocations whose failover window was whole.
     pub prior_failover_weight: f64,
+    /// Lower end of the prior delay of a failover (a customer's attempt in another region
+    /// after theirs was slow or unreachable), spread log-uniformly up to
+    /// `prior_failover_delay_max`. Failover follows a client's timeout, so it comes much
+    /// sooner than a person's retry.
+    pub prior_failover_delay_min: Duration,
+    /// Upper end of the prior failover delay.
+    pub prior_failover_delay_max: Duration,
+    /// Weight of the prior failover delays, in observed conflicts of the situation.
+    pub prior_failover_delay_weight: f64,
     /// After this many allocations the observed retry counts and delays are halved, so the
     /// estimates follow changes in traffic; 0 keeps them forever.
     pub history_allocations: u64,
@@ -78,10 +92,10 @@ impl Default for ConfidenceParams {
         Self {
             sync_lag: Duration::from_millis(250),
             prior_retry_rate: 0.05,
-            prior_retry_weight: 200.0,
+            prior_retry_weight: 50.0,
             prior_delay_min: Duration::from_secs(1),
             prior_delay_max: Duration::from_secs(300),
-            prior_delay_weight: 10.0,
+            prior_delay_weight: 5.0,
             outage_scale: Duration::from_secs(10),
             outage_min: Duration::from_secs(1),
             prior_outage_shape: 1.5,
@@ -89,6 +103,9 @@ impl Default for ConfidenceParams {
             prior_partial_failover: 0.05,
             prior_isolated_failover: 0.2,
             prior_failover_weight: 20.0,
+            prior_failover_delay_min: Duration::from_millis(50),
+            prior_failover_delay_max: Duration::from_secs(30),
+            prior_failover_delay_weight: 5.0,
             history_allocations: 1_000_000,
         }
     }
@@ -107,6 +124,7 @@ impl ConfidenceParams {
             }
         };
         let min_delay = self.prior_delay_min.max(Duration::from_millis(1));
+        let min_failover_delay = self.prior_failover_delay_min.max(Duration::from_millis(1));
         Self {
             sync_lag: self.sync_lag,
             prior_retry_rate: weight(self.prior_retry_rate, d.prior_retry_rate),
@@ -127,6 +145,12 @@ impl ConfidenceParams {
             )
             .min(1.0),
             prior_failover_weight: weight(self.prior_failover_weight, d.prior_failover_weight),
+            prior_failover_delay_min: min_failover_delay,
+            prior_failover_delay_max: self.prior_failover_delay_max.max(min_failover_delay),
+            prior_failover_delay_weight: weight(
+                self.prior_failover_delay_weight,
+                d.prior_failover_delay_weight,
+            ),
             history_allocations: self.history_allocations,
         }
     }
@@ -203,8 +227,8 @@ pub struct SituationSummary {
 /// What is learnt about one situation, and its tabulated risk terms.
 #[derive(Debug, Clone)]
 struct SituationStats {
-    /// Delays of conflicting attempts on allocations made in it: shown, not
-    /// used by the risk terms (see [`ConfidenceModel::observe_conflict`]).
+    /// Delays of conflicting attempts on allocations made in it: the shape
+    /// in time of its failover, beside the prior's.
     delays: Delays,
     /// Resolved allocations and those that conflicted.
     resolved: f64,
@@ -213,6 +237,9 @@ struct SituationStats {
     calm_conflicts: f64,
     /// Σ calm confidence × failover window: the conflicts a failover rate of 1 adds.
     failover_exposure: f64,
+    /// The failover window by staleness, from the prior failover delays and
+    /// `delays`, tabulated (unused in sync).
+    window: Tabulated,
 }
 
 /// Online estimator of cross-region retry behaviour and peer outages, fed by the node;
@@ -234,10 +261,10 @@ pub struct ConfidenceModel {
     outage_log_sum: f64,
     since_halving: u64,
     situations: [SituationStats; 3],
-    /// The risk terms by staleness, tabulated.
-    curves: Curves,
-    /// Observations that moved the terms since `curves` were built.
-    unbuilt: f64,
+    /// Prior pseudo-counts of failover delays (sum = `prior_failover_delay_weight`).
+    prior_failover_delays: Delays,
+    /// The risk terms of independent retries by staleness, tabulated.
+    curves: Tabulated,
 }
 
 impl ConfidenceModel {
@@ -249,7 +276,12 @@ impl ConfidenceModel {
             params.prior_delay_max.as_secs_f64(),
             params.prior_delay_weight,
         );
-        let mut model = Self {
+        let prior_failover_delays = Delays::log_uniform(
+            params.prior_failover_delay_min.as_secs_f64(),
+            params.prior_failover_delay_max.as_secs_f64(),
+            params.prior_failover_delay_weight,
+        );
+        Self {
             params,
             prior_delays,
             delays: Delays::default(),
@@ -265,12 +297,11 @@ impl ConfidenceModel {
                 conflicted: 0.0,
                 calm_conflicts: 0.0,
                 failover_exposure: 0.0,
+                window: Tabulated::unbuilt(),
             }),
-            curves: Curves::empty(),
-            unbuilt: 0.0,
-        };
-        model.curves = model.build_curves();
-        model
+            prior_failover_delays,
+            curves: Tabulated::unbuilt(),
+        }
     }
 
     /// A new local allocation was made (denominator of the retry rate).
@@ -290,8 +321,9 @@ impl ConfidenceModel {
                 s.conflicted /= 2.0;
                 s.calm_conflicts /= 2.0;
                 s.failover_exposure /= 2.0;
+                s.window.moved(1.0);
             }
-            self.moved(1.0);
+            self.curves.moved(1.0);
         }
     }
 
@@ -301,7 +333,7 @@ impl ConfidenceModel {
     pub fn observe_cross_region_replay(&mut self, delay: Duration) {
         self.replays += 1.0;
         self.delays.add(delay.as_secs_f64(), 1.0);
-        self.moved(1.0);
+        self.curves.moved(1.0);
     }
 
     /// A conflict was detected on an allocation of this node made in `situation`;
@@ -309,18 +341,18 @@ impl ConfidenceModel {
     /// once per such allocation. A conflict of an allocation made in sync is a
     /// cross-region attempt like a replay; both nodes of a conflict report it, so it
     /// counts as half a one here. A conflict of one made during a partition tells only
-    /// about that situation: in-sync confidence is not lowered by partition-time failover.
+    /// about that situation (the shape in time of its failover): in-sync confidence is
+    /// not lowered by partition-time failover.
     pub fn observe_conflict(&mut self, delay: Duration, situation: Situation) {
         let secs = delay.as_secs_f64();
         if situation == Situation::InSync {
             self.conflicts += 1.0;
             self.delays.add(secs, 0.5);
-            self.moved(0.5);
+            self.curves.moved(0.5);
         } else {
-            // Shown per situation, but not fed into the risk terms: the
-            // failover factor is learnt against the terms an allocation was
-            // given, and terms that moved under it would make it overshoot.
-            self.situations[situation.index()].delays.add(secs, 1.0);
+            let s = &mut self.situations[situation.index()];
+            s.delays.add(secs, 1.0);
+            s.window.moved(1.0);
         }
     }
 
@@ -350,7 +382,10 @@ impl ConfidenceModel {
         let m = self.params.outage_min.as_secs_f64();
         self.outages += 1.0;
         self.outage_log_sum += ((c + outage.as_secs_f64()) / (c + m)).ln();
-        self.moved(1.0);
+        self.curves.moved(1.0);
+        for s in &mut self.situations {
+            s.window.moved(1.0);
+        }
     }
 
     /// The confidence of a new allocation, with the situation it is made in.
@@ -366,17 +401,21 @@ impl ConfidenceModel {
             };
         }
         let share = 1.0 / peers.len() as f64;
-        let curves = self.curves();
+        self.refresh_curves(situation);
+        let calm_terms = self.curves.curves();
+        let failover_terms = self.situations[situation.index()].window.curves();
         let (mut exposure, mut window) = (0.0, 0.0);
         for p in peers {
-            let (backward, forward) = curves.peer_terms(p.staleness.as_secs_f64(), p.connected);
+            let age = p.staleness.as_secs_f64();
+            let behind = p.behind.as_secs_f64();
+            let (backward, forward) = calm_terms.peer_terms(age, behind, p.connected);
             exposure += share * (backward + forward);
             window += share
                 * match situation {
                     // Our customer's failover reaches a peer that cannot see ours.
-                    Situation::Isolated => forward,
+                    Situation::Isolated => failover_terms.forward(age, behind, p.connected),
                     // A cut-off peer's customer fails over here; we cannot see theirs.
-                    Situation::Partial if !p.connected => backward,
+                    Situation::Partial if !p.connected => failover_terms.backward(age),
                     _ => 0.0,
                 };
         }
@@ -478,29 +517,40 @@ impl ConfidenceModel {
         Delays::normalised(&[&self.prior_delays, &self.delays])
     }
 
-    /// Notes that observations of `weight` moved the risk terms.
-    fn moved(&mut self, weight: f64) {
-        self.unbuilt += weight;
+    /// Failover delays of `situation` as its window uses them: the prior and
+    /// the delays of the conflicts its allocations met.
+    fn failover_distribution(&self, situation: Situation) -> delays::Distribution {
+        Delays::normalised(&[
+            &self.prior_failover_delays,
+            &self.situations[situation.index()].delays,
+        ])
     }
 
-    /// The tabulated risk terms, rebuilt once the observations since the
-    /// last build reach 1 % of everything they rest on: a single observation
-    /// then moves the terms by well under that.
-    fn curves(&mut self) -> &Curves {
-        let basis = self.prior_delays.total()
-            + self.delays.total()
-            + self.params.prior_outage_weight
-            + self.outages;
-        if self.unbuilt >= 0.01 * basis {
-            self.curves = self.build_curves();
-            self.unbuilt = 0.0;
+    /// Rebuilds the tabulated terms of independent retries, and the failover
+    /// window of `situation`, where the observations since their last build
+    /// reach 1 % of everything they rest on.
+    fn refresh_curves(&mut self, situation: Situation) {
+        let outages = self.params.prior_outage_weight + self.outages;
+        let basis = self.prior_delays.total() + self.delays.total() + outages;
+        if self.curves.stale(basis) {
+            let built = self.build_curves(&self.distribution());
+            self.curves.rebuilt(built);
         }
-        &self.curves
+        if situation == Situation::InSync {
+            return;
+        }
+        let s = &self.situations[situation.index()];
+        if s.window
+            .stale(self.prior_failover_delays.total() + s.delays.total() + outages)
+        {
+            let built = self.build_curves(&self.failover_distribution(situation));
+            self.situations[situation.index()].window.rebuilt(built);
+        }
     }
 
-    fn build_curves(&self) -> Curves {
+    fn build_curves(&self, delays: &delays::Distribution) -> Curves {
         Curves::build(
-            &self.distribution(),
+            delays,
             self.params.sync_lag.as_secs_f64(),
             self.params.outage_scale.as_secs_f64(),
             self.outage_shape(),
@@ -539,7 +589,8 @@ mod tests {
         vec![
             PeerView {
                 staleness: Duration::ZERO,
-                connected: true
+                connected: true,
+                behind: Duration::ZERO,
             };
             n
         ]
@@ -551,6 +602,7 @@ mod tests {
         peers[0] = PeerView {
             staleness: secs(age),
             connected: false,
+            behind: Duration::ZERO,
         };
         peers
     }
@@ -573,7 +625,8 @@ mod tests {
         let lagging = vec![
             PeerView {
                 staleness: secs(0.2),
-                connected: true
+                connected: true,
+                behind: Duration::ZERO,
             };
             2
         ];
@@ -586,6 +639,7 @@ mod tests {
         let alone = [PeerView {
             staleness: secs(30.0),
             connected: false,
+            behind: Duration::ZERO,
         }];
         let c = fresh.confidence(&alone);
         assert!(c < 0.97, "{c}");
@@ -608,10 +662,12 @@ mod tests {
         let catching_up = [PeerView {
             staleness: secs(30.0),
             connected: true,
+            behind: Duration::ZERO,
         }];
         let unreachable = [PeerView {
             staleness: secs(30.0),
             connected: false,
+            behind: Duration::ZERO,
         }];
         assert!(model.confidence(&catching_up) > model.confidence(&unreachable));
     }
@@ -636,6 +692,26 @@ mod tests {
         (0..50).for_each(|_| model.observe_conflict(secs(0.05), Situation::InSync));
         let c = model.confidence(&in_sync(3));
         assert!(c < 1.0 && c > 0.9, "{c}");
+    }
+
+    #[test]
+    fn a_peer_slow_to_show_our_allocations_lowers_confidence() {
+        let mut model = with_history(5_000, 500);
+        let mut slow = in_sync(2);
+        let keeping_up = model.confidence(&slow);
+        slow[0].behind = secs(3.0);
+        let behind = model.confidence(&slow);
+        slow[0].behind = secs(30.0);
+        let stalled = model.confidence(&slow);
+        assert!(
+            keeping_up > behind && behind > stalled,
+            "{keeping_up} {behind} {stalled}"
+        );
+        // Behind counts only while connected: unreachable is judged by the outage.
+        let mut cut = one_stale(10.0);
+        let before = model.confidence(&cut);
+        cut[0].behind = secs(30.0);
+        assert_eq!(model.confidence(&cut), before);
     }
 
     #[test]
@@ -677,6 +753,7 @@ mod tests {
             PeerView {
                 staleness: secs(age),
                 connected: false,
+                behind: Duration::ZERO,
             };
             peers
         ]
@@ -738,6 +815,7 @@ mod tests {
             peers[0] = PeerView {
                 staleness: secs(age),
                 connected: false,
+                behind: Duration::ZERO,
             };
             peers
         };
@@ -784,10 +862,12 @@ mod tests {
             .map(|i| PeerView {
                 staleness: secs(f64::from(i) * 7.3),
                 connected: i % 3 != 0,
+                behind: Duration::ZERO,
             })
             .collect();
         let e = model.estimate(&peers);
         let d = model.distribution();
+        let f = model.failover_distribution(Situation::Partial);
         let lag = model.params.sync_lag.as_secs_f64();
         let shape = model.outage_shape();
         let (mut exposure, mut window) = (0.0, 0.0);
@@ -800,7 +880,7 @@ mod tests {
             };
             exposure += (d.cdf(age + lag) + forward) / 50.0;
             if !p.connected {
-                window += d.cdf(age + lag) / 50.0;
+                window += f.cdf(age + lag) / 50.0;
             }
         }
         let calm = (-model.retry_rate() * exposure).exp();
@@ -831,7 +911,7 @@ mod tests {
             weights in proptest::collection::vec(number(), 8),
             (lag, scale, delay_min, delay_max) in (duration(), duration(), duration(), duration()),
             events in proptest::collection::vec((0u8..5, duration()), 0..200),
-            peers in proptest::collection::vec((duration(), any::<bool>()), 0..6),
+            peers in proptest::collection::vec((duration(), any::<bool>(), duration()), 0..6),
             history in 0u64..50,
         ) {
             let params = ConfidenceParams {
@@ -857,14 +937,14 @@ mod tests {
                     1 => model.observe_cross_region_replay(d),
                     2 => model.observe_conflict(d, Situation::ALL[d.subsec_nanos() as usize % 3]),
                     3 => {
-                        let e = model.estimate(&[PeerView { staleness: d, connected: d.as_secs() % 3 == 0 }]);
+                        let e = model.estimate(&[PeerView { staleness: d, connected: d.as_secs() % 3 == 0, behind: d / 3 }]);
                         model.observe_resolved(&e, d.as_secs() % 2 == 0)
                     }
                     _ => model.observe_peer_resync(d),
                 }
             }
             let views: Vec<PeerView> =
-                peers.into_iter().map(|(staleness, connected)| PeerView { staleness, connected }).collect();
+                peers.into_iter().map(|(staleness, connected, behind)| PeerView { staleness, connected, behind }).collect();
             let e = model.estimate(&views);
             prop_assert!((0.0..=1.0).contains(&e.confidence), "{:?}", e);
             prop_assert!((0.0..=1.0).contains(&e.calm_confidence), "{:?}", e);

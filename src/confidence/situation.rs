@@ -63,6 +63,7 @@ mod tests {
         PeerView {
             staleness: Duration::from_secs(if connected { 0 } else { 30 }),
             connected,
+            behind: Duration::ZERO,
         }
     }
 

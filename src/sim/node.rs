@@ -463,6 +463,7 @@ impl SimNode {
                     staleness: Duration::from_millis(wall.saturating_sub(since))
                         .saturating_sub(Duration::from_secs(1)),
                     connected: self.connected.contains(&j),
+                    behind: Duration::ZERO,
                 }
             })
             .collect()
