@@ -1,11 +1,257 @@
 //! Retention: tokens are forgotten everywhere once they are older than
-//! `--retention`, and their documents leave memory and disk.
+//! `--retention`, and their documents leave memory and disk. A key lives as
+//! long as its winner: a retry straddling a window edge puts a loser in a
+//! newer document than its winner, and the loser leaves with the winner (on
+//! virtual time through the ledger, and with real nodes).
 
 mod support;
 
+use oncemesh::key::{fingerprint, IdempotencyKey};
+use oncemesh::ledger::{
+    AllocateRequest, Allocated, ChunkSink, DocId, Ledger, NodeIdentity, Stored, StoredDocument,
+    Windows, SHARD_COUNT,
+};
+use oncemesh::time::ManualClock;
 use serde_json::json;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::{Cluster, ClusterOptions};
+
+// ---------------------------------------------------------------------------
+// The ledger's rule, on virtual time: two nodes' ledgers, no processes.
+// ---------------------------------------------------------------------------
+
+/// 4 s retention, so 1 s windows: epoch e is past the retention at (e + 5) s.
+const RETENTION_MS: u64 = 4_000;
+const KEY: &str = "order-straddling-retry";
+
+/// A disk that keeps nothing of documents (a restart is given the documents
+/// as the ledger saves them): only the notes of retired allocations, and
+/// which documents it was asked to drop.
+#[derive(Default)]
+struct Disk {
+    dropped: Mutex<Vec<DocId>>,
+    retired: Mutex<Vec<(DocId, String)>>,
+}
+
+impl ChunkSink for Disk {
+    fn journal(&self, _epoch: u32, _record: Vec<u8>) -> u64 {
+        0
+    }
+    fn forget_journal(&self, _seqs: Vec<u64>) {}
+    fn persist(&self, _doc: DocId, _bytes: Vec<u8>) -> u64 {
+        0
+    }
+    fn snapshot(&self, _doc: DocId, _bytes: Vec<u8>) -> u64 {
+        0
+    }
+    fn drop_document(&self, doc: DocId) {
+        self.dropped.lock().unwrap().push(doc);
+        self.retired.lock().unwrap().retain(|(d, _)| *d != doc);
+    }
+    fn retire(&self, doc: DocId, txns: Vec<String>) {
+        let mut retired = self.retired.lock().unwrap();
+        retired.extend(txns.into_iter().map(|txn| (doc, txn)));
+    }
+}
+
+fn open_ledger(
+    node: &str,
+    peer: &str,
+    clock: &ManualClock,
+    stored: Stored,
+    disk: Arc<Disk>,
+) -> Ledger {
+    Ledger::open(
+        NodeIdentity {
+            region: node.into(),
+            node: node.into(),
+        },
+        vec![peer.into()],
+        Arc::new(clock.clone()),
+        500,
+        Windows::for_retention(RETENTION_MS),
+        stored,
+        disk,
+    )
+    .expect("open the ledger")
+}
+
+fn allocate(ledger: &Ledger, amount: u32) -> Allocated {
+    let key = IdempotencyKey::parse(KEY).unwrap();
+    let request = AllocateRequest {
+        key: key.clone(),
+        fingerprint: fingerprint(&json!({ "amount": amount })).unwrap(),
+        confidence: 0.9,
+        stake: None,
+    };
+    let mut out = ledger.allocate_batch(key.shard(SHARD_COUNT), &[request]);
+    let allocated = out.remove(0).expect("allocate");
+    ledger.fold_pending();
+    allocated
+}
+
+/// Every document of `from` merged into `to`.
+fn send_all(from: &Ledger, to: &Ledger) {
+    for (doc, _) in from.digests() {
+        let bytes = from.save_document(doc).unwrap();
+        to.merge_bytes(doc, &bytes).unwrap();
+    }
+}
+
+/// What a restart of `ledger` reads back from `disk` holding its documents.
+fn stored(ledger: &Ledger, disk: &Disk) -> Stored {
+    Stored {
+        documents: ledger
+            .digests()
+            .into_iter()
+            .map(|(doc, _)| {
+                let bytes = ledger.save_document(doc).unwrap();
+                (doc, StoredDocument { bytes })
+            })
+            .collect(),
+        retired: disk.retired.lock().unwrap().clone(),
+        ..Stored::default()
+    }
+}
+
+/// Node "a" allocates the key at 10.9 s (epoch 10); node "b", not yet
+/// hearing of it, allocates it again at 11.1 s (epoch 11): a retry across a
+/// window edge. Once they exchange documents both hold the conflict, with
+/// a's allocation the winner. Returns the clock (at 11.1 s), the ledgers,
+/// b's disk, and the winner's and the loser's transactions.
+struct Straddle {
+    clock: ManualClock,
+    a: Ledger,
+    b: Ledger,
+    b_disk: Arc<Disk>,
+    winner: String,
+    loser: String,
+}
+
+fn straddling_conflict() -> Straddle {
+    let clock = ManualClock::at(10_900);
+    let a = open_ledger("a", "b", &clock, Stored::default(), Arc::default());
+    let b_disk = Arc::new(Disk::default());
+    let b = open_ledger("b", "a", &clock, Stored::default(), b_disk.clone());
+    let winner = allocate(&a, 1);
+    clock.set(11_100);
+    let loser = allocate(&b, 1);
+    assert!(!winner.replay && !loser.replay);
+    assert_eq!(winner.allocation.epoch + 1, loser.allocation.epoch);
+    send_all(&a, &b);
+    send_all(&b, &a);
+    let (winner, loser) = (
+        winner.allocation.record.txn_id.clone(),
+        loser.allocation.record.txn_id.clone(),
+    );
+    for ledger in [&a, &b] {
+        let view = ledger.key(KEY).expect("the key is known");
+        let txns: Vec<&str> = view
+            .allocations
+            .iter()
+            .map(|a| a.record.txn_id.as_str())
+            .collect();
+        assert_eq!(txns, [winner.as_str(), loser.as_str()], "winner first");
+        assert_eq!(ledger.conflicts().len(), 1);
+    }
+    Straddle {
+        clock,
+        a,
+        b,
+        b_disk,
+        winner,
+        loser,
+    }
+}
+
+/// Epoch 10 (the winner's) is past the retention at 15 s, epoch 11 (the
+/// loser's) only at 16 s.
+const WINNER_EXPIRED_MS: u64 = 15_500;
+
+/// `ledger` treats the key as never seen: no allocation, no conflict, and a
+/// new request is a new transaction that competes with nothing.
+fn assert_key_forgotten(ledger: &Ledger, s: &Straddle, when: &str) {
+    let left: Option<Vec<String>> = ledger.key(KEY).map(|v| {
+        v.allocations
+            .iter()
+            .map(|a| a.record.txn_id.clone())
+            .collect()
+    });
+    let conflicts = ledger.conflicts().len();
+    let again = allocate(ledger, 1);
+    let txn = &again.allocation.record.txn_id;
+    assert!(
+        !again.replay,
+        "{when}: a retry was answered with {txn} as a replay (the loser is {})",
+        s.loser
+    );
+    assert!(txn != &s.loser && txn != &s.winner, "{when}: {txn}");
+    assert_eq!(left, None, "{when}: the key outlived its winner");
+    assert_eq!(conflicts, 0, "{when}: a conflict is left");
+    let view = ledger.key(KEY).unwrap();
+    assert_eq!(
+        view.allocations.len(),
+        1,
+        "{when}: the new allocation competes"
+    );
+}
+
+#[test]
+fn a_loser_leaves_with_its_winner_when_the_winners_window_expires_first() {
+    let s = straddling_conflict();
+    s.clock.set(WINNER_EXPIRED_MS);
+    for ledger in [&s.a, &s.b] {
+        let dropped = ledger.expire();
+        assert_eq!(
+            dropped.iter().map(|d| d.epoch).collect::<Vec<_>>(),
+            [10],
+            "only the winner's window"
+        );
+        assert_key_forgotten(ledger, &s, "live");
+    }
+}
+
+#[test]
+fn a_restart_after_the_winners_window_expired_agrees_with_the_live_node() {
+    let s = straddling_conflict();
+    s.clock.set(WINNER_EXPIRED_MS);
+    s.b.expire();
+    assert!(s.b.key(KEY).is_none());
+    // The loser's document is still live, and holds the loser's record.
+    let stored = stored(&s.b, &s.b_disk);
+    assert!(stored.documents.keys().any(|d| d.epoch == 11));
+    assert!(stored
+        .retired
+        .iter()
+        .any(|(d, txn)| d.epoch == 11 && *txn == s.loser));
+    let restarted = open_ledger("b", "a", &s.clock, stored, s.b_disk.clone());
+    assert_key_forgotten(&restarted, &s, "after a restart");
+}
+
+#[test]
+fn a_node_down_while_the_winners_window_expired_forgets_the_key_at_start() {
+    let s = straddling_conflict();
+    // b's disk as it was before the expiry; b starts again once it passed.
+    let stored = stored(&s.b, &s.b_disk);
+    assert!(stored.retired.is_empty());
+    s.clock.set(WINNER_EXPIRED_MS);
+    let disk = Arc::new(Disk::default());
+    let restarted = open_ledger("b", "a", &s.clock, stored, disk.clone());
+    assert!(
+        disk.dropped.lock().unwrap().iter().all(|d| d.epoch == 10),
+        "only the winner's window is dropped"
+    );
+    // Noted on disk, so that the next start agrees without the winner's document.
+    let retired = disk.retired.lock().unwrap().clone();
+    assert!(
+        retired
+            .iter()
+            .any(|(d, txn)| d.epoch == 11 && *txn == s.loser),
+        "{retired:?}"
+    );
+    assert_key_forgotten(&restarted, &s, "at start");
+}
 
 async fn health(c: &Cluster, node: usize) -> serde_json::Value {
     c.node(node).get_json("/v1/health").await.1
