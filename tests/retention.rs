@@ -382,3 +382,210 @@ async fn nodes_with_different_retention_refuse_to_sync_and_say_why() {
     assert!(c.node(1).log_tail(50).contains("--retention"));
     assert_eq!(c.node(1).get_json("/v1/allocations/k").await.0, 404);
 }
+
+// ---------------------------------------------------------------------------
+// The same with real nodes, and the loser's compensation across it.
+// ---------------------------------------------------------------------------
+
+/// The window of `--retention 8s`: a quarter of it.
+const WINDOW_MS: u64 = 2_000;
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The epoch of an allocation as the API shows it (`hlc` is physical ms,
+/// `.`, logical counter).
+fn epoch_of(allocation: &serde_json::Value) -> u64 {
+    let hlc = allocation["hlc"].as_str().expect("an hlc");
+    let ms: u64 = hlc.split('.').next().unwrap().parse().unwrap();
+    ms / WINDOW_MS
+}
+
+async fn documents_of_epoch(c: &Cluster, node: usize, epoch: u64) -> usize {
+    let (_, docs) = c.node(node).get_json("/v1/documents").await;
+    docs["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["epoch"] == epoch)
+        .count()
+}
+
+async fn in_flight(c: &Cluster, node: usize) -> u64 {
+    health(c, node).await["compensations"]["in_flight"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+/// A customer's retry reaches another region three windows after the first
+/// allocation, during a partition: winner and loser lie in documents three
+/// windows apart. Once the winner's window passes the retention the key is
+/// gone on both nodes, although the loser's document still lives; a restart
+/// does not bring the loser back; a new retry is a new transaction; and the
+/// loser's compensation, failing all along, is not dropped with the key: it
+/// runs on and refunds the loser once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_leaves_with_its_winner_and_its_losers_compensation_still_runs_once() {
+    use oncemesh::chaos::receiver::{Mode, Receiver};
+    let rx = Receiver::start().await.expect("webhook receiver");
+    rx.set_mode(Mode::Fails);
+    let mut opts = ClusterOptions::default().args([
+        "--retention",
+        "8s",
+        "--compensation-initial-backoff",
+        "200ms",
+        "--compensation-max-backoff",
+        "500ms",
+        "--compensation-max-attempts",
+        "1000",
+    ]);
+    for i in 0..2 {
+        opts = opts.node_args(
+            i,
+            [
+                "--compensation".to_owned(),
+                format!("webhook:{}", rx.url(i)),
+            ],
+        );
+    }
+    let c = Cluster::start(2, opts).await;
+    c.isolate(0);
+    let retry = json!({"key": KEY, "payload": {"amount_cents": 1250}});
+    let (code, winner) = c.node(0).post_json("/v1/allocations", &retry).await;
+    assert_eq!(code, 201, "{winner}");
+    let winner_epoch = epoch_of(&winner);
+    let start_of_loser_window = (winner_epoch + 3) * WINDOW_MS + 50;
+    tokio::time::sleep(Duration::from_millis(
+        start_of_loser_window.saturating_sub(wall_ms()),
+    ))
+    .await;
+    let (code, loser) = c.node(1).post_json("/v1/allocations", &retry).await;
+    assert_eq!(code, 201, "{loser}");
+    let loser_epoch = epoch_of(&loser);
+    assert_eq!(loser_epoch, winner_epoch + 3, "{winner}\n{loser}");
+    let (winner, loser) = (winner["txn_id"].clone(), loser["txn_id"].clone());
+    c.heal_all();
+
+    // Both hold the conflict; the loser's refund fails and is retried.
+    assert!(
+        c.wait_until_async(Duration::from_secs(4), async || {
+            let (_, report) = c.node(1).get_json("/v1/conflicts").await;
+            report["conflicts"].as_array().unwrap().iter().any(|e| {
+                e["key"] == KEY
+                    && e["winner"] == winner
+                    && e["compensations"][0]["txn_id"] == loser
+                    && e["compensations"][0]["attempts"].as_u64() >= Some(1)
+            })
+        })
+        .await,
+        "no conflict with a failing compensation\n{}",
+        c.logs(30)
+    );
+    let winner_expires_ms = (winner_epoch + 1) * WINDOW_MS + 8_000;
+    assert!(
+        wall_ms() < winner_expires_ms,
+        "the conflict came too late to test"
+    );
+
+    // The winner's window passes the retention: the key is gone everywhere.
+    for node in 0..2 {
+        assert!(
+            c.wait_until_async(Duration::from_secs(8), async || {
+                c.node(node)
+                    .get_json(&format!("/v1/allocations/{KEY}"))
+                    .await
+                    .0
+                    == 404
+            })
+            .await,
+            "node {node} still shows the key: {}\n{}",
+            c.node(node)
+                .get_json(&format!("/v1/allocations/{KEY}"))
+                .await
+                .1,
+            c.logs(30)
+        );
+        let (_, report) = c.node(node).get_json("/v1/conflicts").await;
+        assert_eq!(report["conflicts"], json!([]), "node {node}");
+    }
+    // ... while the loser's own document lives on, and its compensation runs.
+    assert!(documents_of_epoch(&c, 1, loser_epoch).await > 0);
+    assert_eq!(in_flight(&c, 1).await, 1, "{}", health(&c, 1).await);
+    // No conflict report shows it any more; the owner's list of
+    // compensations does, once its engine has seen the key go.
+    assert!(
+        c.wait_until_async(Duration::from_secs(3), async || {
+            let (_, listed) = c.node(1).get_json("/v1/compensations").await;
+            listed["compensations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|comp| comp["txn_id"] == loser && comp["state"] != "succeeded")
+        })
+        .await,
+        "{}",
+        c.node(1).get_json("/v1/compensations").await.1
+    );
+
+    // A restart agrees: the loser is not back, its compensation resumes.
+    c.kill(1);
+    c.restart(1).await;
+    assert!(
+        documents_of_epoch(&c, 1, loser_epoch).await > 0,
+        "the restart came too late to test"
+    );
+    let (code, view) = c.node(1).get_json(&format!("/v1/allocations/{KEY}")).await;
+    assert_eq!(code, 404, "after a restart: {view}");
+    assert_eq!(in_flight(&c, 1).await, 1, "{}", health(&c, 1).await);
+
+    // A retry now is a new transaction that competes with nothing.
+    let (code, again) = c.node(1).post_json("/v1/allocations", &retry).await;
+    assert_eq!(code, 201, "{again}");
+    assert!(
+        again["txn_id"] != loser && again["txn_id"] != winner,
+        "{again}"
+    );
+    assert!(
+        c.wait_until_async(Duration::from_secs(5), async || {
+            let (code, view) = c.node(0).get_json(&format!("/v1/allocations/{KEY}")).await;
+            code == 200
+                && view["allocations"].as_array().map(Vec::len) == Some(1)
+                && view["allocations"][0]["txn_id"] == again["txn_id"]
+        })
+        .await,
+        "{}",
+        c.logs(30)
+    );
+
+    // The refund endpoint recovers: the loser is refunded, once.
+    rx.set_mode(Mode::Ok);
+    assert!(
+        c.wait_until_async(Duration::from_secs(10), async || {
+            in_flight(&c, 1).await == 0
+        })
+        .await,
+        "{}\n{}",
+        health(&c, 1).await,
+        c.logs(30)
+    );
+    let refunds: Vec<_> = rx
+        .accepted()
+        .into_iter()
+        .filter(|e| e.loser_txn == loser)
+        .collect();
+    assert!(!refunds.is_empty(), "the loser was never refunded");
+    assert!(
+        refunds.iter().all(|e| e.node == 1
+            && e.idempotency_key == format!("oncemesh-comp-{}", loser.as_str().unwrap())),
+        "{refunds:?}"
+    );
+    assert_eq!(rx.effects(), 1, "{:?}", rx.accepted());
+    assert!(c
+        .node(1)
+        .log_tail(200)
+        .contains("forgetting a finished compensation past the retention"));
+}
