@@ -148,6 +148,9 @@ impl ChunkSink for StorageSink {
     fn drop_document(&self, doc: DocId) {
         self.0.drop_document((doc.epoch, doc.shard));
     }
+    fn retire(&self, doc: DocId, txns: Vec<String>) {
+        self.0.retire((doc.epoch, doc.shard), txns);
+    }
 }
 
 fn bench_allocate_durable(c: &mut Criterion) {
@@ -263,7 +266,7 @@ fn open_copy(name: &str, saved: &[(DocId, Vec<u8>)]) -> Ledger {
                     )
                 })
                 .collect(),
-            journal: Vec::new(),
+            ..Stored::default()
         },
         Arc::new(DiscardSink),
     )

@@ -1,5 +1,5 @@
-//! Durable local state: automerge chunks per document and the compensation log,
-//! in one redb database with group commit, plus the allocation journal
+//! Durable local state: automerge chunks per document, the allocations
+//! retired from live documents and the compensation log, in one redb database with group commit, plus the allocation journal
 //! ([`crate::journal`]) that new local allocations wait on.
 //!
 //! Why redb: a well-kept pure-Rust embedded store with checksummed,
@@ -21,6 +21,9 @@ use std::time::Instant;
 const CHUNKS: TableDefinition<(u32, u8, u64), &[u8]> = TableDefinition::new("document_chunks");
 const COMPENSATION_LOG: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("compensation_log");
+/// (epoch, shard, sequence) → JSON array of the transaction ids of that
+/// document that left the ledger with their key (`ledger::ChunkSink::retire`).
+const RETIRED: TableDefinition<(u32, u8, u64), &[u8]> = TableDefinition::new("retired_allocations");
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "ledger.redb";
@@ -90,8 +93,15 @@ enum Job {
         seq: u64,
         bytes: Vec<u8>,
     },
-    /// Forget a document entirely (it passed the retention).
+    /// Forget a document entirely (it passed the retention), with its
+    /// retired allocations.
     Drop { doc: DocKey, seq: u64 },
+    /// Allocations of a live document that left the ledger with their key.
+    Retire {
+        doc: DocKey,
+        seq: u64,
+        txns: Vec<String>,
+    },
     /// Forget a transaction's compensation log (it passed the retention).
     DropLog { txn: String, seq: u64 },
     /// One compensation log entry.
@@ -134,6 +144,8 @@ pub struct Loaded {
     pub journal: Vec<JournalEntry>,
     /// Every compensation log entry, grouped by transaction, in order.
     pub compensation_log: Vec<LogOfTransaction>,
+    /// Allocations of live documents that left the ledger with their key.
+    pub retired: Vec<(DocKey, String)>,
 }
 
 impl Storage {
@@ -185,9 +197,16 @@ impl Storage {
         })
     }
 
-    /// Queues the removal of every chunk of a document.
+    /// Queues the removal of every chunk of a document, and of the notes
+    /// of its retired allocations.
     pub fn drop_document(&self, doc: DocKey) -> u64 {
         self.enqueue(|seq| Job::Drop { doc, seq })
+    }
+
+    /// Queues a note that the allocations `txns` of `doc` left the ledger
+    /// with their key; read back at open until the document is dropped.
+    pub fn retire(&self, doc: DocKey, txns: Vec<String>) -> u64 {
+        self.enqueue(|seq| Job::Retire { doc, seq, txns })
     }
 
     /// Queues a compensation log entry; returns its durable sequence.
@@ -303,6 +322,25 @@ fn read_documents(db: &Database) -> Result<(Loaded, u64), StorageError> {
             max_seq = max_seq.max(k.value().1);
         }
     }
+    match read.open_table(RETIRED) {
+        Ok(table) => {
+            for row in table.iter().map_err(io("reading retired allocations"))? {
+                let (k, v) = row.map_err(io("reading retired allocations"))?;
+                let (epoch, shard, seq) = k.value();
+                max_seq = max_seq.max(seq);
+                match serde_json::from_slice::<Vec<String>>(v.value()) {
+                    Ok(txns) => loaded
+                        .retired
+                        .extend(txns.into_iter().map(|txn| ((epoch, shard), txn))),
+                    Err(e) => {
+                        tracing::error!(epoch, shard, seq, error = %e, "skipping an unreadable note of retired allocations");
+                    }
+                }
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(io("opening retired allocations")(e)),
+    }
     Ok((loaded, max_seq))
 }
 
@@ -349,6 +387,7 @@ impl Sequenced for Job {
             Job::Chunk { seq, .. }
             | Job::Snapshot { seq, .. }
             | Job::Drop { seq, .. }
+            | Job::Retire { seq, .. }
             | Job::DropLog { seq, .. }
             | Job::LogEntry { seq, .. }
             | Job::Folded { seq, .. } => *seq,
@@ -363,6 +402,9 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StorageError> {
         let mut log = tx
             .open_table(COMPENSATION_LOG)
             .map_err(io("opening the compensation log"))?;
+        let mut retired = tx
+            .open_table(RETIRED)
+            .map_err(io("opening retired allocations"))?;
         for job in jobs {
             match job {
                 Job::Chunk {
@@ -390,11 +432,24 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StorageError> {
                     doc: (epoch, shard),
                     ..
                 } => {
+                    let all = (*epoch, *shard, 0)..=(*epoch, *shard, u64::MAX);
                     chunks
-                        .retain_in((*epoch, *shard, 0)..=(*epoch, *shard, u64::MAX), |_, _| {
-                            false
-                        })
+                        .retain_in(all.clone(), |_, _| false)
                         .map_err(io("dropping an expired document"))?;
+                    retired
+                        .retain_in(all, |_, _| false)
+                        .map_err(io("dropping an expired document's retired allocations"))?;
+                }
+                Job::Retire {
+                    doc: (epoch, shard),
+                    seq,
+                    txns,
+                } => {
+                    let list =
+                        serde_json::to_vec(txns).map_err(io("encoding retired allocations"))?;
+                    retired
+                        .insert((*epoch, *shard, *seq), list.as_slice())
+                        .map_err(io("writing retired allocations"))?;
                 }
                 Job::DropLog { txn, .. } => {
                     log.retain_in((txn.as_str(), 0)..=(txn.as_str(), u64::MAX), |_, _| false)
@@ -410,4 +465,44 @@ fn commit(db: &Database, jobs: &[Job]) -> Result<(), StorageError> {
         }
     }
     tx.commit().map_err(io("committing"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reopen(dir: &Path) -> (Arc<Storage>, Loaded) {
+        Storage::open(dir, Arc::new(|_| {})).expect("open storage")
+    }
+
+    #[test]
+    fn retired_allocations_are_read_back_until_their_document_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, loaded) = reopen(dir.path());
+        assert!(loaded.retired.is_empty());
+        storage.append_chunk((11, 3), b"chunk".to_vec());
+        storage.retire((11, 3), vec!["tx_a".into(), "tx_b".into()]);
+        storage.retire((12, 3), vec!["tx_c".into()]);
+        storage.close();
+
+        let (storage, loaded) = reopen(dir.path());
+        let retired: Vec<(DocKey, &str)> = loaded
+            .retired
+            .iter()
+            .map(|(d, t)| (*d, t.as_str()))
+            .collect();
+        assert_eq!(
+            retired,
+            [((11, 3), "tx_a"), ((11, 3), "tx_b"), ((12, 3), "tx_c")]
+        );
+        // Sequences go on past the notes' (a reused one would overwrite a row).
+        assert!(storage.retire((12, 3), vec!["tx_d".into()]) > 3);
+        storage.drop_document((11, 3));
+        storage.close();
+
+        let (_storage, loaded) = reopen(dir.path());
+        let retired: Vec<&str> = loaded.retired.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(retired, ["tx_c", "tx_d"]);
+        assert!(!loaded.documents.contains_key(&(11, 3)));
+    }
 }

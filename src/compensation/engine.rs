@@ -1,9 +1,10 @@
-use super::action::{Executor, Subject};
+use super::action::{self, Executor};
 use super::machine::{Compensation, CompensationState, LogEntry, RetryPolicy};
+use super::subject::{self, Subject};
 use crate::config::NodeConfig;
 use crate::ledger::{KeyView, Ledger};
 use crate::metrics::Metrics;
-use crate::record::{AllocationRecord, CompensationRecord, RECORD_VERSION};
+use crate::record::{CompensationRecord, RECORD_VERSION};
 use crate::storage::Storage;
 use axum::http::StatusCode;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -21,8 +22,17 @@ const ATTEMPTS_IN_FLIGHT: usize = 16;
 #[derive(Clone)]
 struct Tracked {
     machine: Compensation,
-    key: String,
-    winner_txn: String,
+    /// The loser and its winner, as the action is given them.
+    subject: Subject,
+    /// Its key has left the ledger (the winner passed the retention): it
+    /// runs on until it ends, and is forgotten then.
+    outlived: bool,
+}
+
+impl Tracked {
+    fn key(&self) -> &str {
+        &self.subject.loser.key
+    }
 }
 
 /// The compensation engine of one node: its state and the handles it needs.
@@ -174,7 +184,22 @@ impl Compensations {
     /// Appends a log entry and waits until it is durable.
     async fn append(&self, txn: &str, entry: &LogEntry) -> Result<(), String> {
         let bytes = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
-        let seq = self.storage.append_log_entry(txn, bytes);
+        self.append_all(txn, vec![bytes]).await
+    }
+
+    /// Appends the entry of a compensation's (new) subject and waits until
+    /// it is durable.
+    async fn append_subject(&self, txn: &str, subject: &Subject) -> Result<(), String> {
+        let bytes = subject.encode().map_err(|e| e.to_string())?;
+        self.append_all(txn, vec![bytes]).await
+    }
+
+    /// Appends encoded log entries in order and waits until all are durable.
+    async fn append_all(&self, txn: &str, entries: Vec<Vec<u8>>) -> Result<(), String> {
+        let mut seq = 0;
+        for bytes in entries {
+            seq = self.storage.append_log_entry(txn, bytes);
+        }
         self.storage
             .wait_durable(seq)
             .await
@@ -186,9 +211,9 @@ impl Compensations {
         let c = &tracked.machine;
         CompensationRecord {
             v: RECORD_VERSION,
-            key: tracked.key.clone(),
+            key: tracked.key().to_owned(),
             txn_id: c.loser_txn.clone(),
-            winner_txn_id: tracked.winner_txn.clone(),
+            winner_txn_id: tracked.subject.winner.txn_id.clone(),
             owner: self.owner.clone(),
             idempotency_key: c.idempotency_key.clone(),
             state: c.state,
@@ -269,14 +294,15 @@ impl Compensations {
         // while they do: one slow webhook call holds up nothing else.
         let mut running = FuturesUnordered::new();
         let mut in_flight: HashSet<String> = HashSet::new();
-        // Compensations outlive their allocations only through retention
-        // expiry: they are looked at once at start and after each expiry,
-        // not at every turn of the loop.
+        // Keys leave the ledger only through retention expiry: which
+        // compensations outlived theirs is looked at once at start and
+        // after each expiry, not at every turn of the loop.
         let mut expiry_handled: Option<u64> = None;
         loop {
             self.schedule_new_losers(changed).await;
             let expired = self.ledger.expired_allocations();
-            if expiry_handled != Some(expired) && self.forget_expired(&in_flight) {
+            if expiry_handled != Some(expired) {
+                self.forget_expired();
                 expiry_handled = Some(expired);
             }
             for txn in self.due_now(&in_flight, ATTEMPTS_IN_FLIGHT - running.len()) {
@@ -334,25 +360,30 @@ impl Compensations {
             .min()
     }
 
-    /// Replays the log; attempts cut short by a crash are resumed.
+    /// Replays the log; attempts cut short by a crash are resumed. A
+    /// compensation whose key left the ledger while the node was down runs
+    /// on from its log, and one that had ended is forgotten.
     async fn recover(&self, log: Vec<crate::storage::LogOfTransaction>) {
-        let mut losers: HashMap<String, (String, String)> = HashMap::new();
+        let mut losers: HashMap<String, Subject> = HashMap::new();
         for conflict in self.ledger.conflicts() {
-            let winner = conflict.key.allocations[0].record.txn_id.clone();
+            let winner = conflict.key.allocations[0].record.clone();
             for loser in conflict.key.allocations.iter().skip(1) {
-                losers.insert(
-                    loser.record.txn_id.clone(),
-                    (conflict.key.key.clone(), winner.clone()),
-                );
+                let subject = Subject {
+                    loser: loser.record.clone(),
+                    winner: winner.clone(),
+                };
+                losers.insert(loser.record.txn_id.clone(), subject);
             }
         }
         for (txn, raw) in log {
-            let entries: Result<Vec<LogEntry>, _> =
-                raw.iter().map(|b| serde_json::from_slice(b)).collect();
-            let replayed = entries
-                .map_err(|e| e.to_string())
-                .and_then(|e| Compensation::replay(&e).map_err(|e| e.to_string()));
-            let mut machine = match replayed {
+            let replayed =
+                subject::read(&raw)
+                    .map_err(|e| e.to_string())
+                    .and_then(|(entries, logged)| {
+                        let machine = Compensation::replay(&entries).map_err(|e| e.to_string())?;
+                        Ok((machine, logged))
+                    });
+            let (mut machine, logged) = match replayed {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::error!(txn, error = %e, "compensation log unreadable; skipping");
@@ -370,34 +401,51 @@ impl Compensations {
                     tracing::warn!(txn, "compensation attempt was interrupted by a restart; it will be retried with the same idempotency key");
                 }
             }
-            let Some((key, winner_txn)) = losers.get(&txn).cloned() else {
-                // Its allocation passed the retention while the node was down.
+            let current = losers.remove(&txn);
+            let outlived = current.is_none();
+            let Some(subject) = current.or_else(|| logged.clone()) else {
+                // Logged by an earlier version, which kept no subject, and
+                // its allocation passed the retention while the node was down.
                 tracing::warn!(txn, state = %machine.state, "forgetting the compensation of an expired allocation");
                 self.storage.drop_log(&txn);
                 continue;
             };
+            if logged.as_ref() != Some(&subject) {
+                // An earlier version's log, or a winner that moved: logged
+                // now, so that the compensation can outlive its key.
+                if let Err(e) = self.append_subject(&txn, &subject).await {
+                    tracing::error!(txn, error = %e, "cannot log what a compensation is about");
+                }
+            }
             let tracked = Tracked {
                 machine,
-                key,
-                winner_txn,
+                subject,
+                outlived,
             };
+            if outlived {
+                if tracked.machine.state.is_terminal() {
+                    self.forget(&txn, &tracked);
+                    continue;
+                }
+                tracing::warn!(txn, key = tracked.key(), state = %tracked.machine.state, "resuming a compensation whose key passed the retention; it runs on until it ends");
+            }
             self.queue(&tracked);
             self.registry().insert(txn, tracked);
         }
     }
 
-    /// Forgets compensations whose conflict passed the retention (the
-    /// ledger dropped it), here and in the durable log. One that never
-    /// succeeded is logged loudly: its loser expired uncompensated. Returns
-    /// false when one of them has an attempt under way: it is forgotten at
-    /// a later call, once the attempt is over.
-    fn forget_expired(&self, in_flight: &HashSet<String>) -> bool {
+    /// Marks the compensations whose loser left the ledger (its key passed
+    /// the retention) and forgets those of them that have ended, here and
+    /// in the durable log. One still under way runs on to its end, which
+    /// forgets it ([`Compensations::attempt`]).
+    fn forget_expired(&self) {
         let tracked: Vec<(String, String)> = self
             .registry()
             .iter()
-            .map(|(txn, t)| (txn.clone(), t.key.clone()))
+            .filter(|(_, t)| !t.outlived)
+            .map(|(txn, t)| (txn.clone(), t.key().to_owned()))
             .collect();
-        let (gone, under_way): (HashSet<String>, HashSet<String>) = tracked
+        let gone: HashSet<String> = tracked
             .into_iter()
             .filter(|(txn, key)| {
                 self.ledger
@@ -405,24 +453,45 @@ impl Compensations {
                     .is_none_or(|v| v.allocations.iter().all(|a| &a.record.txn_id != txn))
             })
             .map(|(txn, _)| txn)
-            .partition(|txn| !in_flight.contains(txn));
+            .collect();
         if gone.is_empty() {
-            return under_way.is_empty();
+            return;
         }
-        let mut entries = self.registry();
-        entries.retain(|txn, tracked| {
+        self.registry().retain(|txn, tracked| {
             if !gone.contains(txn) {
                 return true;
             }
-            if tracked.machine.state == CompensationState::Succeeded {
-                tracing::info!(txn, "forgetting a finished compensation past the retention");
-            } else {
-                tracing::error!(txn, state = %tracked.machine.state, "allocation expired before its compensation succeeded; check it by hand");
+            tracked.outlived = true;
+            if tracked.machine.state.is_terminal() {
+                self.forget(txn, tracked);
+                return false;
             }
-            self.storage.drop_log(txn);
-            false
+            tracing::warn!(txn, key = tracked.key(), state = %tracked.machine.state, "the key passed the retention before its compensation ended; it runs on until it does");
+            true
         });
-        under_way.is_empty()
+    }
+
+    /// Drops the durable log of a compensation that ended after its key
+    /// left the ledger; one that never succeeded is logged loudly. The
+    /// caller takes it out of the registry.
+    fn forget(&self, txn: &str, tracked: &Tracked) {
+        if tracked.machine.state == CompensationState::Succeeded {
+            tracing::info!(txn, "forgetting a finished compensation past the retention");
+        } else {
+            tracing::error!(txn, state = %tracked.machine.state, "allocation expired before its compensation succeeded; check it by hand");
+        }
+        self.storage.drop_log(txn);
+    }
+
+    /// This node's compensations whose key passed the retention while they
+    /// still run: no conflict report shows them any more, so
+    /// `GET /v1/compensations` lists them from here.
+    pub fn outliving_their_keys(&self) -> Vec<CompensationRecord> {
+        self.registry()
+            .values()
+            .filter(|t| t.outlived)
+            .map(|t| self.record_of(t))
+            .collect()
     }
 
     /// Creates a compensation for every loser of `conflicts` this node made
@@ -432,6 +501,7 @@ impl Compensations {
     async fn schedule_new_losers(&self, conflicts: Vec<KeyView>) {
         let me = self.owner.as_str();
         let mut new: Vec<(Tracked, LogEntry)> = Vec::new();
+        let mut moved: Vec<Tracked> = Vec::new();
         // A key listed twice must not make two compensations of one loser;
         // after a long partition thousands are new at once, so no linear scan.
         let mut seen: HashSet<String> = HashSet::new();
@@ -447,31 +517,37 @@ impl Compensations {
                 // A later arrival can beat the winner seen so far; keep the
                 // replicated record's winner the key's current one.
                 let known = self.registry().get_mut(txn).map(|t| {
-                    let moved = t.winner_txn != winner.txn_id;
-                    t.winner_txn.clone_from(&winner.txn_id);
-                    moved.then(|| t.clone())
+                    let changed = t.subject.winner.txn_id != winner.txn_id;
+                    t.subject.winner = winner.clone();
+                    changed.then(|| t.clone())
                 });
                 match known {
                     Some(Some(updated)) => {
-                        self.queue(&updated);
+                        moved.push(updated);
                         continue;
                     }
                     Some(None) => continue,
                     None => {}
                 }
                 let (machine, entry) = Compensation::new(txn, self.ledger.wall_ms());
+                let subject = Subject {
+                    loser: loser.record.clone(),
+                    winner: winner.clone(),
+                };
                 let tracked = Tracked {
                     machine,
-                    key: loser.record.key.to_string(),
-                    winner_txn: winner.txn_id.clone(),
+                    subject,
+                    outlived: false,
                 };
                 new.push((tracked, entry));
             }
         }
-        let logged = futures::future::join_all(
-            new.iter()
-                .map(|(tracked, entry)| self.append(&tracked.machine.loser_txn, entry)),
-        )
+        let logged = futures::future::join_all(new.iter().map(|(tracked, entry)| async {
+            let scheduled = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
+            let subject = tracked.subject.encode().map_err(|e| e.to_string())?;
+            self.append_all(&tracked.machine.loser_txn, vec![scheduled, subject])
+                .await
+        }))
         .await;
         for ((tracked, _), outcome) in new.into_iter().zip(logged) {
             let txn = tracked.machine.loser_txn.clone();
@@ -480,17 +556,43 @@ impl Compensations {
                 self.inbox
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(tracked.key.clone());
+                    .insert(tracked.key().to_owned());
                 continue;
             }
-            tracing::warn!(key = %tracked.key, loser = %txn, winner = %tracked.winner_txn, "our allocation lost a conflict; compensating it");
+            tracing::warn!(key = tracked.key(), loser = %txn, winner = %tracked.subject.winner.txn_id, "our allocation lost a conflict; compensating it");
             self.metrics.compensations_started.inc();
             self.queue(&tracked);
             self.registry().insert(txn, tracked);
         }
+        // The winner each moved to is logged, so that a compensation that
+        // outlives its key still names the winner it lost to last.
+        let logged = futures::future::join_all(
+            moved
+                .iter()
+                .map(|t| self.append_subject(&t.machine.loser_txn, &t.subject)),
+        )
+        .await;
+        for (tracked, outcome) in moved.iter().zip(logged) {
+            if let Err(e) = outcome {
+                let txn = &tracked.machine.loser_txn;
+                tracing::error!(txn, error = %e, "cannot log the new winner of a compensation");
+            }
+            self.queue(tracked);
+        }
     }
 
-    /// One attempt: log Started, act, log Finished, publish each state.
+    /// Sets the machine of a tracked compensation, keeping what changed
+    /// meanwhile (a winner that moved, a key that expired); returns the
+    /// compensation as it now stands.
+    fn update_machine(&self, txn: &str, machine: &Compensation) -> Option<Tracked> {
+        let mut entries = self.registry();
+        let tracked = entries.get_mut(txn)?;
+        tracked.machine = machine.clone();
+        Some(tracked.clone())
+    }
+
+    /// One attempt: log Started, act, log Finished, publish each state. A
+    /// compensation whose key passed the retention is forgotten once it ends.
     async fn attempt(&self, executor: &Executor, txn: &str) {
         let Some(mut tracked) = self.registry().get(txn).cloned() else {
             return;
@@ -502,16 +604,13 @@ impl Compensations {
             tracing::error!(txn, error = %e, "cannot log attempt start; not acting");
             return;
         }
-        self.registry().insert(txn.to_owned(), tracked.clone());
-        self.queue(&tracked);
-        let Some((loser, winner)) = self.records(&tracked) else {
-            tracing::error!(txn, "losing allocation vanished from the ledger");
-            return;
-        };
+        if let Some(current) = self.update_machine(txn, &tracked.machine) {
+            self.queue(&current);
+        }
         let outcome = executor
-            .run(&Subject {
-                loser: &loser,
-                winner: &winner,
+            .run(&action::Subject {
+                loser: &tracked.subject.loser,
+                winner: &tracked.subject.winner,
                 idempotency_key: &tracked.machine.idempotency_key,
                 attempt: tracked.machine.attempts,
             })
@@ -549,19 +648,14 @@ impl Compensations {
             .compensations
             .get_or_create(&crate::metrics::Kind::of(kind))
             .inc();
-        self.registry().insert(txn.to_owned(), tracked.clone());
-        self.queue(&tracked);
-    }
-
-    /// The loser's and the winner's records, as the action is given them.
-    fn records(&self, tracked: &Tracked) -> Option<(AllocationRecord, AllocationRecord)> {
-        let view = self.ledger.key(&tracked.key)?;
-        let loser = view
-            .allocations
-            .iter()
-            .find(|a| a.record.txn_id == tracked.machine.loser_txn)?;
-        let winner = view.winner()?;
-        Some(((*loser.record).clone(), (*winner.record).clone()))
+        let Some(current) = self.update_machine(txn, &tracked.machine) else {
+            return;
+        };
+        self.queue(&current);
+        if current.outlived && current.machine.state.is_terminal() {
+            self.forget(txn, &current);
+            self.registry().remove(txn);
+        }
     }
 }
 

@@ -5,6 +5,9 @@
 //! durable compensation log and waited for before the engine acts on it, so
 //! a crash at any point resumes from the log: an attempt that was running is
 //! retried with the same idempotency key, which the receiver deduplicates.
+//! The log also holds what the compensation is about ([`subject`]: the
+//! loser's and the winner's records), so that one still being retried when
+//! its key passes the retention and leaves the ledger runs on to its end.
 //! After each transition the owner queues the state, and the engine writes
 //! what is queued into the replicated ledger at each turn of its loop, so
 //! every region's conflict report shows it.
@@ -17,5 +20,6 @@
 pub mod action;
 mod engine;
 pub mod machine;
+mod subject;
 
 pub use engine::{Compensations, RetryError};

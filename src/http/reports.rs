@@ -58,16 +58,20 @@ pub struct CompensationFilter {
 }
 
 /// `GET /v1/compensations[?state=...]`: every compensation known here
-/// (this node's and, replicated, every other region's).
+/// (this node's and, replicated, every other region's), and this node's
+/// that still run after their key passed the retention (no conflict
+/// report shows those).
 pub async fn compensations(
     State(api): State<Arc<Api>>,
     Query(filter): Query<CompensationFilter>,
 ) -> Result<Response, ApiError> {
     off_runtime(move || {
         let conflicts = api.ledger.conflicts();
+        let outliving = api.compensations.outliving_their_keys();
         let list: Vec<_> = conflicts
             .iter()
             .flat_map(|c| &c.key.compensations)
+            .chain(&outliving)
             .filter(|c| {
                 filter
                     .state

@@ -6,6 +6,7 @@ use super::document::ShardDocument;
 use super::key_index::KeyIndex;
 use super::provisional::{OwnProvisional, Stake};
 use super::relay::HeldBack;
+use super::retired::Retired;
 use super::unsettled::Unsettled;
 use super::view::{Allocation, KeyView};
 use super::{ChunkSink, COMPACT_MIN_BYTES};
@@ -125,6 +126,8 @@ pub(super) struct Group {
     pub allocations: u64,
     pub compensations: HashMap<String, CompensationRecord>,
     pub conflicts: BTreeMap<String, u64>,
+    /// Allocations that left with their key while their document lives on.
+    pub retired: Retired,
     /// Local allocations waiting to be folded into documents, oldest first.
     pub pending: Vec<Pending>,
     /// This node's provisional allocations (folded ones; pending ones keep
@@ -144,6 +147,7 @@ impl Group {
             allocations: 0,
             compensations: HashMap::new(),
             conflicts: BTreeMap::new(),
+            retired: Retired::default(),
             pending: Vec::new(),
             own: OwnProvisional::default(),
             follow_settlement: true,
@@ -195,6 +199,12 @@ impl Group {
         self.keys
             .get(&record.key)
             .is_some_and(|v| v.iter().any(|a| a.record.txn_id == record.txn_id))
+    }
+
+    /// Whether `record` is in the index or left it with its key: either
+    /// way, reading it again (from a peer or from disk) adds nothing.
+    pub fn known(&self, record: &AllocationRecord) -> bool {
+        self.retired.contains(&record.txn_id) || self.contains(record)
     }
 
     /// Counts one more record, stamped `hlc_ms`, arrived in the document of
@@ -249,7 +259,10 @@ impl Group {
             }
         }
         for p in &self.pending {
-            if self.keys.get(&p.record.key).is_some_and(|l| l.len() == 1) {
+            // Itself the key's only allocation: one that left the index
+            // (expired, not folded yet) is not, whatever came since.
+            let sole = |l: &Vec<Allocation>| l.len() == 1 && Arc::ptr_eq(&l[0].record, &p.record);
+            if self.keys.get(&p.record.key).is_some_and(sole) {
                 count += 1;
                 older(p.record.hlc.physical_ms);
             }
@@ -343,10 +356,27 @@ impl Group {
         })
     }
 
-    /// Drops every document whose epoch is past retention, and every
-    /// allocation, conflict and compensation that lived in them. Returns the
-    /// dropped documents and how many allocations went with them.
-    pub fn expire(&mut self, windows: &Windows, now_ms: u64) -> (Vec<DocId>, u64) {
+    /// Drops every document whose epoch is past retention, with the
+    /// allocations, conflicts and compensations that lived in them, here and
+    /// (through `sink`) on disk. A key goes as a whole once its winner's
+    /// document expires: its losers in newer documents are retired (see
+    /// [`Retired`]). Returns the dropped documents and how many allocations
+    /// went with them.
+    pub fn expire(
+        &mut self,
+        windows: &Windows,
+        now_ms: u64,
+        sink: &dyn ChunkSink,
+    ) -> (Vec<DocId>, u64) {
+        let shard = self.shard;
+        // Retired records whose own documents expire now: their notes go
+        // with the documents (also when no document of theirs was ever
+        // made here, as for an allocation retired before it was folded).
+        for epoch in self.retired.expire(windows, now_ms) {
+            if !self.docs.contains_key(&epoch) {
+                sink.drop_document(DocId { epoch, shard });
+            }
+        }
         let expired: Vec<u32> = self
             .docs
             .keys()
@@ -361,39 +391,62 @@ impl Group {
             self.own.expire(*epoch);
         }
         let mut dropped = 0u64;
+        let mut retiring: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        // Arrivals of keys that are no longer in conflict: provisional again.
+        let mut unconflicted: Vec<(u32, u64)> = Vec::new();
         let compensations = &mut self.compensations;
         let conflicts = &mut self.conflicts;
         self.keys.retain(|key, allocations| {
+            let was_conflicted = allocations.len() > 1;
+            let winner_gone = allocations
+                .first()
+                .is_some_and(|w| windows.expired(w.epoch, now_ms));
             allocations.retain(|a| {
-                let gone = windows.expired(a.epoch, now_ms);
+                let gone = winner_gone || windows.expired(a.epoch, now_ms);
                 if gone {
                     dropped += 1;
                     compensations.remove(&a.record.txn_id);
+                    if !windows.expired(a.epoch, now_ms) {
+                        retiring
+                            .entry(a.epoch)
+                            .or_default()
+                            .push(a.record.txn_id.clone());
+                    }
                 }
                 !gone
             });
             if allocations.len() <= 1 {
                 conflicts.remove(key);
+                // A loser older than its winner (an epoch held back from a
+                // clock far ahead) expired: the winner stands alone.
+                if let (true, [single]) = (was_conflicted, allocations.as_slice()) {
+                    unconflicted.push((single.epoch, single.arrival));
+                }
             }
             !allocations.is_empty()
         });
         self.allocations -= dropped;
-        // A key whose competitor expired is no longer in conflict.
-        for doc in self.docs.values_mut() {
-            doc.unsettled.clear_conflicts();
+        for (epoch, arrival) in unconflicted {
+            if let Some(doc) = self.docs.get_mut(&epoch) {
+                doc.unsettled.unconflicted(arrival);
+            }
         }
-        let keys: Vec<String> = self.conflicts.keys().cloned().collect();
-        for key in keys {
-            self.note_conflicted(&key);
+        // Queued before the drops below, so that a crash in between leaves
+        // the expired documents on disk, and the start applies this again.
+        for (epoch, txns) in retiring {
+            for txn in &txns {
+                self.retired.insert(txn.clone(), epoch);
+            }
+            sink.retire(DocId { epoch, shard }, txns);
         }
-        let shard = self.shard;
-        (
-            expired
-                .into_iter()
-                .map(|epoch| DocId { epoch, shard })
-                .collect(),
-            dropped,
-        )
+        let docs: Vec<DocId> = expired
+            .into_iter()
+            .map(|epoch| DocId { epoch, shard })
+            .collect();
+        for doc in &docs {
+            sink.drop_document(*doc);
+        }
+        (docs, dropped)
     }
 }
 
@@ -418,6 +471,7 @@ mod tests {
             self.0.fetch_add(1, Ordering::Relaxed) as u64 + 1
         }
         fn drop_document(&self, _doc: DocId) {}
+        fn retire(&self, _doc: DocId, _txns: Vec<String>) {}
     }
 
     fn epoch_doc() -> EpochDoc {
@@ -448,10 +502,45 @@ mod tests {
         }
         let counted = |g: &Group| g.keys.values().map(|l| l.len() as u64).sum::<u64>();
         assert_eq!((group.allocations, counted(&group)), (3, 3));
-        // Epoch 0 ends at 1 s and is kept 4 s more.
-        let (_, dropped) = group.expire(&windows, 5_000);
-        assert_eq!(dropped, 1);
-        assert_eq!((group.allocations, counted(&group)), (2, 2));
+        // Epoch 0 ends at 1 s and is kept 4 s more. It holds the winner of
+        // "a", so "a" goes whole.
+        let (_, dropped) = group.expire(&windows, 5_000, &super::super::DiscardSink);
+        assert_eq!(dropped, 2);
+        assert_eq!((group.allocations, counted(&group)), (1, 1));
+    }
+
+    #[test]
+    fn a_key_goes_with_its_winner_and_a_loser_older_than_its_winner_goes_alone() {
+        let windows = Windows::for_retention(4_000);
+        let peers = ["p".to_string()];
+        let mut group = Group::new(0);
+        let (old, new) = (0, 5);
+        // "a": winner in the old epoch, loser in the new one (a retry across
+        // a window edge). "c": loser in the old epoch although it was
+        // stamped later (an epoch held back from a clock far ahead).
+        for (epoch, key, node, ms) in [
+            (old, "a", "n1", 1),
+            (new, "a", "n2", 2),
+            (new, "c", "n1", 1),
+            (old, "c", "n2", 2),
+        ] {
+            group.doc_mut(epoch, &ActorId::random());
+            let mut record = (*allocation(key, node)).clone();
+            record.hlc = crate::hlc::Timestamp::new(ms, 0);
+            let arrival = group.arrive(epoch, ms);
+            group.insert(epoch, Arc::new(record), arrival, Durable::Store(0), 0);
+        }
+        assert_eq!((group.conflicts.len(), group.provisional().0), (2, 0));
+        group.expire(&windows, 5_000, &super::super::DiscardSink);
+        assert!(group.view("a", &peers).is_none(), "gone with its winner");
+        assert!(group.retired.contains("tx_a_n2"));
+        let c = group.view("c", &peers).expect("its winner lives");
+        assert_eq!(c.allocations.len(), 1);
+        assert_eq!(c.allocations[0].record.txn_id, "tx_c_n1");
+        assert!(group.conflicts.is_empty());
+        // "c" is provisional again (one allocation, not on the peer); the
+        // retired loser of "a" counts as nothing.
+        assert_eq!(group.provisional().0, 1);
     }
 
     #[test]
@@ -502,10 +591,12 @@ mod tests {
 
     proptest::proptest! {
         /// The kept count of provisional keys equals a scan of every key's
-        /// view, whatever the order of arrivals, conflicts and syncs.
+        /// view, whatever the order of arrivals, conflicts, syncs and the
+        /// expiry of a window (which takes keys whose winner it holds, and
+        /// losers it holds of keys whose winner lives on).
         #[test]
         fn provisional_counts_match_a_scan_of_the_views(
-            ops in proptest::collection::vec((0u8..5, 0usize..12, 0usize..2), 1..80),
+            ops in proptest::collection::vec((0u8..6, 0usize..12, 0usize..2), 1..80),
         ) {
             let peers = ["p1".to_string(), "p2".to_string()];
             let mut group = Group::new(0);
@@ -513,8 +604,10 @@ mod tests {
                 group.doc_mut(epoch, &ActorId::random());
             }
             let mut n = 0;
+            let windows = Windows::for_retention(4_000);
+            let mut expired = false;
             for (op, key, which) in ops {
-                let epoch = 1 + which as u32;
+                let epoch = if expired { 2 } else { 1 + which as u32 };
                 match op {
                     // An allocation of key k by node "a" or "b".
                     0 | 1 => {
@@ -535,12 +628,21 @@ mod tests {
                         group.insert(epoch, record.clone(), NOT_ARRIVED, Durable::Journal(n), 0);
                         group.pending.push(Pending { epoch, record, text: String::new(), journal_seq: n, stake: None });
                     }
-                    // Every pending allocation folded into its document.
+                    // Every pending allocation folded into its document
+                    // (those that left the index are not, as in `fold_group`).
                     4 => {
                         for p in std::mem::take(&mut group.pending) {
-                            group.arrive_folded(p.epoch, &p.record);
+                            if group.contains(&p.record) {
+                                group.arrive_folded(p.epoch, &p.record);
+                            }
                         }
                     }
+                    // Epoch 1 ends at 2 s and passes the retention at 6 s.
+                    5 if !expired => {
+                        group.expire(&windows, 6_000, &super::super::DiscardSink);
+                        expired = true;
+                    }
+                    5 => {}
                     // Peer `key % 2` is in sync with document `epoch` now.
                     _ => {
                         let arrivals = group.docs[&epoch].arrivals;

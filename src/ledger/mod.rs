@@ -23,6 +23,7 @@ mod group;
 mod key_index;
 mod provisional;
 pub mod relay;
+mod retired;
 mod sync_receive;
 mod unsettled;
 mod view;
@@ -66,8 +67,14 @@ pub trait ChunkSink: Send + Sync {
     /// Queues a full save of `doc` that replaces every chunk persisted
     /// before it (compaction); returns its durable sequence.
     fn snapshot(&self, doc: DocId, bytes: Vec<u8>) -> u64;
-    /// Forgets a document that has passed the retention.
+    /// Forgets a document that has passed the retention, and the
+    /// [`ChunkSink::retire`] notes of it.
     fn drop_document(&self, doc: DocId);
+    /// Queues a note that the allocations `txns` of `doc` left the ledger
+    /// with their key (its winner passed the retention) while `doc` lives
+    /// on, so that a restart reading `doc` leaves them out too
+    /// ([`Stored::retired`]). Kept until `doc` is dropped.
+    fn retire(&self, doc: DocId, txns: Vec<String>);
 }
 
 /// Appended chunk bytes below which a document is never compacted.
@@ -88,6 +95,7 @@ impl ChunkSink for DiscardSink {
         0
     }
     fn drop_document(&self, _doc: DocId) {}
+    fn retire(&self, _doc: DocId, _txns: Vec<String>) {}
 }
 
 /// Who this node is, as written into its records.
@@ -202,6 +210,9 @@ pub struct Stored {
     pub documents: BTreeMap<DocId, StoredDocument>,
     /// Journal entries (allocations not yet in their documents), in order.
     pub journal: Vec<crate::storage::JournalEntry>,
+    /// Allocations of live documents that left with their key
+    /// ([`ChunkSink::retire`]): not taken back into the index.
+    pub retired: Vec<(DocId, String)>,
 }
 
 /// The ledger of one node; see the module docs.
@@ -251,12 +262,28 @@ impl Ledger {
         }
         let mut malformed = 0;
         let names = Names::default();
+        for (doc, txn) in stored.retired {
+            if let Some(group) = groups.get_mut(usize::from(doc.shard)) {
+                group.retired.insert(txn, doc.epoch);
+            }
+        }
         for (id, stored) in stored.documents {
-            if windows.expired(id.epoch, now) || usize::from(id.shard) >= SHARD_COUNT {
+            if usize::from(id.shard) >= SHARD_COUNT {
                 sink.drop_document(id);
                 continue;
             }
-            let mut doc = ShardDocument::load(id, &stored.bytes)?;
+            // A document already past the retention is read too, and
+            // dropped below by the same rule as on a running node: a key
+            // whose winner it holds goes with its losers in newer documents.
+            let mut doc = match ShardDocument::load(id, &stored.bytes) {
+                Ok(doc) => doc,
+                Err(e) if windows.expired(id.epoch, now) => {
+                    tracing::warn!(%id, error = %e, "dropping an unreadable document past the retention");
+                    sink.drop_document(id);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             doc.set_actor(actor.clone());
             let entries = doc.entries();
             let group = &mut groups[usize::from(id.shard)];
@@ -267,7 +294,7 @@ impl Ledger {
                 match entry {
                     // A batch folded twice (see `ShardDocument::entries`) holds
                     // some transactions twice: each is one allocation.
-                    Entry::Allocation(record) if group.contains(&record) => {}
+                    Entry::Allocation(record) if group.known(&record) => {}
                     Entry::Allocation(record) => {
                         // Re-seed the clock so no stamp ever repeats after a restart.
                         hlc.observe_local(record.hlc);
@@ -279,6 +306,7 @@ impl Ledger {
                         }
                         group.insert(id.epoch, record, arrival, Durable::Store(0), now);
                     }
+                    Entry::Compensation(record) if group.retired.contains(&record.txn_id) => {}
                     Entry::Compensation(record) => {
                         group.compensations.insert(record.txn_id.clone(), record);
                     }
@@ -305,7 +333,7 @@ impl Ledger {
                 }
             };
             let group = &mut groups[crate::key::shard_of(&record.key, SHARD_COUNT)];
-            if windows.expired(entry.epoch, now) || group.contains(&record) {
+            if windows.expired(entry.epoch, now) || group.known(&record) {
                 forget.push(entry.seq);
                 continue;
             }
@@ -328,6 +356,10 @@ impl Ledger {
         if !forget.is_empty() {
             sink.forget_journal(forget);
         }
+        let mut expired = 0;
+        for group in &mut groups {
+            expired += group.expire(&windows, now, &*sink).1;
+        }
         let my_region = names.shared(&me.region);
         let my_node = names.shared(&me.node);
         Ok(Self {
@@ -342,7 +374,7 @@ impl Ledger {
             actor,
             sink,
             malformed_total: AtomicU64::new(malformed),
-            expired_total: AtomicU64::new(0),
+            expired_total: AtomicU64::new(expired),
             recovered_from_journal: recovered,
             names,
             resolutions: Mutex::new(Vec::new()),
@@ -574,7 +606,8 @@ impl Ledger {
         let mut by_epoch: BTreeMap<u32, Vec<Pending>> = BTreeMap::new();
         let mut forget = Vec::with_capacity(pending.len());
         for entry in pending {
-            // Gone from the index: its epoch passed the retention meanwhile.
+            // Gone from the index: past the retention meanwhile (its own
+            // epoch, or its key's winner's).
             if group.contains(&entry.record) {
                 by_epoch.entry(entry.epoch).or_default().push(entry);
             } else {
@@ -674,7 +707,7 @@ impl Ledger {
         for entry in entries {
             match entry {
                 Entry::Allocation(record) => {
-                    if group.contains(&record) {
+                    if group.known(&record) {
                         continue;
                     }
                     // Every remote stamp advances our clock (and counts skew).
@@ -690,7 +723,9 @@ impl Ledger {
                     outcome.new_allocations.push(record);
                 }
                 Entry::Compensation(record) => {
-                    group.compensations.insert(record.txn_id.clone(), record);
+                    if !group.retired.contains(&record.txn_id) {
+                        group.compensations.insert(record.txn_id.clone(), record);
+                    }
                 }
                 Entry::Malformed { map, key, reason } => {
                     self.malformed_total.fetch_add(1, Ordering::Relaxed);
@@ -782,9 +817,13 @@ impl Ledger {
 
     /// Writes compensation records (only ever for this node's own losers),
     /// each into the document of its losing allocation, as one automerge
-    /// change per document however many records go into it. A document
-    /// that fails does not keep the others from being written; the first
-    /// failure is returned.
+    /// change per document however many records go into it. A loser that
+    /// left with its key (retired) still has its document for a while: its
+    /// state goes there, for peers that still show the conflict. A loser in
+    /// no live document here is past the retention with its key, and no
+    /// report can show it: its record is not written. A document that fails
+    /// does not keep the others from being written; the first failure is
+    /// returned.
     pub fn put_compensations(&self, records: &[CompensationRecord]) -> Result<(), DocumentError> {
         let mut by_shard: BTreeMap<usize, Vec<&CompensationRecord>> = BTreeMap::new();
         for record in records {
@@ -802,8 +841,10 @@ impl Ledger {
                     .get(&record.key)
                     .and_then(|l| l.iter().find(|a| a.record.txn_id == record.txn_id))
                     .map(|a| a.epoch)
-                    .unwrap_or_else(|| self.windows.epoch_of(self.wall_ms()));
-                by_epoch.entry(epoch).or_default().push(record);
+                    .or_else(|| group.retired.epoch_of(&record.txn_id));
+                if let Some(epoch) = epoch {
+                    by_epoch.entry(epoch).or_default().push(record);
+                }
             }
             for (epoch, records) in by_epoch {
                 let doc = group.doc_mut(epoch, &self.actor);
@@ -813,9 +854,11 @@ impl Ledger {
                 }
                 doc.persist(&*self.sink);
                 for record in records {
-                    group
-                        .compensations
-                        .insert(record.txn_id.clone(), record.clone());
+                    if !group.retired.contains(&record.txn_id) {
+                        group
+                            .compensations
+                            .insert(record.txn_id.clone(), record.clone());
+                    }
                 }
             }
         }
@@ -1004,18 +1047,16 @@ impl Ledger {
     }
 
     /// Drops every document past the retention, with its allocations,
-    /// conflicts and compensations, here and on disk. Returns the dropped
-    /// documents.
+    /// conflicts and compensations, here and on disk; a key whose winner
+    /// goes takes its losers in newer documents with it (docs/DATA_MODEL.md,
+    /// "Retention"). Returns the dropped documents.
     pub fn expire(&self) -> Vec<DocId> {
         let now = self.wall_ms();
         let mut dropped_docs = Vec::new();
         for shard in 0..SHARD_COUNT {
-            let (docs, allocations) = self.group(shard).expire(&self.windows, now);
+            let (docs, allocations) = self.group(shard).expire(&self.windows, now, &*self.sink);
             self.expired_total.fetch_add(allocations, Ordering::Relaxed);
-            for doc in docs {
-                self.sink.drop_document(doc);
-                dropped_docs.push(doc);
-            }
+            dropped_docs.extend(docs);
         }
         dropped_docs
     }
@@ -1300,7 +1341,7 @@ mod tests {
 
         let stored = Stored {
             documents: [(id, StoredDocument { bytes: doc.save() })].into(),
-            journal: Vec::new(),
+            ..Stored::default()
         };
         let ledger = Ledger::open(
             NodeIdentity {

@@ -49,9 +49,10 @@ impl Unsettled {
         }
     }
 
-    /// Forgets which arrivals are conflicted (to be told again).
-    pub fn clear_conflicts(&mut self) {
-        self.conflicted.clear();
+    /// The key of `arrival` has one allocation again (its competitor
+    /// expired): provisional until settled.
+    pub fn unconflicted(&mut self, arrival: u64) {
+        self.conflicted.remove(&arrival);
     }
 
     /// Provisional allocations among the unsettled arrivals.
@@ -89,7 +90,8 @@ mod tests {
         u.arrived(5, 140);
         assert_eq!((u.provisional(), u.oldest_provisional_ms()), (1, Some(140)));
         u.conflicted(5);
-        u.clear_conflicts();
+        assert_eq!(u.provisional(), 0);
+        u.unconflicted(5);
         assert_eq!(u.provisional(), 1);
     }
 }

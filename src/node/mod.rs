@@ -88,6 +88,10 @@ impl ChunkSink for StorageSink {
     fn drop_document(&self, doc: DocId) {
         self.storage.drop_document((doc.epoch, doc.shard));
     }
+
+    fn retire(&self, doc: DocId, txns: Vec<String>) {
+        self.storage.retire((doc.epoch, doc.shard), txns);
+    }
 }
 
 /// A started node: its addresses, and the handle to wait for its shutdown.
@@ -194,6 +198,11 @@ pub async fn start(config: NodeConfig, shutdown: CancellationToken) -> Result<St
                 .map(|((epoch, shard), bytes)| (DocId { epoch, shard }, StoredDocument { bytes }))
                 .collect(),
             journal: loaded.journal,
+            retired: loaded
+                .retired
+                .into_iter()
+                .map(|((epoch, shard), txn)| (DocId { epoch, shard }, txn))
+                .collect(),
         },
         sink,
     )?);

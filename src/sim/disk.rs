@@ -1,7 +1,7 @@
 //! A simulated disk: writes queue up in order and become durable only when
 //! the disk is flushed; a crash loses whatever was not. What survives is
-//! exactly what a restarted node reads back (documents and journal), and
-//! the compensation log.
+//! exactly what a restarted node reads back (documents, journal and the
+//! notes of retired allocations), and the compensation log.
 
 use crate::ledger::{ChunkSink, DocId, Stored, StoredDocument};
 use crate::storage::JournalEntry;
@@ -16,6 +16,7 @@ enum Job {
     Chunk(DocId, Vec<u8>),
     Snapshot(DocId, Vec<u8>),
     Drop(DocId),
+    Retire(DocId, Vec<String>),
     Log(String, Vec<u8>),
 }
 
@@ -27,6 +28,7 @@ struct State {
     queue: Vec<(u64, Job)>,
     documents: BTreeMap<DocId, Vec<u8>>,
     journal: BTreeMap<u64, JournalEntry>,
+    retired: BTreeMap<DocId, Vec<String>>,
     log: BTreeMap<String, Vec<Vec<u8>>>,
     /// Documents written since the node last asked (for its sync engine).
     changed: BTreeSet<DocId>,
@@ -71,7 +73,9 @@ impl SimDisk {
                 }
                 Job::Drop(doc) => {
                     s.documents.remove(&doc);
+                    s.retired.remove(&doc);
                 }
+                Job::Retire(doc, txns) => s.retired.entry(doc).or_default().extend(txns),
                 Job::Log(txn, bytes) => s.log.entry(txn).or_default().push(bytes),
             }
             s.durable = seq;
@@ -109,6 +113,11 @@ impl SimDisk {
                 })
                 .collect(),
             journal: s.journal.values().cloned().collect(),
+            retired: s
+                .retired
+                .iter()
+                .flat_map(|(doc, txns)| txns.iter().map(|txn| (*doc, txn.clone())))
+                .collect(),
         }
     }
 
@@ -155,6 +164,10 @@ impl ChunkSink for SimDisk {
 
     fn drop_document(&self, doc: DocId) {
         self.lock().push(Job::Drop(doc));
+    }
+
+    fn retire(&self, doc: DocId, txns: Vec<String>) {
+        self.lock().push(Job::Retire(doc, txns));
     }
 }
 
