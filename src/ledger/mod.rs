@@ -356,6 +356,10 @@ impl Ledger {
         if !forget.is_empty() {
             sink.forget_journal(forget);
         }
+        let mut resolved = Vec::new();
+        for group in &mut groups {
+            resolve_loaded_conflicts(group, &me.node, &mut resolved);
+        }
         let mut expired = 0;
         for group in &mut groups {
             expired += group.expire(&windows, now, &*sink).1;
@@ -377,8 +381,8 @@ impl Ledger {
             expired_total: AtomicU64::new(expired),
             recovered_from_journal: recovered,
             names,
-            resolutions: Mutex::new(Vec::new()),
-            resolutions_waiting: std::sync::atomic::AtomicBool::new(false),
+            resolutions_waiting: std::sync::atomic::AtomicBool::new(!resolved.is_empty()),
+            resolutions: Mutex::new(resolved),
         })
     }
 
@@ -746,43 +750,14 @@ impl Ledger {
         Ok(outcome)
     }
 
-    /// `arrived` competes with allocations of its key: ours among them are
-    /// resolved, as conflicted. Returns whether one of ours is still pending.
+    /// [`resolve_own_competitors`] with this node's id.
     fn resolve_own_competitors(
         &self,
         group: &mut Group,
         arrived: &AllocationRecord,
         out: &mut Vec<Resolution>,
     ) -> bool {
-        if arrived.node == self.my_node {
-            return false;
-        }
-        let Some(list) = group.keys.get(&arrived.key) else {
-            return false;
-        };
-        let ours: Vec<(u32, u64, Arc<AllocationRecord>)> = list
-            .iter()
-            .filter(|a| a.record.node == self.my_node)
-            .map(|a| (a.epoch, a.arrival, a.record.clone()))
-            .collect();
-        let mut pending = false;
-        for (epoch, arrival, record) in ours {
-            let after_ms = record.hlc.physical_ms.abs_diff(arrived.hlc.physical_ms);
-            if arrival != NOT_ARRIVED {
-                group.own.conflicted(epoch, arrival, &record, after_ms, out);
-                continue;
-            }
-            pending = true;
-            let stake = group
-                .pending
-                .iter_mut()
-                .find(|p| Arc::ptr_eq(&p.record, &record))
-                .and_then(|p| p.stake.take());
-            if let Some(stake) = stake {
-                group.own.conflicted_pending(stake, after_ms, out);
-            }
-        }
-        pending
+        resolve_own_competitors(group, &self.my_node, arrived, out)
     }
 
     /// Queues resolutions for [`Ledger::take_resolutions`].
@@ -1154,6 +1129,64 @@ fn recovered_stake(record: &AllocationRecord, me: &NodeIdentity) -> Option<Stake
         .then(|| Stake::recovered(record.confidence))
 }
 
+/// `arrived` competes with allocations of its key: those of `my_node`
+/// among them are resolved, as conflicted. Returns whether one of ours is
+/// still pending.
+fn resolve_own_competitors(
+    group: &mut Group,
+    my_node: &str,
+    arrived: &AllocationRecord,
+    out: &mut Vec<Resolution>,
+) -> bool {
+    if *arrived.node == *my_node {
+        return false;
+    }
+    let Some(list) = group.keys.get(&arrived.key) else {
+        return false;
+    };
+    let ours: Vec<(u32, u64, Arc<AllocationRecord>)> = list
+        .iter()
+        .filter(|a| *a.record.node == *my_node)
+        .map(|a| (a.epoch, a.arrival, a.record.clone()))
+        .collect();
+    let mut pending = false;
+    for (epoch, arrival, record) in ours {
+        let after_ms = record.hlc.physical_ms.abs_diff(arrived.hlc.physical_ms);
+        if arrival != NOT_ARRIVED {
+            group.own.conflicted(epoch, arrival, &record, after_ms, out);
+            continue;
+        }
+        pending = true;
+        let stake = group
+            .pending
+            .iter_mut()
+            .find(|p| Arc::ptr_eq(&p.record, &record))
+            .and_then(|p| p.stake.take());
+        if let Some(stake) = stake {
+            group.own.conflicted_pending(stake, after_ms, out);
+        }
+    }
+    pending
+}
+
+/// At start: this node's allocations whose key already holds a competitor
+/// are resolved as conflicted, as the merge that brought the competitor
+/// did before the restart, so that they leave the exposure and are not
+/// later called settled.
+fn resolve_loaded_conflicts(group: &mut Group, my_node: &str, out: &mut Vec<Resolution>) {
+    let keys: Vec<String> = group.conflicts.keys().cloned().collect();
+    for key in keys {
+        let rival = group.keys.get(key.as_str()).and_then(|list| {
+            list.iter()
+                .find(|a| *a.record.node != *my_node)
+                .map(|a| a.record.clone())
+        });
+        if let Some(rival) = rival {
+            resolve_own_competitors(group, my_node, &rival, out);
+        }
+    }
+}
+
 /// Where in `existing` (a key's allocations) the one with `fingerprint` is,
 /// in whichever scheme its record was written.
 fn match_existing(
@@ -1294,6 +1327,69 @@ mod tests {
             }
         }
         assert_eq!(b.conflicts().len(), 1, "b sees a's competing allocation");
+    }
+
+    #[test]
+    fn a_conflict_already_on_disk_resolves_our_allocation_at_start() {
+        let clock = crate::time::ManualClock::at(1_000_000);
+        let (a, b) = (ledger_at("a", "b", &clock), ledger_at("b", "a", &clock));
+        let key = IdempotencyKey::parse("same-key").unwrap();
+        for (ledger, amount) in [(&a, 1), (&b, 2)] {
+            let out = ledger.allocate_batch(
+                key.shard(SHARD_COUNT),
+                &[AllocateRequest {
+                    key: key.clone(),
+                    fingerprint: crate::key::fingerprint(&serde_json::json!({ "amount": amount }))
+                        .unwrap(),
+                    confidence: 0.9,
+                    stake: None,
+                }],
+            );
+            assert!(out[0].is_ok());
+            ledger.fold_pending();
+        }
+        for (doc, _) in b.digests() {
+            if let Some(bytes) = b.save_document(doc) {
+                a.merge_bytes(doc, &bytes).unwrap();
+            }
+        }
+        assert_eq!(a.conflicts().len(), 1);
+        // a restarts from its documents, which hold both allocations.
+        let documents = a
+            .digests()
+            .into_iter()
+            .filter_map(|(doc, _)| {
+                Some((
+                    doc,
+                    StoredDocument {
+                        bytes: a.save_document(doc)?,
+                    },
+                ))
+            })
+            .collect();
+        let restarted = Ledger::open(
+            a.identity().clone(),
+            vec!["b".into()],
+            Arc::new(clock.clone()),
+            500,
+            Windows::for_retention(10_000),
+            Stored {
+                documents,
+                ..Stored::default()
+            },
+            Arc::new(DiscardSink),
+        )
+        .unwrap();
+        let pricing = crate::exposure::Pricing::new("/amount", "/currency").unwrap();
+        let exposure = pricing.report(&restarted.exposure());
+        assert_eq!(
+            exposure.expected_duplicates, 0.0,
+            "its duplicate is a fact, not a risk: {exposure:?}"
+        );
+        let resolved = restarted.take_resolutions();
+        assert_eq!(resolved.len(), 1, "{resolved:?}");
+        assert!(resolved[0].conflict_after_ms.is_some(), "{resolved:?}");
+        assert_eq!(restarted.stats().provisional, 0);
     }
 
     #[test]
