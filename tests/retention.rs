@@ -253,6 +253,68 @@ fn a_node_down_while_the_winners_window_expired_forgets_the_key_at_start() {
     assert_key_forgotten(&restarted, &s, "at start");
 }
 
+/// `ledger`'s allocations of the key, by transaction, and its conflicts.
+fn key_state(ledger: &Ledger) -> (Vec<String>, usize) {
+    let txns = ledger.key(KEY).map_or_else(Vec::new, |v| {
+        v.allocations
+            .iter()
+            .map(|a| a.record.txn_id.clone())
+            .collect()
+    });
+    (txns, ledger.conflicts().len())
+}
+
+#[test]
+fn a_new_allocation_by_a_node_that_forgot_the_winner_first_stays_on_every_node() {
+    let s = straddling_conflict();
+    s.clock.set(WINNER_EXPIRED_MS);
+    // Only a's retention tick has come: a forgot the key, b still holds it.
+    s.a.expire();
+    let fresh = allocate(&s.a, 1);
+    assert!(!fresh.replay);
+    let fresh = fresh.allocation.record.txn_id.clone();
+    send_all(&s.a, &s.b);
+    // b's tick comes: the winner and its loser go, the new allocation,
+    // stamped after the winner's window was past the retention, stays.
+    s.b.expire();
+    for (name, ledger) in [("a", &s.a), ("b", &s.b)] {
+        assert_eq!(key_state(ledger), (vec![fresh.clone()], 0), "node {name}");
+    }
+    let again = allocate(&s.b, 1);
+    assert!(
+        again.replay,
+        "a retry at b is a replay of the new allocation"
+    );
+    assert_eq!(again.allocation.record.txn_id, fresh);
+}
+
+#[test]
+fn an_acknowledged_allocation_only_in_the_journal_survives_a_crash_after_the_winner_expired() {
+    let s = straddling_conflict();
+    // What b's disk holds before its expiry, which the crash keeps: the
+    // drop of the winner's document was not committed yet.
+    let mut on_disk = stored(&s.b, &s.b_disk);
+    s.clock.set(WINNER_EXPIRED_MS);
+    s.b.expire();
+    let fresh = allocate(&s.b, 1);
+    assert!(!fresh.replay, "b forgot the key: a new transaction");
+    // Acknowledged from the journal, then SIGKILL before anything else.
+    on_disk.journal.push(oncemesh::storage::JournalEntry {
+        seq: 1,
+        epoch: fresh.allocation.epoch,
+        bytes: serde_json::to_vec(&*fresh.allocation.record).unwrap(),
+    });
+    let restarted = open_ledger("b", "a", &s.clock, on_disk, s.b_disk.clone());
+    let txn = fresh.allocation.record.txn_id.clone();
+    assert_eq!(key_state(&restarted), (vec![txn.clone()], 0));
+    let again = allocate(&restarted, 1);
+    assert!(
+        again.replay,
+        "the acknowledged allocation answers the retry"
+    );
+    assert_eq!(again.allocation.record.txn_id, txn);
+}
+
 async fn health(c: &Cluster, node: usize) -> serde_json::Value {
     c.node(node).get_json("/v1/health").await.1
 }

@@ -398,11 +398,18 @@ impl Group {
         let conflicts = &mut self.conflicts;
         self.keys.retain(|key, allocations| {
             let was_conflicted = allocations.len() > 1;
-            let winner_gone = allocations
+            // The key leaves with its winner: its losers go too, but only
+            // those stamped while the winner was live. One stamped after is
+            // a new allocation by a node that had already forgotten the
+            // winner, and stays, whenever this node's own expiry comes.
+            let gone_winner = allocations
                 .first()
-                .is_some_and(|w| windows.expired(w.epoch, now_ms));
+                .map(|w| w.epoch)
+                .filter(|&epoch| windows.expired(epoch, now_ms));
             allocations.retain(|a| {
-                let gone = winner_gone || windows.expired(a.epoch, now_ms);
+                let gone = windows.expired(a.epoch, now_ms)
+                    || gone_winner
+                        .is_some_and(|epoch| !windows.expired(epoch, a.record.hlc.physical_ms));
                 if gone {
                     dropped += 1;
                     compensations.remove(&a.record.txn_id);
