@@ -14,8 +14,12 @@ use crate::confidence::{
 use crate::exposure::{Exposure, Pricing};
 use crate::ledger::{Ledger, Stake};
 use crate::peers::status::PeerTable;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+/// File in the data dir holding what the confidence model has learnt.
+pub const LEARNT_FILE: &str = "confidence.json";
 
 /// What a new allocation is staked with: its confidence, the partition
 /// episode it is made in, and what the ledger follows of it.
@@ -46,25 +50,49 @@ pub struct Estimator {
     calibration: Mutex<Calibration>,
     /// Reads amounts and currencies from payloads, for the value at risk.
     pricing: Pricing,
+    /// Where what the model learnt is saved ([`Estimator::save_learnt`]);
+    /// `None` keeps it in memory only.
+    learnt_path: Option<PathBuf>,
 }
 
 impl Estimator {
-    /// A fresh model for a node that started at `started_ms`.
+    /// The model of a node that started at `started_ms`: what it learnt
+    /// before, if `data_dir` holds it, else the prior alone.
     pub fn new(
         ledger: Arc<Ledger>,
         peers: Arc<PeerTable>,
         started_ms: u64,
         sync_interval: Duration,
         pricing: Pricing,
+        data_dir: Option<&Path>,
     ) -> Self {
+        let learnt_path = data_dir.map(|dir| dir.join(LEARNT_FILE));
+        let model = learnt_path
+            .as_deref()
+            .and_then(load_learnt)
+            .unwrap_or_else(|| ConfidenceModel::new(ConfidenceParams::default()));
         Self {
             ledger,
             peers,
             started_ms,
             sync_interval,
-            model: Mutex::new(ConfidenceModel::new(ConfidenceParams::default())),
+            model: Mutex::new(model),
             calibration: Mutex::new(Calibration::default()),
             pricing,
+            learnt_path,
+        }
+    }
+
+    /// Saves what the model learnt (a new file put in place by rename, so
+    /// a crash leaves the old one or the new one). A failure is logged: it
+    /// costs only learning since the last save.
+    pub fn save_learnt(&self) {
+        let Some(path) = &self.learnt_path else {
+            return;
+        };
+        let learnt = self.model().learnt();
+        if let Err(e) = write_atomically(path, &learnt) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot save the learnt confidence state");
         }
     }
 
@@ -218,5 +246,65 @@ impl Estimator {
     /// Expected duplicates and value at risk of this node's provisional allocations.
     pub fn exposure(&self) -> Exposure {
         self.pricing.report(&self.ledger.exposure())
+    }
+}
+
+/// The model saved at `path`; `None` (the prior) if there is none or it is
+/// refused, which is logged.
+fn load_learnt(path: &Path) -> Option<ConfidenceModel> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the learnt confidence state; starting from the prior");
+            return None;
+        }
+    };
+    let resumed = serde_json::from_slice(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|learnt| {
+            ConfidenceModel::resume(ConfidenceParams::default(), &learnt).map_err(|e| e.to_string())
+        });
+    match resumed {
+        Ok(model) => {
+            tracing::info!(path = %path.display(), "confidence model resumed from what it learnt before");
+            Some(model)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "refusing the learnt confidence state; starting from the prior");
+            None
+        }
+    }
+}
+
+/// Writes `value` as JSON to `path` through a synced temporary file and a rename.
+fn write_atomically(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_model_is_read_back_and_a_damaged_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEARNT_FILE);
+        assert!(load_learnt(&path).is_none(), "no file: the prior");
+        let mut model = ConfidenceModel::new(ConfidenceParams::default());
+        (0..500).for_each(|_| model.observe_allocation());
+        write_atomically(&path, &model.learnt()).unwrap();
+        let read = load_learnt(&path).expect("read back");
+        assert_eq!(read.summary(), model.summary());
+        for damage in [&b"{"[..], b"[]", b"\xff\xfe", b""] {
+            std::fs::write(&path, damage).unwrap();
+            assert!(load_learnt(&path).is_none(), "{damage:?}");
+        }
     }
 }

@@ -3,8 +3,9 @@
 //! over to another region. The cut-off node's confidence must learn from the
 //! first heal, its live exposure (expected duplicates, value at risk per
 //! currency) must mean what it says and fall to zero once everything has
-//! resolved, and `/v1/calibration` must list both episodes with the
-//! duplicates expected beside those found.
+//! resolved, `/v1/calibration` must list both episodes with the
+//! duplicates expected beside those found, and what the model learnt must
+//! outlive a restart.
 
 mod support;
 
@@ -219,5 +220,22 @@ async fn a_cut_off_region_learns_failover_from_its_first_heal() {
     assert!(
         london["situations"][1]["resolved"].as_u64().unwrap() >= failovers as u64,
         "{london}"
+    );
+
+    // What the model learnt outlives a restart: the next partition after it
+    // is judged by both heals, not by the prior again.
+    let learnt = |h: &Value| h["confidence_model"]["situations"][2].clone();
+    let before = learnt(&c.node(0).get_json("/v1/health").await.1);
+    assert_eq!(before["resolved"], 2.0 * PER_PARTITION as f64, "{before}");
+    assert!(
+        c.stop(0, Duration::from_secs(10)).await.is_some(),
+        "node 0 did not stop on SIGTERM\n{}",
+        c.logs(20)
+    );
+    c.restart(0).await;
+    let after = learnt(&c.node(0).get_json("/v1/health").await.1);
+    assert_eq!(
+        after, before,
+        "learnt before the restart: {before}, after: {after}"
     );
 }

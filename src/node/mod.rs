@@ -223,6 +223,7 @@ pub async fn start(config: NodeConfig, shutdown: CancellationToken) -> Result<St
         started_ms,
         config.sync_interval,
         pricing,
+        Some(&config.data_dir),
     ));
     let allocator = Arc::new(Allocator::start(
         ledger.clone(),
@@ -412,12 +413,17 @@ fn spawn_compaction(ledger: Arc<Ledger>, tasks: &TaskTracker, shutdown: Cancella
     });
 }
 
+/// Ticks of [`spawn_learning`] between two saves of what the model learnt.
+const SAVE_LEARNT_TICKS: u32 = 20;
+
 /// Keeps the partition episodes and the confidence model up to date when
 /// no allocation comes: notes the node's situation and learns from what
-/// resolved, twice a second.
+/// resolved, twice a second; saves what the model learnt every ten seconds
+/// and at shutdown, so that a restart goes on from it.
 fn spawn_learning(estimator: Arc<Estimator>, tasks: &TaskTracker, shutdown: CancellationToken) {
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
                 biased;
@@ -425,7 +431,14 @@ fn spawn_learning(estimator: Arc<Estimator>, tasks: &TaskTracker, shutdown: Canc
                 _ = tick.tick() => {}
             }
             estimator.observe_situation();
+            ticks += 1;
+            if ticks.is_multiple_of(SAVE_LEARNT_TICKS) {
+                let estimator = estimator.clone();
+                let _ = tokio::task::spawn_blocking(move || estimator.save_learnt()).await;
+            }
         }
+        estimator.observe_situation();
+        let _ = tokio::task::spawn_blocking(move || estimator.save_learnt()).await;
     });
 }
 
