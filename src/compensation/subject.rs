@@ -48,14 +48,21 @@ impl Subject {
 
 /// A compensation's log as read back: the machine's entries in order, and
 /// the subject last written (`None` in logs of versions that wrote none).
+/// A damaged subject entry is skipped with a warning: the one before it, or
+/// the ledger's records while the key is held, still say what it is about,
+/// and the machine's entries alone decide whether it runs.
 pub fn read(raw: &[Vec<u8>]) -> Result<(Vec<LogEntry>, Option<Subject>), serde_json::Error> {
     let mut entries = Vec::with_capacity(raw.len());
     let mut subject = None;
     for bytes in raw {
         let tag: Tag = serde_json::from_slice(bytes)?;
         if tag.entry == "subject" {
-            let Stored::Subject(s) = serde_json::from_slice(bytes)?;
-            subject = Some(s);
+            match serde_json::from_slice(bytes) {
+                Ok(Stored::Subject(s)) => subject = Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a damaged subject entry of a compensation log");
+                }
+            }
         } else {
             entries.push(serde_json::from_slice(bytes)?);
         }
@@ -103,8 +110,18 @@ mod tests {
         assert_eq!(subject, Some(moved));
         // A log written before subjects were.
         let old = vec![serde_json::to_vec(&scheduled).unwrap()];
-        assert_eq!(read(&old).unwrap(), (vec![scheduled], None));
-        assert!(read(&[b"{\"entry\":\"subject\"}".to_vec()]).is_err());
+        assert_eq!(read(&old).unwrap(), (vec![scheduled.clone()], None));
+        // A damaged subject is skipped: the one before it still holds, and
+        // the machine's entries are read as ever.
+        let damaged = vec![
+            serde_json::to_vec(&scheduled).unwrap(),
+            first.encode().unwrap(),
+            b"{\"entry\":\"subject\"}".to_vec(),
+        ];
+        assert_eq!(
+            read(&damaged).unwrap(),
+            (vec![scheduled.clone()], Some(first))
+        );
         assert!(read(&[b"not json".to_vec()]).is_err());
     }
 }
