@@ -10,66 +10,18 @@
 
 mod support;
 
+use oncemesh::drill::SmallDisk;
 use serde_json::{json, Value};
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 use support::{Cluster, ClusterOptions};
 
-/// A tmpfs mounted over a directory, unmounted on drop.
-struct SmallDisk {
-    at: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(at: &Path, size: &str) -> SmallDisk {
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .output()
-            .expect("cannot run mount");
-        assert!(
-            out.status.success(),
-            "this test mounts a small tmpfs as the node's data dir and needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        SmallDisk { at: at.to_owned() }
-    }
-
-    /// Writes a filler file until the filesystem is full.
-    fn fill(&self) -> PathBuf {
-        let path = self.at.join("filler");
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
-        let block = vec![0u8; 64 * 1024];
-        while file.write_all(&block).is_ok() {}
-        let _ = file.flush();
-        path
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
+/// A small tmpfs over `at`, carrying over what it held; the test fails
+/// saying so without root.
+fn small_disk(at: &Path, size_mib: u64) -> SmallDisk {
+    SmallDisk::mount(at, size_mib).unwrap_or_else(|e| {
+        panic!("this test mounts a small tmpfs as the node's data dir and needs root: {e}")
+    })
 }
 
 async fn allocate(c: &Cluster, key: &str) -> (u16, Value) {
@@ -86,11 +38,7 @@ async fn a_full_disk_is_survived_without_a_restart() {
     let c = Cluster::start(1, ClusterOptions::default().regions(&["sgp"])).await;
     // Move the node's data dir onto a small filesystem of its own.
     c.stop(0, Duration::from_secs(10)).await;
-    let data = c.node(0).data_dir().to_owned();
-    let saved = c.node(0).root_dir().join("saved-data");
-    copy_dir(&data, &saved);
-    let disk = SmallDisk::mount(&data, "24m");
-    copy_dir(&saved, &data);
+    let disk = small_disk(c.node(0).data_dir(), 24);
     c.restart(0).await;
 
     let mut acknowledged = Vec::new();
@@ -101,7 +49,7 @@ async fn a_full_disk_is_survived_without_a_restart() {
         acknowledged.push((key, v["txn_id"].as_str().unwrap().to_owned()));
     }
 
-    let filler = disk.fill();
+    disk.fill().unwrap();
     // Allocations now fail: the first ones may still fit in what was left.
     let mut refused = Vec::new();
     for i in 0..400 {
@@ -141,7 +89,7 @@ async fn a_full_disk_is_survived_without_a_restart() {
     }
 
     // Free the space: the node resumes by itself.
-    std::fs::remove_file(&filler).unwrap();
+    disk.free().unwrap();
     assert!(
         c.wait_until_async(Duration::from_secs(20), async || {
             c.node(0).get_json("/v1/health").await.1["storage"]["failing"].is_null()
@@ -186,18 +134,18 @@ async fn a_full_disk_is_survived_without_a_restart() {
 async fn the_store_reopens_its_database_after_a_failed_commit() {
     use oncemesh::storage::Storage;
     let root = tempfile::tempdir().unwrap();
-    let disk = SmallDisk::mount(root.path(), "16m");
+    let disk = small_disk(root.path(), 16);
     let (storage, _) = Storage::open(root.path(), std::sync::Arc::new(|_| {})).unwrap();
     let first = storage.append_chunk((1, 0), vec![1; 1024]);
     storage.wait_durable(first).await.unwrap();
-    let filler = disk.fill();
+    disk.fill().unwrap();
     // A chunk the full disk cannot take: redb fails, and refuses everything
     // after an I/O error until the database is opened again.
     let big = storage.append_chunk((1, 0), vec![2; 4 << 20]);
     let refused = storage.wait_durable(big).await;
     assert!(refused.is_err(), "a 4 MiB chunk fit on a full disk");
     assert!(storage.failing().is_some());
-    std::fs::remove_file(&filler).unwrap();
+    disk.free().unwrap();
     assert!(
         support::wait_until(Duration::from_secs(20), || storage.failing().is_none()).await,
         "the store never resumed: {:?}",
