@@ -10,6 +10,7 @@
 
 mod support;
 
+use oncemesh::client::{Client, HealthStatus};
 use oncemesh::drill::SmallDisk;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -78,6 +79,10 @@ async fn a_full_disk_is_survived_without_a_restart() {
         health["storage"]["failing"].is_string(),
         "health does not say storage fails: {health}"
     );
+    // The library's client reads a critical verdict (a 503) as a verdict.
+    let client = Client::new(&c.node(0).http_url()).unwrap();
+    let health = client.health().await.expect("a critical health report");
+    assert_eq!(health.status, HealthStatus::Critical, "{health:?}");
     // What was acknowledged is still answered while the disk is full.
     for (key, txn) in acknowledged.iter().take(5) {
         let (code, v) = allocate(&c, key).await;
