@@ -10,6 +10,7 @@
 
 mod support;
 
+use oncemesh::chaos::receiver::{Mode, Receiver};
 use oncemesh::client::{Client, HealthStatus};
 use oncemesh::drill::SmallDisk;
 use serde_json::{json, Value};
@@ -168,4 +169,120 @@ async fn the_store_reopens_its_database_after_a_failed_commit() {
     );
     assert!(storage.write_failures() >= 1);
     drop(disk);
+}
+
+/// A compensation due while its node cannot write: its attempt cannot be
+/// logged, so the engine waits for the disk instead of trying again at once
+/// in a loop (which queued a log entry a turn for the writer, each written
+/// once space was freed, filling it again, and a log with an attempt
+/// started twice cannot be replayed), and compensates once space is freed
+/// and the endpoint answers, with a log that replays at restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_waits_for_a_full_disk_without_spinning() {
+    let rx = Receiver::start().await.unwrap();
+    rx.set_mode(Mode::Fails);
+    let opts = ClusterOptions::default()
+        .regions(&["sgp", "lon"])
+        .args(["--compensation-initial-backoff", "500ms"])
+        .args(["--compensation-max-backoff", "1s"])
+        .node_args(
+            0,
+            [
+                "--compensation".to_owned(),
+                format!("webhook:{}", rx.url(0)),
+            ],
+        )
+        .node_args(
+            1,
+            [
+                "--compensation".to_owned(),
+                format!("webhook:{}", rx.url(1)),
+            ],
+        );
+    let c = Cluster::start(2, opts).await;
+    let mut disks = Vec::new();
+    for i in 0..2 {
+        c.stop(i, Duration::from_secs(10)).await;
+        disks.push(small_disk(c.node(i).data_dir(), 24));
+        c.restart(i).await;
+    }
+    c.isolate(0);
+    let mut made = Vec::new();
+    for i in 0..2 {
+        let (code, v) = c
+            .node(i)
+            .post_json(
+                "/v1/allocations",
+                &json!({"key": "twice", "payload": {"amount": 1}}),
+            )
+            .await;
+        assert_eq!(code, 201, "node {i}: {v}");
+        made.push((
+            v["hlc"].as_str().unwrap().to_owned(),
+            v["node"].as_str().unwrap().to_owned(),
+        ));
+    }
+    // The winner has the smallest (HLC, node id); the other node compensates.
+    let loser = if made[0] < made[1] { 1 } else { 0 };
+    c.heal_all();
+    let node = c.node(loser);
+    let compensation = async || {
+        let (_, report) = node.get_json("/v1/conflicts").await;
+        report["conflicts"][0]["compensations"][0].clone()
+    };
+    assert!(
+        c.wait_until_async(Duration::from_secs(20), async || {
+            let now = compensation().await;
+            now["attempts"].as_u64() >= Some(2) && now["state"] == "failed"
+        })
+        .await,
+        "the loser's node never tried its compensation: {}\n{}",
+        compensation().await,
+        c.logs(40)
+    );
+    // Waiting for its next attempt, due within a second, on a disk that
+    // will not take the attempt's log entry.
+    disks[loser].fill().unwrap();
+    let before = std::fs::read_to_string(node.log_path()).unwrap().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = std::fs::read_to_string(node.log_path()).unwrap();
+    let tries = log[before..].matches("cannot log").count();
+    assert!(
+        tries <= 20,
+        "{tries} failed tries to log the compensation in 3 s of a full disk"
+    );
+
+    rx.set_mode(Mode::Ok);
+    disks[loser].free().unwrap();
+    assert!(
+        c.wait_until_async(Duration::from_secs(20), async || {
+            compensation().await["state"] == "succeeded"
+        })
+        .await,
+        "the compensation never ran after space was freed: {}\n{}",
+        compensation().await,
+        c.logs(40)
+    );
+    assert_eq!(rx.effects(), 1, "one refund");
+    assert!(node.get_json("/v1/health").await.1["storage"]["failing"].is_null());
+    // Its log replays: each transition was logged once.
+    c.restart(loser).await;
+    let log = std::fs::read_to_string(node.log_path()).unwrap();
+    assert!(
+        !log.contains("compensation log unreadable"),
+        "{}",
+        c.logs(20)
+    );
+    assert!(
+        c.wait_until_async(Duration::from_secs(10), async || {
+            compensation().await["state"] == "succeeded"
+        })
+        .await,
+        "after a restart: {}",
+        compensation().await
+    );
+    for i in 0..2 {
+        c.stop(i, Duration::from_secs(10)).await;
+    }
+    drop(disks);
 }
