@@ -4,8 +4,9 @@
 //! excerpt of its history that shows the first, and keeps its nodes' data
 //! dirs and logs. It is a subcommand rather than an example so that the
 //! binary it starts is always the one running it, never a stale build.
-//! Ctrl-C or SIGTERM stops the seed running, its nodes and its small
-//! filesystems with it.
+//! Ctrl-C, SIGTERM or SIGHUP stops the seed running, its nodes and its
+//! small filesystems with it (SIGKILL cannot: then its mounts stay, under
+//! the run's directory, until unmounted by hand).
 
 use super::table::render;
 use crate::chaos::{self, FullDisk, Options, Outcome};
@@ -73,7 +74,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<i32> {
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         let outcome = tokio::select! {
             outcome = chaos::run_seed(&exe, &root, &options, seed) => outcome,
-            () = super::wait_for_signal() => {
+            () = interrupted() => {
                 println!("interrupted during seed {seed}; its logs are in {}", root.display());
                 return Ok(130);
             }
@@ -113,6 +114,26 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<i32> {
     }
     println!("{} seeds, {failures} failures", seeds.len());
     Ok(if failures > 0 { 1 } else { 0 })
+}
+
+/// Returns on SIGINT (Ctrl-C), SIGTERM or SIGHUP (the terminal gone).
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(mut term), Ok(mut hup)) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 const HEADER: [&str; 13] = [
