@@ -114,11 +114,6 @@ impl SmallDisk {
         Ok(())
     }
 
-    /// The directory it covers.
-    pub fn path(&self) -> &Path {
-        &self.at
-    }
-
     /// Writes a ballast file until the filesystem is full; the bytes
     /// written. Blocks (a tmpfs fills at memory speed).
     pub fn fill(&self) -> Result<u64, DiskError> {
