@@ -399,12 +399,18 @@ pub fn judge(mut history: History, nodes: &[Option<NodeState>], run: Run) -> Rep
             .into_iter()
             .flatten()
             .filter(|t| *t != txn)
-            .find(|t| first_answer.get(*t).is_some_and(|answered| answered <= at));
-        if let Some(rival) = rival {
+            .find_map(|t| {
+                let answered = *first_answer.get(t)?;
+                (answered <= *at).then_some((t, answered))
+            });
+        if let Some((rival, answered)) = rival {
+            let s = |ms: u64| ms.saturating_sub(run.start) as f64 / 1e3;
             found.push(Violation::new(
                 "settled",
                 format!(
-                    "node {node} called {key} settled with {txn} while {rival} was acknowledged"
+                    "node {node} called {key} settled with {txn} at {:.3} s; {rival} had been acknowledged at {:.3} s",
+                    s(*at),
+                    s(answered)
                 ),
                 Some(key.clone()),
             ));
@@ -541,5 +547,15 @@ mod tests {
             },
         );
         assert_eq!(checks(history, &nodes), ["replay"]);
+
+        // k1's t2 was acknowledged at 2: calling k1 settled with t1 alone
+        // is fine before, wrong after.
+        let (mut history, nodes) = healthy();
+        history.settled_claim(1, 0, "k1", "t1".into());
+        history.settled_claim(5, 2, "k2", "t3".into());
+        assert_eq!(checks(history, &nodes), Vec::<&str>::new());
+        let (mut history, nodes) = healthy();
+        history.settled_claim(2, 0, "k1", "t1".into());
+        assert_eq!(checks(history, &nodes), ["settled"]);
     }
 }

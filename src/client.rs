@@ -21,7 +21,7 @@
 
 use crate::hlc::Timestamp;
 use crate::key::{IdempotencyKey, InputError};
-use reqwest::{Method, RequestBuilder, Url};
+use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -406,10 +406,16 @@ impl Client {
         self.call(request, "the retry").await
     }
 
-    /// The health verdict and its indicators.
+    /// The health verdict and its indicators, `critical` too (the node
+    /// answers it with a 503 and the same body, for load balancers).
     pub async fn health(&self) -> Result<Health, ClientError> {
         let request = self.request(Method::GET, &["v1", "health"])?;
-        self.call(request, "the health report").await
+        self.call_accepting(
+            request,
+            "the health report",
+            Some(StatusCode::SERVICE_UNAVAILABLE),
+        )
+        .await
     }
 
     /// How well the node's confidence held: per situation, per partition episode.
@@ -480,6 +486,17 @@ impl Client {
         request: RequestBuilder,
         what: &str,
     ) -> Result<T, ClientError> {
+        self.call_accepting(request, what, None).await
+    }
+
+    /// [`Client::call`], reading the body of an `also` answer as if it
+    /// were a success.
+    async fn call_accepting<T: DeserializeOwned>(
+        &self,
+        request: RequestBuilder,
+        what: &str,
+        also: Option<StatusCode>,
+    ) -> Result<T, ClientError> {
         let unreachable = |e: reqwest::Error| ClientError::Unreachable {
             url: self.base.to_string(),
             reason: crate::tls::error_chain(&e),
@@ -487,7 +504,7 @@ impl Client {
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
         let body = response.bytes().await.map_err(unreachable)?;
-        if !status.is_success() {
+        if !status.is_success() && Some(status) != also {
             let message = serde_json::from_slice::<Value>(&body)
                 .ok()
                 .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))

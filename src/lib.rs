@@ -43,7 +43,8 @@
 //! - [`metrics`]: Prometheus metrics; [`config`]: flags and TOML.
 //! - [`tls`]: the rustls provider every HTTP client uses.
 //! - [`drill`]: a TCP relay that makes network faults from outside the
-//!   nodes (the demo, the tests and the benchmarks put one on every link).
+//!   nodes (the demo, the tests and the benchmarks put one on every link),
+//!   and a small filesystem to fill under a node's data dir.
 #![deny(missing_docs)]
 
 pub mod allocator;

@@ -10,66 +10,20 @@
 
 mod support;
 
+use oncemesh::chaos::receiver::{Mode, Receiver};
+use oncemesh::client::{Client, HealthStatus};
+use oncemesh::drill::SmallDisk;
 use serde_json::{json, Value};
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 use support::{Cluster, ClusterOptions};
 
-/// A tmpfs mounted over a directory, unmounted on drop.
-struct SmallDisk {
-    at: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(at: &Path, size: &str) -> SmallDisk {
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .output()
-            .expect("cannot run mount");
-        assert!(
-            out.status.success(),
-            "this test mounts a small tmpfs as the node's data dir and needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        SmallDisk { at: at.to_owned() }
-    }
-
-    /// Writes a filler file until the filesystem is full.
-    fn fill(&self) -> PathBuf {
-        let path = self.at.join("filler");
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
-        let block = vec![0u8; 64 * 1024];
-        while file.write_all(&block).is_ok() {}
-        let _ = file.flush();
-        path
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
+/// A small tmpfs over `at`, carrying over what it held; the test fails
+/// saying so without root.
+fn small_disk(at: &Path, size_mib: u64) -> SmallDisk {
+    SmallDisk::mount(at, size_mib).unwrap_or_else(|e| {
+        panic!("this test mounts a small tmpfs as the node's data dir and needs root: {e}")
+    })
 }
 
 async fn allocate(c: &Cluster, key: &str) -> (u16, Value) {
@@ -86,11 +40,7 @@ async fn a_full_disk_is_survived_without_a_restart() {
     let c = Cluster::start(1, ClusterOptions::default().regions(&["sgp"])).await;
     // Move the node's data dir onto a small filesystem of its own.
     c.stop(0, Duration::from_secs(10)).await;
-    let data = c.node(0).data_dir().to_owned();
-    let saved = c.node(0).root_dir().join("saved-data");
-    copy_dir(&data, &saved);
-    let disk = SmallDisk::mount(&data, "24m");
-    copy_dir(&saved, &data);
+    let disk = small_disk(c.node(0).data_dir(), 24);
     c.restart(0).await;
 
     let mut acknowledged = Vec::new();
@@ -101,7 +51,7 @@ async fn a_full_disk_is_survived_without_a_restart() {
         acknowledged.push((key, v["txn_id"].as_str().unwrap().to_owned()));
     }
 
-    let filler = disk.fill();
+    disk.fill().unwrap();
     // Allocations now fail: the first ones may still fit in what was left.
     let mut refused = Vec::new();
     for i in 0..400 {
@@ -130,6 +80,10 @@ async fn a_full_disk_is_survived_without_a_restart() {
         health["storage"]["failing"].is_string(),
         "health does not say storage fails: {health}"
     );
+    // The library's client reads a critical verdict (a 503) as a verdict.
+    let client = Client::new(&c.node(0).http_url()).unwrap();
+    let health = client.health().await.expect("a critical health report");
+    assert_eq!(health.status, HealthStatus::Critical, "{health:?}");
     // What was acknowledged is still answered while the disk is full.
     for (key, txn) in acknowledged.iter().take(5) {
         let (code, v) = allocate(&c, key).await;
@@ -141,7 +95,7 @@ async fn a_full_disk_is_survived_without_a_restart() {
     }
 
     // Free the space: the node resumes by itself.
-    std::fs::remove_file(&filler).unwrap();
+    disk.free().unwrap();
     assert!(
         c.wait_until_async(Duration::from_secs(20), async || {
             c.node(0).get_json("/v1/health").await.1["storage"]["failing"].is_null()
@@ -186,18 +140,18 @@ async fn a_full_disk_is_survived_without_a_restart() {
 async fn the_store_reopens_its_database_after_a_failed_commit() {
     use oncemesh::storage::Storage;
     let root = tempfile::tempdir().unwrap();
-    let disk = SmallDisk::mount(root.path(), "16m");
+    let disk = small_disk(root.path(), 16);
     let (storage, _) = Storage::open(root.path(), std::sync::Arc::new(|_| {})).unwrap();
     let first = storage.append_chunk((1, 0), vec![1; 1024]);
     storage.wait_durable(first).await.unwrap();
-    let filler = disk.fill();
+    disk.fill().unwrap();
     // A chunk the full disk cannot take: redb fails, and refuses everything
     // after an I/O error until the database is opened again.
     let big = storage.append_chunk((1, 0), vec![2; 4 << 20]);
     let refused = storage.wait_durable(big).await;
     assert!(refused.is_err(), "a 4 MiB chunk fit on a full disk");
     assert!(storage.failing().is_some());
-    std::fs::remove_file(&filler).unwrap();
+    disk.free().unwrap();
     assert!(
         support::wait_until(Duration::from_secs(20), || storage.failing().is_none()).await,
         "the store never resumed: {:?}",
@@ -215,4 +169,120 @@ async fn the_store_reopens_its_database_after_a_failed_commit() {
     );
     assert!(storage.write_failures() >= 1);
     drop(disk);
+}
+
+/// A compensation due while its node cannot write: its attempt cannot be
+/// logged, so the engine waits for the disk instead of trying again at once
+/// in a loop (which queued a log entry a turn for the writer, each written
+/// once space was freed, filling it again, and a log with an attempt
+/// started twice cannot be replayed), and compensates once space is freed
+/// and the endpoint answers, with a log that replays at restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compensation_waits_for_a_full_disk_without_spinning() {
+    let rx = Receiver::start().await.unwrap();
+    rx.set_mode(Mode::Fails);
+    let opts = ClusterOptions::default()
+        .regions(&["sgp", "lon"])
+        .args(["--compensation-initial-backoff", "500ms"])
+        .args(["--compensation-max-backoff", "1s"])
+        .node_args(
+            0,
+            [
+                "--compensation".to_owned(),
+                format!("webhook:{}", rx.url(0)),
+            ],
+        )
+        .node_args(
+            1,
+            [
+                "--compensation".to_owned(),
+                format!("webhook:{}", rx.url(1)),
+            ],
+        );
+    let c = Cluster::start(2, opts).await;
+    let mut disks = Vec::new();
+    for i in 0..2 {
+        c.stop(i, Duration::from_secs(10)).await;
+        disks.push(small_disk(c.node(i).data_dir(), 24));
+        c.restart(i).await;
+    }
+    c.isolate(0);
+    let mut made = Vec::new();
+    for i in 0..2 {
+        let (code, v) = c
+            .node(i)
+            .post_json(
+                "/v1/allocations",
+                &json!({"key": "twice", "payload": {"amount": 1}}),
+            )
+            .await;
+        assert_eq!(code, 201, "node {i}: {v}");
+        made.push((
+            v["hlc"].as_str().unwrap().to_owned(),
+            v["node"].as_str().unwrap().to_owned(),
+        ));
+    }
+    // The winner has the smallest (HLC, node id); the other node compensates.
+    let loser = if made[0] < made[1] { 1 } else { 0 };
+    c.heal_all();
+    let node = c.node(loser);
+    let compensation = async || {
+        let (_, report) = node.get_json("/v1/conflicts").await;
+        report["conflicts"][0]["compensations"][0].clone()
+    };
+    assert!(
+        c.wait_until_async(Duration::from_secs(20), async || {
+            let now = compensation().await;
+            now["attempts"].as_u64() >= Some(2) && now["state"] == "failed"
+        })
+        .await,
+        "the loser's node never tried its compensation: {}\n{}",
+        compensation().await,
+        c.logs(40)
+    );
+    // Waiting for its next attempt, due within a second, on a disk that
+    // will not take the attempt's log entry.
+    disks[loser].fill().unwrap();
+    let before = std::fs::read_to_string(node.log_path()).unwrap().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = std::fs::read_to_string(node.log_path()).unwrap();
+    let tries = log[before..].matches("cannot log").count();
+    assert!(
+        tries <= 20,
+        "{tries} failed tries to log the compensation in 3 s of a full disk"
+    );
+
+    rx.set_mode(Mode::Ok);
+    disks[loser].free().unwrap();
+    assert!(
+        c.wait_until_async(Duration::from_secs(20), async || {
+            compensation().await["state"] == "succeeded"
+        })
+        .await,
+        "the compensation never ran after space was freed: {}\n{}",
+        compensation().await,
+        c.logs(40)
+    );
+    assert_eq!(rx.effects(), 1, "one refund");
+    assert!(node.get_json("/v1/health").await.1["storage"]["failing"].is_null());
+    // Its log replays: each transition was logged once.
+    c.restart(loser).await;
+    let log = std::fs::read_to_string(node.log_path()).unwrap();
+    assert!(
+        !log.contains("compensation log unreadable"),
+        "{}",
+        c.logs(20)
+    );
+    assert!(
+        c.wait_until_async(Duration::from_secs(10), async || {
+            compensation().await["state"] == "succeeded"
+        })
+        .await,
+        "after a restart: {}",
+        compensation().await
+    );
+    for i in 0..2 {
+        c.stop(i, Duration::from_secs(10)).await;
+    }
+    drop(disks);
 }

@@ -2,24 +2,27 @@
 //! outside, judged by the checker the simulator uses ([`crate::check`]).
 //!
 //! One run ([`run_seed`]) starts N node processes wired through relays
-//! ([`crate::drill::Cluster`]), each compensating through the [`receiver`];
-//! plays the [`workload`] (customers with cross-region retries and replays)
-//! while the [`schedule`] of the seed cuts, splits, slows and one-ways
-//! links, kills, pauses and clock-skews nodes and makes the endpoint fail
-//! or hang. Then it heals everything (the faults still in force when the
-//! traffic ends stay so until its last retries are done), waits for the
-//! cluster to converge (identical documents, no open conflict) within a
-//! bound, reads every node's end state through its API and hands it with
-//! the recorded history to [`crate::check::judge`]. `oncemesh chaos` runs
-//! many seeds.
+//! ([`crate::drill::Cluster`]), each on a data dir of its own small
+//! filesystem ([`SmallDisk`], where it can be mounted) and compensating
+//! through the [`receiver`]; plays the [`workload`] (customers with
+//! cross-region retries and replays) while the [`schedule`] of the seed
+//! cuts, splits, slows and one-ways links, kills, pauses, clock-skews nodes
+//! and fills their disks, and makes the endpoint fail or hang, and while
+//! the nodes are asked which keys they call settled ([`claims`]). Then it
+//! heals everything (the faults still in force when the traffic ends stay
+//! so until its last retries are done), waits for the cluster to converge
+//! (identical documents, no open conflict) within a bound, reads every
+//! node's end state through its API and hands it with the recorded history
+//! to [`crate::check::judge`]. `oncemesh chaos` runs many seeds.
 
+pub mod claims;
 pub mod receiver;
 pub mod schedule;
 pub mod workload;
 
 use crate::check::{self, NodeState, Report, Violation};
 use crate::client::{Client, ClientError, ConflictFilter};
-use crate::drill::{Cluster, ClusterError, Direction};
+use crate::drill::{Cluster, ClusterError, Direction, DiskError, SmallDisk};
 use receiver::{Mode, Receiver};
 use schedule::{Episode, Fault};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,6 +30,7 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use workload::{Counts, Recorder, Workload};
 
 /// Region names of the first nodes; later ones are `r5`, `r6`, ...
@@ -35,6 +39,27 @@ const REGIONS: [&str; 5] = ["sgp", "lon", "nyc", "fra", "syd"];
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The nodes' webhook timeout; a hanging endpoint answers after twice it.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Size of each node's small filesystem, MiB, for a run of `seconds` of
+/// traffic: a node's data dir grows by about 70 KiB a second under the
+/// workload (2 MiB after 30 s, docs/RELIABILITY.md), so only the ballast
+/// fills it, and the ballast (memory, on a tmpfs) stays small.
+fn disk_mib(seconds: u64) -> u64 {
+    64 + seconds / 2
+}
+
+/// Whether a run gives each node a small filesystem of its own, which its
+/// full-disk episodes fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum FullDisk {
+    /// Where one can be mounted (as root); else the full-disk episodes are
+    /// skipped and the outcome says why.
+    #[default]
+    Auto,
+    /// Always: a run that cannot mount one fails.
+    Required,
+    /// Never: the full-disk episodes are skipped.
+    Off,
+}
 
 /// What a run does.
 #[derive(Debug, Clone)]
@@ -45,6 +70,8 @@ pub struct Options {
     pub workload: Duration,
     /// How long the healed cluster may take to converge.
     pub converge_within: Duration,
+    /// Whether nodes get small filesystems to fill.
+    pub full_disk: FullDisk,
 }
 
 /// Why a run could not be carried out (a broken invariant is not an error:
@@ -70,6 +97,18 @@ pub enum ChaosError {
     /// The nodes did not connect to each other at the start.
     #[error("the nodes did not connect to each other within 30 s")]
     NoMesh,
+    /// A node's small filesystem could not be mounted (when required),
+    /// filled, freed or unmounted.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A node's disk could not be filled.
+    #[error("filling node {node}'s disk: {reason}")]
+    Fill {
+        /// The node's index.
+        node: usize,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What one seed's run found.
@@ -79,6 +118,11 @@ pub struct Outcome {
     pub report: Report,
     /// Faults injected, by kind.
     pub faults: BTreeMap<&'static str, usize>,
+    /// Episodes of the schedule not injected, by kind, and why (a full disk
+    /// where no small filesystem could be mounted).
+    pub skipped: BTreeMap<&'static str, (usize, String)>,
+    /// Settlement claims the nodes made when asked.
+    pub claims: usize,
     /// What the clients did.
     pub counts: Counts,
     /// Compensation calls the endpoint accepted (retries included).
@@ -137,7 +181,9 @@ async fn bounded<T>(call: impl Future<Output = Result<T, ClientError>>) -> Resul
 }
 
 /// Runs the seed: `exe` is the `oncemesh` binary, `root` an empty dir for
-/// the nodes' data dirs and logs.
+/// the nodes' data dirs and logs. Every small filesystem mounted is
+/// unmounted before it returns, an error or not, what the nodes wrote on
+/// it moved into `root` as if there had been none.
 pub async fn run_seed(
     exe: &Path,
     root: &Path,
@@ -147,18 +193,51 @@ pub async fn run_seed(
     let started = Instant::now();
     let receiver = Receiver::start().await.map_err(ChaosError::Receiver)?;
     let regions: Vec<String> = (0..options.nodes).map(region).collect();
+    let disks = small_disks(root, &regions, options)?;
     let names: Vec<&str> = regions.iter().map(String::as_str).collect();
-    let mut cluster = Cluster::start(exe, root, &names, |i| node_flags(&receiver, i, 0)).await?;
-    let outcome = play(&mut cluster, &receiver, options, seed).await;
-    cluster.stop().await;
+    let outcome = match Cluster::start(exe, root, &names, |i| node_flags(&receiver, i, 0)).await {
+        Ok(mut cluster) => {
+            let outcome = play(&mut cluster, &receiver, &disks, options, seed).await;
+            cluster.stop().await;
+            outcome
+        }
+        Err(e) => Err(e.into()),
+    };
+    for disk in disks.into_iter().flatten() {
+        // The fills are done: this is the only owner (else the drop
+        // unmounts it).
+        if let Ok(disk) = Arc::try_unwrap(disk) {
+            disk.unmount(true)?;
+        }
+    }
     let mut outcome = outcome?;
     outcome.seconds = started.elapsed().as_secs_f64();
     Ok(outcome)
 }
 
+/// Each node's small filesystem over its data dir, or why there are none.
+type Disks = Result<Vec<Arc<SmallDisk>>, String>;
+
+fn small_disks(root: &Path, regions: &[String], options: &Options) -> Result<Disks, ChaosError> {
+    if options.full_disk == FullDisk::Off {
+        return Ok(Err("--full-disk off".into()));
+    }
+    let size = disk_mib(options.workload.as_secs());
+    let mut disks = Vec::new();
+    for region in regions {
+        match SmallDisk::mount(&root.join(region), size) {
+            Ok(disk) => disks.push(Arc::new(disk)),
+            Err(e) if options.full_disk == FullDisk::Auto => return Ok(Err(e.to_string())),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Ok(disks))
+}
+
 async fn play(
     cluster: &mut Cluster,
     receiver: &Receiver,
+    disks: &Disks,
     options: &Options,
     seed: u64,
 ) -> Result<Outcome, ChaosError> {
@@ -170,21 +249,31 @@ async fn play(
     let clients: Vec<Client> = cluster.nodes.iter().map(|n| n.client.clone()).collect();
     let customers = tokio::spawn(workload::run(
         Workload {
-            clients,
+            clients: clients.clone(),
             seed,
             until: Instant::now() + options.workload,
         },
         recorder.clone(),
     ));
+    let stop_sampling = CancellationToken::new();
+    let sampler = tokio::spawn(claims::sample(
+        clients,
+        recorder.clone(),
+        seed,
+        stop_sampling.clone(),
+    ));
     let mut faults = Faults {
         cluster,
         receiver,
         recorder: &recorder,
+        disks,
         offsets: vec![0; options.nodes],
         down: BTreeSet::new(),
         paused: BTreeSet::new(),
+        full: BTreeSet::new(),
     };
     let mut counted: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut skipped: BTreeMap<&'static str, (usize, String)> = BTreeMap::new();
     // What is still in force when the traffic stops stays so until the
     // heal, after the last retries.
     let workload_ms = options.workload.as_millis() as u64;
@@ -197,8 +286,14 @@ async fn play(
     for (at, begin, episode) in steps {
         let wait = Duration::from_millis(at).saturating_sub(Duration::from_millis(recorder.now()));
         tokio::time::sleep(wait).await;
-        if begin {
-            *counted.entry(episode.fault.kind()).or_default() += 1;
+        let kind = episode.fault.kind();
+        if let Some(why) = faults.cannot(&episode.fault) {
+            if begin {
+                recorder.note(format!("skip {:?}: {why}", episode.fault));
+                skipped.entry(kind).or_insert((0, why.to_owned())).0 += 1;
+            }
+        } else if begin {
+            *counted.entry(kind).or_default() += 1;
             faults.begin(&episode.fault).await?;
         } else {
             faults.end(&episode.fault).await?;
@@ -207,6 +302,11 @@ async fn play(
     if let Err(e) = customers.await {
         recorder.note(format!("the workload stopped: {e}"));
     }
+    stop_sampling.cancel();
+    let claims = sampler.await.unwrap_or_else(|e| {
+        recorder.note(format!("the settlement sampler stopped: {e}"));
+        0
+    });
     faults.heal_all().await?;
     let cluster: &Cluster = faults.cluster;
     let healed = recorder.now();
@@ -225,6 +325,15 @@ async fn play(
             ),
             Some(key),
         ));
+    }
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        if let Some(reason) = storage_failing(&node.client).await {
+            history.violation(Violation::new(
+                "storage",
+                format!("node {i}'s storage still fails after the heal: {reason}"),
+                None,
+            ));
+        }
     }
     let keys: Vec<String> = history.keys().cloned().collect();
     let mut states = Vec::new();
@@ -246,12 +355,28 @@ async fn play(
         conflicted_allocations: report.outcomes.iter().filter(|(_, x)| *x).count(),
         report,
         faults: counted,
+        skipped,
+        claims,
         counts,
         calls_accepted: receiver.accepted().len(),
         calls_refused: receiver.refused(),
         effects: receiver.effects(),
         seconds: 0.0,
     })
+}
+
+/// Why the node's storage says it cannot write, if it does (or its health
+/// cannot be read).
+async fn storage_failing(client: &Client) -> Option<String> {
+    match bounded(client.health()).await {
+        Ok(health) => health
+            .extra
+            .get("storage")
+            .and_then(|s| s.get("failing"))
+            .and_then(|f| f.as_str())
+            .map(str::to_owned),
+        Err(e) => Some(format!("health unreadable: {e}")),
+    }
 }
 
 /// Polls `check` every 250 ms until it holds or `within` passes.
@@ -359,13 +484,36 @@ struct Faults<'a> {
     cluster: &'a mut Cluster,
     receiver: &'a Receiver,
     recorder: &'a Recorder,
+    disks: &'a Disks,
     /// Each node's clock offset, ms, kept across restarts.
     offsets: Vec<i64>,
     down: BTreeSet<usize>,
     paused: BTreeSet<usize>,
+    /// Nodes whose disk is full.
+    full: BTreeSet<usize>,
 }
 
 impl Faults<'_> {
+    /// Why `fault` cannot be injected in this run, if it cannot.
+    fn cannot(&self, fault: &Fault) -> Option<&str> {
+        match (fault, self.disks) {
+            (Fault::FullDisk(_), Err(why)) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// Node `n`'s small filesystem (only asked for when [`Faults::cannot`]
+    /// said none is missing).
+    fn disk(&self, n: usize) -> Result<Arc<SmallDisk>, ChaosError> {
+        match self.disks {
+            Ok(disks) => Ok(disks[n].clone()),
+            Err(why) => Err(ChaosError::Fill {
+                node: n,
+                reason: why.clone(),
+            }),
+        }
+    }
+
     /// The relays between a node in `a` and a node not in `a`.
     fn cut_between(&self, a: &BTreeSet<usize>) {
         for (i, row) in self.cluster.links.iter().enumerate() {
@@ -417,9 +565,36 @@ impl Faults<'_> {
                 self.offsets[*node] = *offset_ms;
                 self.restart(*node).await?;
             }
+            Fault::FullDisk(n) => {
+                let disk = self.disk(*n)?;
+                let bytes = tokio::task::spawn_blocking(move || disk.fill())
+                    .await
+                    .map_err(|e| ChaosError::Fill {
+                        node: *n,
+                        reason: e.to_string(),
+                    })??;
+                self.full.insert(*n);
+                self.recorder.note(format!(
+                    "node {n}'s disk filled with {} MiB of ballast",
+                    bytes >> 20
+                ));
+            }
             Fault::WebhookFails => self.receiver.set_mode(Mode::Fails),
             Fault::WebhookHangs => self.receiver.set_mode(Mode::Hangs(WEBHOOK_TIMEOUT * 2)),
         }
+        Ok(())
+    }
+
+    /// Frees node `n`'s disk, noting first whether the node said its
+    /// storage was failing (the fault was felt).
+    async fn free(&mut self, n: usize) -> Result<(), ChaosError> {
+        let felt = storage_failing(&self.cluster.nodes[n].client).await;
+        self.recorder.note(format!(
+            "node {n}'s disk freed; its storage failing then: {}",
+            felt.as_deref().unwrap_or("no")
+        ));
+        self.disk(n)?.free()?;
+        self.full.remove(&n);
         Ok(())
     }
 
@@ -438,6 +613,7 @@ impl Faults<'_> {
                 self.paused.remove(n);
             }
             Fault::Skew { .. } => {}
+            Fault::FullDisk(n) => self.free(*n).await?,
             Fault::WebhookFails | Fault::WebhookHangs => self.receiver.set_mode(Mode::Ok),
         }
         Ok(())
@@ -454,6 +630,9 @@ impl Faults<'_> {
     async fn heal_all(&mut self) -> Result<(), ChaosError> {
         self.recorder.note("heal everything".into());
         self.receiver.set_mode(Mode::Ok);
+        for n in std::mem::take(&mut self.full) {
+            self.free(n).await?;
+        }
         for link in self.cluster.relays() {
             link.heal();
             link.set_delay(Duration::ZERO);

@@ -3,9 +3,10 @@
 //! between is real, so outcomes may differ from one run to the next).
 //!
 //! Two tracks run side by side, so faults overlap: the network (one cut,
-//! split, one-way link or added delay at a time) and the processes and the
-//! endpoint (a SIGKILL and restart, a SIGSTOP pause, a restart with a
-//! skewed clock, a failing or hanging compensation endpoint).
+//! split, one-way link or added delay at a time) and the processes, their
+//! disks and the endpoint (a SIGKILL and restart, a SIGSTOP pause, a
+//! restart with a skewed clock, a full disk, a failing or hanging
+//! compensation endpoint).
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -45,6 +46,9 @@ pub enum Fault {
         /// Clock offset, ms.
         offset_ms: i64,
     },
+    /// The node's data dir (a small filesystem of its own) is filled up
+    /// under it; the space is freed at the end of the episode.
+    FullDisk(usize),
     /// The compensation endpoint answers 503 to every call.
     WebhookFails,
     /// The compensation endpoint carries out each call but answers only
@@ -63,6 +67,7 @@ impl Fault {
             Fault::Kill(_) => "kill",
             Fault::Pause(_) => "pause",
             Fault::Skew { .. } => "skew",
+            Fault::FullDisk(_) => "full-disk",
             Fault::WebhookFails => "webhook-fail",
             Fault::WebhookHangs => "webhook-hang",
         }
@@ -152,14 +157,15 @@ fn network_fault(rng: &mut StdRng, nodes: usize) -> Fault {
 
 fn process_fault(rng: &mut StdRng, nodes: usize) -> Fault {
     let node = rng.random_range(0..nodes);
-    match rng.random_range(0..5) {
+    match rng.random_range(0..6) {
         0 => Fault::Kill(node),
         1 => Fault::Pause(node),
         2 => Fault::Skew {
             node,
             offset_ms: rng.random_range(-MAX_SKEW_MS..=MAX_SKEW_MS),
         },
-        3 => Fault::WebhookFails,
+        3 => Fault::FullDisk(node),
+        4 => Fault::WebhookFails,
         _ => Fault::WebhookHangs,
     }
 }
@@ -189,7 +195,9 @@ mod tests {
         for seed in 0..200 {
             for e in plan(seed, 3, 30_000) {
                 match e.fault {
-                    Fault::Isolate(n) | Fault::Kill(n) | Fault::Pause(n) => assert!(n < 3),
+                    Fault::Isolate(n) | Fault::Kill(n) | Fault::Pause(n) | Fault::FullDisk(n) => {
+                        assert!(n < 3)
+                    }
                     Fault::Split(g) => assert!(!g.is_empty() && g.len() < 3),
                     Fault::OneWay { from, to } => assert!(from != to && to < 3),
                     Fault::Delay { node, .. } => assert!(node < 3),

@@ -10,6 +10,7 @@ use crate::client::Client;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::{json, Value};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -19,6 +20,9 @@ use tokio::task::JoinSet;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Customers paying at once.
 const CUSTOMERS_AT_ONCE: u64 = 4;
+/// How many of the latest keys retried in another region are kept for the
+/// settlement sampler.
+const RECENT_RETRIES: usize = 32;
 
 /// The history of a run, shared by its clients, with the run's start.
 pub struct Recorder {
@@ -26,6 +30,9 @@ pub struct Recorder {
     ops: AtomicU64,
     history: Mutex<History>,
     counts: Mutex<Counts>,
+    /// The latest keys sent to a second region: the ones that can end in
+    /// a conflict, so the ones worth asking nodes whether they are settled.
+    retried: Mutex<VecDeque<String>>,
 }
 
 /// What the clients did.
@@ -35,6 +42,8 @@ pub struct Counts {
     pub requests: u64,
     /// Of them, not answered (an error or a timeout).
     pub failed: u64,
+    /// Of those, answered with a 5xx (a full disk, say).
+    pub server_errors: u64,
     /// Retries sent at once to another region.
     pub immediate_retries: u64,
     /// Retries sent to another region after a delay.
@@ -53,6 +62,7 @@ impl Recorder {
             ops: AtomicU64::new(0),
             history: Mutex::new(History::new(seed)),
             counts: Mutex::default(),
+            retried: Mutex::default(),
         }
     }
 
@@ -68,6 +78,21 @@ impl Recorder {
 
     fn counts(&self) -> MutexGuard<'_, Counts> {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Up to `n` of the latest keys retried in another region, newest first.
+    pub fn recently_retried(&self, n: usize) -> Vec<String> {
+        let retried = self.retried.lock().unwrap_or_else(|p| p.into_inner());
+        retried.iter().rev().take(n).cloned().collect()
+    }
+
+    /// `key` is sent to a second region.
+    fn retrying(&self, key: &str) {
+        let mut retried = self.retried.lock().unwrap_or_else(|p| p.into_inner());
+        if retried.len() == RECENT_RETRIES {
+            retried.pop_front();
+        }
+        retried.push_back(key.to_owned());
     }
 
     /// A line about no key in particular (a fault).
@@ -134,17 +159,17 @@ async fn customer(
         let choice = rng.random_range(0..100);
         if !answered {
             recorder.counts().failovers += 1;
-            send(&clients, &recorder, other, &key, &payload).await;
+            elsewhere(&clients, &recorder, other, &key, &payload).await;
         } else if choice < 8 {
             recorder.counts().immediate_retries += 1;
-            send(&clients, &recorder, other, &key, &payload).await;
+            elsewhere(&clients, &recorder, other, &key, &payload).await;
         } else if choice < 18 {
             recorder.counts().delayed_retries += 1;
             let wait = Duration::from_millis(rng.random_range(200..5_000));
             let (clients, recorder) = (clients.clone(), recorder.clone());
             later.spawn(async move {
                 tokio::time::sleep(wait).await;
-                send(&clients, &recorder, other, &key, &payload).await;
+                elsewhere(&clients, &recorder, other, &key, &payload).await;
             });
         } else if choice < 23 {
             recorder.counts().same_region_replays += 1;
@@ -153,6 +178,19 @@ async fn customer(
         tokio::time::sleep(Duration::from_millis(rng.random_range(20..120))).await;
     }
     while later.join_next().await.is_some() {}
+}
+
+/// A retry of `key` in another region, `node`: kept among the recently
+/// retried keys, then sent.
+async fn elsewhere(
+    clients: &[Client],
+    recorder: &Recorder,
+    node: usize,
+    key: &str,
+    payload: &Value,
+) {
+    recorder.retrying(key);
+    send(clients, recorder, node, key, payload).await;
 }
 
 /// Sends one allocation to `node` and records it; whether it was answered.
@@ -197,7 +235,9 @@ async fn send(
             }
             history.failed(at, node, key, &e.to_string());
             drop(history);
-            recorder.counts().failed += 1;
+            let mut counts = recorder.counts();
+            counts.failed += 1;
+            counts.server_errors += u64::from(e.status().is_some_and(|s| s >= 500));
             false
         }
         Err(_) => {

@@ -4,11 +4,15 @@
 //! excerpt of its history that shows the first, and keeps its nodes' data
 //! dirs and logs. It is a subcommand rather than an example so that the
 //! binary it starts is always the one running it, never a stale build.
+//! Ctrl-C, SIGTERM or SIGHUP stops the seed running, its nodes and its
+//! small filesystems with it (SIGKILL cannot: then its mounts stay, under
+//! the run's directory, until unmounted by hand).
 
 use super::table::render;
-use crate::chaos::{self, Options, Outcome};
+use crate::chaos::{self, FullDisk, Options, Outcome};
 use anyhow::Context;
 use clap::Args;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -37,6 +41,12 @@ pub struct ChaosArgs {
     /// temporary one, removed for seeds that pass).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Give each node a small filesystem (a tmpfs) as its data dir and fill
+    /// it in the schedule's full-disk episodes: `auto` where it can be
+    /// mounted (as root; else those episodes are skipped, saying so),
+    /// `required` (a seed that cannot mount one fails), or `off`.
+    #[arg(long, value_enum, default_value_t = FullDisk::Auto)]
+    pub full_disk: FullDisk,
 }
 
 /// Runs the seeds; the exit code is 1 if any failed.
@@ -50,6 +60,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<i32> {
         nodes: args.nodes.max(2),
         workload: Duration::from_secs(args.seconds),
         converge_within: args.converge_within,
+        full_disk: args.full_disk,
     };
     let base = match &args.data_dir {
         Some(dir) => dir.clone(),
@@ -57,15 +68,26 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<i32> {
     };
     let mut rows = Vec::new();
     let mut failures = 0;
+    let mut skipped: BTreeMap<&str, (usize, String)> = BTreeMap::new();
     for &seed in &seeds {
         let root = base.join(format!("seed-{seed}"));
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let outcome = chaos::run_seed(&exe, &root, &options, seed).await;
+        let outcome = tokio::select! {
+            outcome = chaos::run_seed(&exe, &root, &options, seed) => outcome,
+            () = interrupted() => {
+                println!("interrupted during seed {seed}; its logs are in {}", root.display());
+                return Ok(130);
+            }
+        };
         let passed = matches!(&outcome, Ok(o) if o.report.passed());
         match &outcome {
             Ok(o) => {
                 let row = row(seed, o);
                 println!("{}", row.join("  "));
+                for (kind, (n, why)) in &o.skipped {
+                    println!("  {n} {kind} episodes of seed {seed} skipped: {why}");
+                    skipped.entry(*kind).or_insert((0, why.clone())).0 += n;
+                }
                 rows.push(row);
                 if !passed {
                     print_failure(o);
@@ -87,17 +109,42 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<i32> {
         let _ = std::fs::remove_dir(&base);
     }
     println!("\n{}", render(&HEADER, &rows));
+    for (kind, (n, why)) in &skipped {
+        println!("{kind}: {n} episodes skipped, not injected: {why}");
+    }
     println!("{} seeds, {failures} failures", seeds.len());
     Ok(if failures > 0 { 1 } else { 0 })
 }
 
-const HEADER: [&str; 11] = [
+/// Returns on SIGINT (Ctrl-C), SIGTERM or SIGHUP (the terminal gone).
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(mut term), Ok(mut hup)) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+const HEADER: [&str; 13] = [
     "SEED",
     "ALLOCATIONS",
     "REPLAYS",
     "CONFLICTS",
     "REQUESTS",
     "UNANSWERED",
+    "5XX",
+    "SETTLED CLAIMS",
     "FAULTS",
     "CALLS/REFUSED/EFFECTS",
     "CONVERGED",
@@ -115,6 +162,8 @@ fn row(seed: u64, o: &Outcome) -> Vec<String> {
         r.conflicts.to_string(),
         o.counts.requests.to_string(),
         o.counts.failed.to_string(),
+        o.counts.server_errors.to_string(),
+        o.claims.to_string(),
         faults.join(", "),
         format!("{}/{}/{}", o.calls_accepted, o.calls_refused, o.effects),
         r.converged_after_ms

@@ -118,9 +118,9 @@ pub enum Command {
     /// and what every region reports afterwards.
     Demo(demo::DemoArgs),
     /// Run the real binary under faults from outside (partitions, delay,
-    /// SIGKILL and restart, SIGSTOP pauses, clock skew, a failing or hanging
-    /// compensation endpoint) on seeded schedules, check the recorded
-    /// history, and end with "N seeds, K failures".
+    /// SIGKILL and restart, SIGSTOP pauses, clock skew, a full disk, a
+    /// failing or hanging compensation endpoint) on seeded schedules, check
+    /// the recorded history, and end with "N seeds, K failures".
     Chaos(chaos::ChaosArgs),
 }
 
@@ -192,6 +192,7 @@ async fn run_node(args: RunArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// Returns on SIGINT (Ctrl-C) or SIGTERM.
 async fn wait_for_signal() {
     #[cfg(unix)]
     {

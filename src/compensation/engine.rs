@@ -5,7 +5,7 @@ use crate::config::NodeConfig;
 use crate::ledger::{KeyView, Ledger};
 use crate::metrics::Metrics;
 use crate::record::{CompensationRecord, RECORD_VERSION};
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageError};
 use axum::http::StatusCode;
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -18,6 +18,8 @@ use tokio_util::task::TaskTracker;
 /// Most compensation attempts (of different losers) run at once; a
 /// webhook endpoint sees at most this many concurrent requests from a node.
 const ATTEMPTS_IN_FLIGHT: usize = 16;
+/// How often the engine looks whether storage writes again while it fails.
+const STORAGE_POLL: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 struct Tracked {
@@ -135,6 +137,15 @@ impl Compensations {
         self.wakeup.notify_one();
     }
 
+    /// Puts conflicts back in the inbox without waking the engine: it
+    /// looks at them at a later turn.
+    fn look_again_later(&self, conflicts: Vec<KeyView>) {
+        self.inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(conflicts.into_iter().map(|c| c.key));
+    }
+
     /// Takes the keys whose conflicts changed since the last call.
     fn take_changed_conflicts(&self) -> BTreeSet<String> {
         std::mem::take(&mut *self.inbox.lock().unwrap_or_else(|p| p.into_inner()))
@@ -156,6 +167,11 @@ impl Compensations {
 
     /// Operator retry of a dead-lettered compensation.
     pub async fn operator_retry(&self, txn: &str) -> Result<CompensationRecord, RetryError> {
+        // Refused at once while nothing can be written, rather than held
+        // until the disk has room.
+        if let Some(reason) = self.storage.failing() {
+            return Err(RetryError::Storage(reason));
+        }
         let now = self.ledger.wall_ms();
         let (entry, tracked) = {
             let mut entries = self.registry();
@@ -181,29 +197,37 @@ impl Compensations {
         Ok(record)
     }
 
-    /// Appends a log entry and waits until it is durable.
+    /// Appends a log entry and waits until it is durable, through a spell
+    /// of failing writes too: the writer never drops an entry it was given
+    /// (it keeps it and writes it once writes succeed), so giving up on it
+    /// and logging the transition again later would log it twice, and a
+    /// log with a transition twice cannot be replayed at restart. Fails only
+    /// when the writer has stopped.
     async fn append(&self, txn: &str, entry: &LogEntry) -> Result<(), String> {
         let bytes = serde_json::to_vec(entry).map_err(|e| e.to_string())?;
         self.append_all(txn, vec![bytes]).await
     }
 
     /// Appends the entry of a compensation's (new) subject and waits until
-    /// it is durable.
+    /// it is durable, as [`Compensations::append`] does.
     async fn append_subject(&self, txn: &str, subject: &Subject) -> Result<(), String> {
         let bytes = subject.encode().map_err(|e| e.to_string())?;
         self.append_all(txn, vec![bytes]).await
     }
 
-    /// Appends encoded log entries in order and waits until all are durable.
+    /// Appends encoded log entries in order and waits until all are
+    /// durable, through failing writes (see [`Compensations::append`]).
     async fn append_all(&self, txn: &str, entries: Vec<Vec<u8>>) -> Result<(), String> {
         let mut seq = 0;
         for bytes in entries {
             seq = self.storage.append_log_entry(txn, bytes);
         }
-        self.storage
-            .wait_durable(seq)
-            .await
-            .map_err(|e| e.to_string())
+        loop {
+            match self.storage.wait_durable(seq).await {
+                Err(StorageError::WriteFailing(_)) => tokio::time::sleep(STORAGE_POLL).await,
+                done => return done.map_err(|e| e.to_string()),
+            }
+        }
     }
 
     /// The compensation's state as every region's conflict report shows it.
@@ -299,13 +323,27 @@ impl Compensations {
         // after each expiry, not at every turn of the loop.
         let mut expiry_handled: Option<u64> = None;
         loop {
-            self.schedule_new_losers(changed).await;
+            // While storage cannot write nothing can be logged, so neither
+            // new losers nor attempts are begun (each would wait for the
+            // disk, and the loop with them); the writer's recovery is
+            // polled instead.
+            let writable = self.storage.failing().is_none();
+            if writable {
+                self.schedule_new_losers(changed).await;
+            } else {
+                self.look_again_later(changed);
+            }
             let expired = self.ledger.expired_allocations();
             if expiry_handled != Some(expired) {
                 self.forget_expired();
                 expiry_handled = Some(expired);
             }
-            for txn in self.due_now(&in_flight, ATTEMPTS_IN_FLIGHT - running.len()) {
+            let room = if writable {
+                ATTEMPTS_IN_FLIGHT - running.len()
+            } else {
+                0
+            };
+            for txn in self.due_now(&in_flight, room) {
                 in_flight.insert(txn.clone());
                 let executor = &executor;
                 running.push(async move {
@@ -317,7 +355,11 @@ impl Compensations {
                 .next_attempt_at(&in_flight)
                 .map(|at| Duration::from_millis(at.saturating_sub(self.ledger.wall_ms())))
                 .unwrap_or(Duration::from_secs(5))
-                .min(Duration::from_secs(5));
+                .min(if writable {
+                    Duration::from_secs(5)
+                } else {
+                    STORAGE_POLL
+                });
             self.flush();
             tokio::select! {
                 biased;

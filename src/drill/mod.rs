@@ -17,7 +17,9 @@
 //! partition is a set of cut relays. `oncemesh demo`, the multi-process
 //! tests and the convergence benchmark all wire their nodes this way;
 //! [`Cluster`] starts real node processes wired so (the demo's and the chaos
-//! runner's launcher) and kills, pauses and restarts them.
+//! runner's launcher) and kills, pauses and restarts them. A full disk is
+//! made the same way, from outside: a [`SmallDisk`] (a tmpfs) under a
+//! node's data dir, filled and freed.
 //!
 //! Each relay runs on a thread of its own with a single-threaded tokio
 //! runtime, so it behaves the same under a plain `#[test]`, any tokio
@@ -26,11 +28,13 @@
 //! carries.
 
 mod cluster;
+mod disk;
 mod forward;
 mod relay;
 mod state;
 
 pub use cluster::{Cluster, ClusterError, NodeProcess};
+pub use disk::{DiskError, SmallDisk};
 pub use relay::Relay;
 
 /// Which way bytes travel through a relay, seen from the node that dials.
