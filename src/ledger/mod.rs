@@ -1296,6 +1296,34 @@ mod tests {
         .unwrap()
     }
 
+    /// `a` and `b` each allocate the same key with a different payload.
+    fn allocate_competing(a: &Ledger, b: &Ledger) {
+        let key = IdempotencyKey::parse("same-key").unwrap();
+        for (ledger, amount) in [(a, 1), (b, 2)] {
+            let out = ledger.allocate_batch(
+                key.shard(SHARD_COUNT),
+                &[AllocateRequest {
+                    key: key.clone(),
+                    fingerprint: crate::key::fingerprint(&serde_json::json!({ "amount": amount }))
+                        .unwrap(),
+                    confidence: 0.9,
+                    stake: None,
+                }],
+            );
+            assert!(out[0].is_ok());
+            ledger.fold_pending();
+        }
+    }
+
+    /// Every document of `from` merged into `to`.
+    fn send_all(from: &Ledger, to: &Ledger) {
+        for (doc, _) in from.digests() {
+            if let Some(bytes) = from.save_document(doc) {
+                to.merge_bytes(doc, &bytes).unwrap();
+            }
+        }
+    }
+
     #[test]
     fn a_peer_far_ahead_does_not_push_new_allocations_into_documents_others_refuse() {
         let clock = crate::time::ManualClock::at(1_000_000);
@@ -1306,26 +1334,8 @@ mod tests {
             let far = Timestamp::new(1_020_000, 0);
             assert!(ledger.observe_remote_clock(far).skew_violation);
         }
-        let key = IdempotencyKey::parse("same-key").unwrap();
-        for (ledger, amount) in [(&a, 1), (&b, 2)] {
-            let out = ledger.allocate_batch(
-                key.shard(SHARD_COUNT),
-                &[AllocateRequest {
-                    key: key.clone(),
-                    fingerprint: crate::key::fingerprint(&serde_json::json!({ "amount": amount }))
-                        .unwrap(),
-                    confidence: 0.9,
-                    stake: None,
-                }],
-            );
-            assert!(out[0].is_ok());
-            ledger.fold_pending();
-        }
-        for (doc, _) in a.digests() {
-            if let Some(bytes) = a.save_document(doc) {
-                b.merge_bytes(doc, &bytes).unwrap();
-            }
-        }
+        allocate_competing(&a, &b);
+        send_all(&a, &b);
         assert_eq!(b.conflicts().len(), 1, "b sees a's competing allocation");
     }
 
@@ -1333,26 +1343,8 @@ mod tests {
     fn a_conflict_already_on_disk_resolves_our_allocation_at_start() {
         let clock = crate::time::ManualClock::at(1_000_000);
         let (a, b) = (ledger_at("a", "b", &clock), ledger_at("b", "a", &clock));
-        let key = IdempotencyKey::parse("same-key").unwrap();
-        for (ledger, amount) in [(&a, 1), (&b, 2)] {
-            let out = ledger.allocate_batch(
-                key.shard(SHARD_COUNT),
-                &[AllocateRequest {
-                    key: key.clone(),
-                    fingerprint: crate::key::fingerprint(&serde_json::json!({ "amount": amount }))
-                        .unwrap(),
-                    confidence: 0.9,
-                    stake: None,
-                }],
-            );
-            assert!(out[0].is_ok());
-            ledger.fold_pending();
-        }
-        for (doc, _) in b.digests() {
-            if let Some(bytes) = b.save_document(doc) {
-                a.merge_bytes(doc, &bytes).unwrap();
-            }
-        }
+        allocate_competing(&a, &b);
+        send_all(&b, &a);
         assert_eq!(a.conflicts().len(), 1);
         // a restarts from its documents, which hold both allocations.
         let documents = a
