@@ -5,6 +5,7 @@
 //! node: only its fingerprint is replicated, which is all another region
 //! needs to tell a replay (same fingerprint) from a misuse of the key (409).
 
+use crate::hex_text::{HexText, Prefix};
 use serde_json::Value;
 use std::fmt;
 
@@ -126,6 +127,17 @@ impl fmt::Display for IdempotencyKey {
 /// serde_json's compact text with numbers as sent.
 pub const JCS_TAG: &str = "jcs:";
 
+/// The tag of the fingerprint scheme new records carry ([`JCS_TAG`]).
+pub struct JcsTag;
+
+impl Prefix for JcsTag {
+    const PREFIX: &'static str = JCS_TAG;
+}
+
+/// A record's fingerprint: `jcs:` + 64 hex digits held as the 32 digest
+/// bytes, a fingerprint of the earlier scheme (bare hex) as its text.
+pub type RecordFingerprint = HexText<JcsTag, 32>;
+
 /// A payload's fingerprint, as new records store it and as a record of the
 /// earlier scheme would, so a replay is recognised whichever scheme the
 /// node that made the allocation used (a rolling upgrade). Two fingerprints
@@ -135,6 +147,8 @@ pub const JCS_TAG: &str = "jcs:";
 pub struct Fingerprint {
     /// `jcs:` + hex blake3 of the RFC 8785 form: what new records carry.
     current: String,
+    /// That blake3 digest.
+    digest: [u8; 32],
     /// Hex blake3 of the earlier scheme's text, when that text differs
     /// from the RFC 8785 form (the digest is then another one).
     legacy: Option<String>,
@@ -149,20 +163,29 @@ impl PartialEq for Fingerprint {
 impl Eq for Fingerprint {}
 
 impl Fingerprint {
-    /// The value written into a new record.
+    /// The value written into a new record, as text.
     pub fn as_str(&self) -> &str {
         &self.current
     }
 
+    /// The value written into a new record.
+    pub fn to_record(&self) -> RecordFingerprint {
+        RecordFingerprint::from_bytes(self.digest)
+    }
+
     /// Whether `stored`, a record's fingerprint of either scheme, is the
     /// fingerprint of this payload.
-    pub fn matches(&self, stored: &str) -> bool {
+    pub fn matches(&self, stored: &RecordFingerprint) -> bool {
+        if let Some(digest) = stored.bytes() {
+            return self.digest == *digest;
+        }
+        let stored = stored.to_text();
         if stored.starts_with(JCS_TAG) {
             return stored == self.current;
         }
         match &self.legacy {
-            Some(legacy) => stored == legacy,
-            None => Some(stored) == self.current.strip_prefix(JCS_TAG),
+            Some(legacy) => stored == *legacy,
+            None => Some(stored.as_str()) == self.current.strip_prefix(JCS_TAG),
         }
     }
 }
@@ -194,11 +217,12 @@ pub fn fingerprint(payload: &Value) -> Result<Fingerprint, InputError> {
             len: canonical.len(),
         });
     }
-    let digest = blake3::hash(&canonical).to_hex();
+    let digest = blake3::hash(&canonical);
     // The earlier scheme: serde_json's compact text, keys in byte order.
     let earlier = serde_json::to_vec(payload).unwrap_or_default();
     Ok(Fingerprint {
-        current: format!("{JCS_TAG}{digest}"),
+        current: format!("{JCS_TAG}{}", digest.to_hex()),
+        digest: *digest.as_bytes(),
         legacy: (earlier != canonical).then(|| blake3::hash(&earlier).to_hex().to_string()),
     })
 }
@@ -263,15 +287,13 @@ mod tests {
     #[test]
     fn records_of_the_earlier_scheme_still_match() {
         let earlier = |payload: &Value| {
-            blake3::hash(&serde_json::to_vec(payload).unwrap())
-                .to_hex()
-                .to_string()
+            RecordFingerprint::new(&blake3::hash(&serde_json::to_vec(payload).unwrap()).to_hex())
         };
         // Same text in both schemes: the digest is the same, only the tag differs.
         let plain = json!({"amount": 1250, "currency": "EUR"});
         let fp = fingerprint(&plain).unwrap();
         assert!(fp.matches(&earlier(&plain)));
-        assert!(fp.matches(fp.as_str()));
+        assert!(fp.matches(&fp.to_record()) && fp.matches(&RecordFingerprint::new(fp.as_str())));
         assert_eq!(fp.as_str(), format!("jcs:{}", earlier(&plain)));
         // A payload whose text the schemes write differently.
         let float: Value = serde_json::from_str(r#"{"amount": 1250.0}"#).unwrap();
@@ -284,10 +306,10 @@ mod tests {
             !fp.matches(&earlier(&json!({"amount": 1250}))),
             "the old scheme kept 1250 and 1250.0 apart"
         );
-        assert!(fp.matches(fingerprint(&json!({"amount": 1250})).unwrap().as_str()));
+        assert!(fp.matches(&fingerprint(&json!({"amount": 1250})).unwrap().to_record()));
         // Another payload matches neither scheme.
         let other = fingerprint(&json!({"amount": 9})).unwrap();
-        assert!(!other.matches(fp.as_str()) && !other.matches(&earlier(&float)));
+        assert!(!other.matches(&fp.to_record()) && !other.matches(&earlier(&float)));
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! - [`time`]: the clock the logic takes as an input (wall, drill, virtual).
 //! - [`hlc`]: the hybrid logical clock.
 //! - [`anomaly`]: rolling baselines that flag indicators above their normal.
-//! - [`record`]: the replicated records (JSON inside automerge).
+//! - [`record`]: the replicated records (JSON inside automerge);
+//!   [`hex_text`]: their hex identifiers, held as bytes.
 //! - [`ledger`]: sharded automerge documents plus the in-memory index of
 //!   every key's allocations; conflicts, winners, settlement. No I/O.
 //! - [`storage`]: redb with group commit; the durability watermark.
@@ -61,6 +62,7 @@ pub mod estimator;
 pub mod exposure;
 pub mod group_commit;
 pub mod health;
+pub mod hex_text;
 pub mod hlc;
 pub mod http;
 pub mod identity;

@@ -7,6 +7,7 @@
 //! never has to pick between concurrent values: nothing is last-writer-wins.
 
 use crate::hlc::Timestamp;
+use crate::key::RecordFingerprint;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -72,7 +73,7 @@ pub struct AllocationRecord {
     /// HLC timestamp of the allocation; with `node` it orders competing allocations.
     pub hlc: Timestamp,
     /// blake3 of the payload's canonical JSON, to tell replays from misuse.
-    pub fingerprint: String,
+    pub fingerprint: RecordFingerprint,
     /// Confidence that this was not a duplicate, when it was made.
     pub confidence: f64,
 }
@@ -100,7 +101,7 @@ impl AllocationRecord {
                 region: reuse(&mut last.region, &r.region),
                 node: reuse(&mut last.node, &r.node),
                 hlc: r.hlc,
-                fingerprint: r.fingerprint.into_owned(),
+                fingerprint: RecordFingerprint::new(&r.fingerprint),
                 confidence: r.confidence,
             })
             .collect())

@@ -9,6 +9,7 @@
 
 use crate::estimator::Estimator;
 use crate::hlc::Timestamp;
+use crate::key::RecordFingerprint;
 use crate::ledger::{Allocation, ConflictView, KeyView};
 use crate::record::{AllocationRecord, CompensationRecord, CompensationState};
 use serde::Serialize;
@@ -29,7 +30,7 @@ pub struct AllocationJson<'a> {
     region: &'a str,
     node: &'a str,
     hlc: Timestamp,
-    fingerprint: &'a str,
+    fingerprint: &'a RecordFingerprint,
     confidence: f64,
     state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]

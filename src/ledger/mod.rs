@@ -552,7 +552,7 @@ impl Ledger {
                 region: self.my_region.clone(),
                 node: self.my_node.clone(),
                 hlc,
-                fingerprint: request.fingerprint.as_str().to_owned(),
+                fingerprint: request.fingerprint.to_record(),
                 confidence: request.confidence.clamp(0.0, 1.0),
             });
             let text = document::record_json(&*record);
