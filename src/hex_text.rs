@@ -122,12 +122,64 @@ impl<P: Prefix, const N: usize> PartialEq for HexText<P, N> {
 
 impl<P: Prefix, const N: usize> Eq for HexText<P, N> {}
 
+impl<P: Prefix, const N: usize> std::hash::Hash for HexText<P, N> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.repr.hash(state);
+    }
+}
+
+/// Orders as the text does: lowercase hex sorts like the bytes it spells.
+impl<P: Prefix, const N: usize> Ord for HexText<P, N> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (&self.repr, &other.repr) {
+            (Repr::Bytes(a), Repr::Bytes(b)) => a.cmp(b),
+            _ => self.to_string().cmp(&other.to_string()),
+        }
+    }
+}
+
+impl<P: Prefix, const N: usize> PartialOrd for HexText<P, N> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 impl<P: Prefix, const N: usize> PartialEq<str> for HexText<P, N> {
     fn eq(&self, text: &str) -> bool {
         match &self.repr {
             Repr::Text(own) => **own == *text,
             Repr::Bytes(bytes) => Self::parse_bytes(text).is_some_and(|b| b == *bytes),
         }
+    }
+}
+
+impl<P: Prefix, const N: usize> PartialEq<String> for HexText<P, N> {
+    fn eq(&self, text: &String) -> bool {
+        *self == **text
+    }
+}
+
+impl<P: Prefix, const N: usize> PartialEq<HexText<P, N>> for String {
+    fn eq(&self, id: &HexText<P, N>) -> bool {
+        *id == **self
+    }
+}
+
+impl<P: Prefix, const N: usize> PartialEq<HexText<P, N>> for &str {
+    fn eq(&self, id: &HexText<P, N>) -> bool {
+        *id == **self
+    }
+}
+
+impl<P: Prefix, const N: usize> PartialEq<&str> for HexText<P, N> {
+    fn eq(&self, text: &&str) -> bool {
+        *self == **text
+    }
+}
+
+impl<P: Prefix, const N: usize> From<String> for HexText<P, N> {
+    fn from(text: String) -> Self {
+        Self::new(&text)
     }
 }
 
@@ -189,6 +241,18 @@ mod tests {
         );
         let escaped = serde_json::from_str::<Id>(r#""tx_\"q""#).unwrap();
         assert_eq!(escaped.to_string(), "tx_\"q");
+    }
+
+    #[test]
+    fn it_sorts_as_its_text() {
+        let mut texts = [
+            "tx_ff00", "tx_0aff", "tx_0AFF", "tx_", "tx_0b", "tx_0a00", "u",
+        ];
+        let mut ids: Vec<Id> = texts.iter().map(|t| Id::new(t)).collect();
+        texts.sort_unstable();
+        ids.sort();
+        let sorted: Vec<String> = ids.iter().map(Id::to_string).collect();
+        assert_eq!(sorted, texts);
     }
 
     #[test]

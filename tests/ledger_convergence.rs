@@ -91,9 +91,12 @@ fn summary(ledger: &Ledger) -> BTreeMap<String, (String, BTreeSet<String>)> {
             let txns = view
                 .allocations
                 .iter()
-                .map(|a| a.record.txn_id.clone())
+                .map(|a| a.record.txn_id.to_string())
                 .collect();
-            out.insert(key, (view.winner().unwrap().record.txn_id.clone(), txns));
+            out.insert(
+                key,
+                (view.winner().unwrap().record.txn_id.to_string(), txns),
+            );
         }
     }
     out
@@ -122,7 +125,7 @@ proptest! {
                         Ok(a) => {
                             // A replay returns an allocation with the same fingerprint.
                             prop_assert_eq!(&a.allocation.record.fingerprint, fp.as_str());
-                            acknowledged.push((key.to_string(), a.allocation.record.txn_id.clone()));
+                            acknowledged.push((key.to_string(), a.allocation.record.txn_id.to_string()));
                         }
                         Err(_) => {
                             // Refused only when the key exists with another payload.
@@ -285,8 +288,8 @@ fn compensation_states_written_together_take_one_change_per_document_and_reach_e
             CompensationRecord {
                 v: RECORD_VERSION,
                 key: key.clone(),
-                txn_id: view.allocations[1].record.txn_id.clone(),
-                winner_txn_id: view.allocations[0].record.txn_id.clone(),
+                txn_id: view.allocations[1].record.txn_id.to_string(),
+                winner_txn_id: view.allocations[0].record.txn_id.to_string(),
                 owner: view.allocations[1].record.node.to_string(),
                 idempotency_key: format!("comp-{key}"),
                 state: CompensationState::Succeeded,

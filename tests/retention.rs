@@ -11,6 +11,7 @@ use oncemesh::ledger::{
     AllocateRequest, Allocated, ChunkSink, DocId, Ledger, NodeIdentity, Stored, StoredDocument,
     Windows, SHARD_COUNT,
 };
+use oncemesh::record::TxnId;
 use oncemesh::time::ManualClock;
 use serde_json::json;
 use std::sync::{Arc, Mutex};
@@ -125,8 +126,8 @@ struct Straddle {
     a: Ledger,
     b: Ledger,
     b_disk: Arc<Disk>,
-    winner: String,
-    loser: String,
+    winner: TxnId,
+    loser: TxnId,
 }
 
 fn straddling_conflict() -> Straddle {
@@ -147,12 +148,8 @@ fn straddling_conflict() -> Straddle {
     );
     for ledger in [&a, &b] {
         let view = ledger.key(KEY).expect("the key is known");
-        let txns: Vec<&str> = view
-            .allocations
-            .iter()
-            .map(|a| a.record.txn_id.as_str())
-            .collect();
-        assert_eq!(txns, [winner.as_str(), loser.as_str()], "winner first");
+        let txns: Vec<&TxnId> = view.allocations.iter().map(|a| &a.record.txn_id).collect();
+        assert_eq!(txns, [&winner, &loser], "winner first");
         assert_eq!(ledger.conflicts().len(), 1);
     }
     Straddle {
@@ -172,7 +169,7 @@ const WINNER_EXPIRED_MS: u64 = 15_500;
 /// `ledger` treats the key as never seen: no allocation, no conflict, and a
 /// new request is a new transaction that competes with nothing.
 fn assert_key_forgotten(ledger: &Ledger, s: &Straddle, when: &str) {
-    let left: Option<Vec<String>> = ledger.key(KEY).map(|v| {
+    let left: Option<Vec<TxnId>> = ledger.key(KEY).map(|v| {
         v.allocations
             .iter()
             .map(|a| a.record.txn_id.clone())
@@ -254,7 +251,7 @@ fn a_node_down_while_the_winners_window_expired_forgets_the_key_at_start() {
 }
 
 /// `ledger`'s allocations of the key, by transaction, and its conflicts.
-fn key_state(ledger: &Ledger) -> (Vec<String>, usize) {
+fn key_state(ledger: &Ledger) -> (Vec<TxnId>, usize) {
     let txns = ledger.key(KEY).map_or_else(Vec::new, |v| {
         v.allocations
             .iter()

@@ -237,7 +237,7 @@ impl Compensations {
             v: RECORD_VERSION,
             key: tracked.key().to_owned(),
             txn_id: c.loser_txn.clone(),
-            winner_txn_id: tracked.subject.winner.txn_id.clone(),
+            winner_txn_id: tracked.subject.winner.txn_id.to_string(),
             owner: self.owner.clone(),
             idempotency_key: c.idempotency_key.clone(),
             state: c.state,
@@ -414,7 +414,7 @@ impl Compensations {
                     loser: loser.record.clone(),
                     winner: winner.clone(),
                 };
-                losers.insert(loser.record.txn_id.clone(), subject);
+                losers.insert(loser.record.txn_id.to_string(), subject);
             }
         }
         for (txn, raw) in log {
@@ -552,7 +552,7 @@ impl Compensations {
                 continue;
             };
             for loser in conflict.allocations.iter().skip(1) {
-                let txn = &loser.record.txn_id;
+                let txn = &loser.record.txn_id.to_string();
                 if *loser.record.node != *me || !seen.insert(txn.clone()) {
                     continue;
                 }

@@ -11,7 +11,7 @@ use crate::estimator::Estimator;
 use crate::hlc::Timestamp;
 use crate::key::RecordFingerprint;
 use crate::ledger::{Allocation, ConflictView, KeyView};
-use crate::record::{AllocationRecord, CompensationRecord, CompensationState};
+use crate::record::{AllocationRecord, CompensationRecord, CompensationState, TxnId};
 use serde::Serialize;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -26,7 +26,7 @@ pub fn rfc3339(ms: u64) -> String {
 #[derive(Serialize)]
 pub struct AllocationJson<'a> {
     key: &'a str,
-    txn_id: &'a str,
+    txn_id: &'a TxnId,
     region: &'a str,
     node: &'a str,
     hlc: Timestamp,
@@ -102,7 +102,7 @@ pub struct KeyJson<'a> {
     key: &'a str,
     state: &'static str,
     settled: bool,
-    winner: Option<&'a str>,
+    winner: Option<&'a TxnId>,
     allocations: Vec<AllocationJson<'a>>,
     compensations: Vec<CompensationJson<'a>>,
     unsynced_peers: &'a [String],
@@ -114,7 +114,7 @@ pub fn key_json<'a>(estimator: &Estimator, view: &'a KeyView) -> KeyJson<'a> {
         key: &view.key,
         state: view.state().as_str(),
         settled: view.settled,
-        winner: view.winner().map(|w| w.record.txn_id.as_str()),
+        winner: view.winner().map(|w| &w.record.txn_id),
         allocations: view
             .allocations
             .iter()
@@ -132,7 +132,7 @@ pub struct ConflictJson<'a> {
     state: &'static str,
     resolved: bool,
     allocations: Vec<AllocationJson<'a>>,
-    winner: Option<&'a str>,
+    winner: Option<&'a TxnId>,
     /// The winner can still change while a missing region may hold an
     /// earlier allocation; once settled it cannot.
     winner_final: bool,
@@ -155,7 +155,7 @@ pub fn conflict_json(view: &ConflictView) -> ConflictJson<'_> {
             .iter()
             .map(|a| AllocationJson::of(&a.record, a.record.confidence, state))
             .collect(),
-        winner: key.winner().map(|w| w.record.txn_id.as_str()),
+        winner: key.winner().map(|w| &w.record.txn_id),
         winner_final: key.settled,
         compensations: compensations_json(key),
         detected_at: rfc3339(view.detected_at_ms),
@@ -172,7 +172,7 @@ pub enum CompensationJson<'a> {
     Known(KnownCompensation<'a>),
     /// Nothing reported yet.
     Pending {
-        txn_id: &'a str,
+        txn_id: &'a TxnId,
         owner: &'a str,
         state: CompensationState,
         attempts: u32,

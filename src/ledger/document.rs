@@ -648,7 +648,7 @@ mod tests {
         record_json(&AllocationRecord {
             v: RECORD_VERSION,
             key: format!("key-{txn}").into(),
-            txn_id: txn.to_owned(),
+            txn_id: txn.into(),
             region: "r".into(),
             node: "n".into(),
             hlc: Timestamp::new(1, 0),
@@ -682,7 +682,7 @@ mod tests {
             .entries()
             .into_iter()
             .map(|e| match e {
-                Entry::Allocation(r) => r.txn_id,
+                Entry::Allocation(r) => r.txn_id.to_string(),
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
@@ -741,7 +741,7 @@ mod tests {
         entries
             .iter()
             .map(|e| match e {
-                Entry::Allocation(r) => r.txn_id.clone(),
+                Entry::Allocation(r) => r.txn_id.to_string(),
                 other => panic!("unexpected {other:?}"),
             })
             .collect()

@@ -10,7 +10,7 @@ use super::retired::Retired;
 use super::unsettled::Unsettled;
 use super::view::{Allocation, KeyView};
 use super::{ChunkSink, COMPACT_MIN_BYTES};
-use crate::record::{AllocationRecord, CompensationRecord};
+use crate::record::{AllocationRecord, CompensationRecord, TxnId};
 use crate::storage::Durable;
 use automerge::{sync, ActorId};
 use std::collections::{BTreeMap, HashMap};
@@ -339,7 +339,11 @@ impl Group {
         let compensations = allocations
             .iter()
             .skip(1)
-            .filter_map(|a| self.compensations.get(&a.record.txn_id).cloned())
+            .filter_map(|a| {
+                self.compensations
+                    .get(&a.record.txn_id.to_string())
+                    .cloned()
+            })
             .collect();
         let mut unsynced_peers: Vec<String> = allocations
             .iter()
@@ -391,7 +395,7 @@ impl Group {
             self.own.expire(*epoch);
         }
         let mut dropped = 0u64;
-        let mut retiring: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        let mut retiring: BTreeMap<u32, Vec<TxnId>> = BTreeMap::new();
         // Arrivals of keys that are no longer in conflict: provisional again.
         let mut unconflicted: Vec<(u32, u64)> = Vec::new();
         let compensations = &mut self.compensations;
@@ -412,7 +416,7 @@ impl Group {
                         .is_some_and(|epoch| !windows.expired(epoch, a.record.hlc.physical_ms));
                 if gone {
                     dropped += 1;
-                    compensations.remove(&a.record.txn_id);
+                    compensations.remove(&a.record.txn_id.to_string());
                     if !windows.expired(a.epoch, now_ms) {
                         retiring
                             .entry(a.epoch)
@@ -444,7 +448,10 @@ impl Group {
             for txn in &txns {
                 self.retired.insert(txn.clone(), epoch);
             }
-            sink.retire(DocId { epoch, shard }, txns);
+            sink.retire(
+                DocId { epoch, shard },
+                txns.iter().map(TxnId::to_text).collect(),
+            );
         }
         let docs: Vec<DocId> = expired
             .into_iter()
@@ -489,7 +496,7 @@ mod tests {
         Arc::new(AllocationRecord {
             v: crate::record::RECORD_VERSION,
             key: key.into(),
-            txn_id: format!("tx_{key}_{node}"),
+            txn_id: format!("tx_{key}_{node}").into(),
             region: "r".into(),
             node: node.into(),
             hlc: crate::hlc::Timestamp::new(1, 0),
@@ -540,7 +547,7 @@ mod tests {
         assert_eq!((group.conflicts.len(), group.provisional().0), (2, 0));
         group.expire(&windows, 5_000, &super::super::DiscardSink);
         assert!(group.view("a", &peers).is_none(), "gone with its winner");
-        assert!(group.retired.contains("tx_a_n2"));
+        assert!(group.retired.contains(&"tx_a_n2".into()));
         let c = group.view("c", &peers).expect("its winner lives");
         assert_eq!(c.allocations.len(), 1);
         assert_eq!(c.allocations[0].record.txn_id, "tx_c_n1");
@@ -621,7 +628,7 @@ mod tests {
                         n += 1;
                         let mut record = (*allocation(&format!("k{key}"), ["a", "b"][op as usize])).clone();
                         record.hlc = crate::hlc::Timestamp::new(n, 0);
-                        record.txn_id = format!("tx{n}");
+                        record.txn_id = format!("tx{n}").into();
                         let arrival = group.arrive(epoch, n);
                         group.insert(epoch, Arc::new(record), arrival, Durable::Store(0), 0);
                     }
@@ -630,7 +637,7 @@ mod tests {
                         n += 1;
                         let mut record = (*allocation(&format!("k{key}"), "a")).clone();
                         record.hlc = crate::hlc::Timestamp::new(n, 0);
-                        record.txn_id = format!("tx{n}");
+                        record.txn_id = format!("tx{n}").into();
                         let record = Arc::new(record);
                         group.insert(epoch, record.clone(), NOT_ARRIVED, Durable::Journal(n), 0);
                         group.pending.push(Pending { epoch, record, text: String::new(), journal_seq: n, stake: None });

@@ -98,7 +98,7 @@ mod tests {
             record: Arc::new(AllocationRecord {
                 v: 1,
                 key: key.into(),
-                txn_id: format!("tx-{key}"),
+                txn_id: format!("tx-{key}").into(),
                 region: "r".into(),
                 node: "n".into(),
                 hlc: Timestamp::new(1, 0),

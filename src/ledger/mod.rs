@@ -35,7 +35,7 @@ pub use view::{Allocation, ConflictView, KeyState, KeyView};
 
 use crate::hlc::{Hlc, Observation, Timestamp};
 use crate::key::{Fingerprint, IdempotencyKey};
-use crate::record::{AllocationRecord, CompensationRecord, RECORD_VERSION};
+use crate::record::{AllocationRecord, CompensationRecord, TxnId, RECORD_VERSION};
 use crate::storage::Durable;
 use crate::time::{Clock, SharedClock};
 use automerge::{sync, ActorId};
@@ -264,7 +264,7 @@ impl Ledger {
         let names = Names::default();
         for (doc, txn) in stored.retired {
             if let Some(group) = groups.get_mut(usize::from(doc.shard)) {
-                group.retired.insert(txn, doc.epoch);
+                group.retired.insert(TxnId::new(&txn), doc.epoch);
             }
         }
         for (id, stored) in stored.documents {
@@ -306,7 +306,8 @@ impl Ledger {
                         }
                         group.insert(id.epoch, record, arrival, Durable::Store(0), now);
                     }
-                    Entry::Compensation(record) if group.retired.contains(&record.txn_id) => {}
+                    Entry::Compensation(record)
+                        if group.retired.contains(&TxnId::new(&record.txn_id)) => {}
                     Entry::Compensation(record) => {
                         group.compensations.insert(record.txn_id.clone(), record);
                     }
@@ -727,7 +728,7 @@ impl Ledger {
                     outcome.new_allocations.push(record);
                 }
                 Entry::Compensation(record) => {
-                    if !group.retired.contains(&record.txn_id) {
+                    if !group.retired.contains(&TxnId::new(&record.txn_id)) {
                         group.compensations.insert(record.txn_id.clone(), record);
                     }
                 }
@@ -816,7 +817,7 @@ impl Ledger {
                     .get(&record.key)
                     .and_then(|l| l.iter().find(|a| a.record.txn_id == record.txn_id))
                     .map(|a| a.epoch)
-                    .or_else(|| group.retired.epoch_of(&record.txn_id));
+                    .or_else(|| group.retired.epoch_of(&TxnId::new(&record.txn_id)));
                 if let Some(epoch) = epoch {
                     by_epoch.entry(epoch).or_default().push(record);
                 }
@@ -829,7 +830,7 @@ impl Ledger {
                 }
                 doc.persist(&*self.sink);
                 for record in records {
-                    if !group.retired.contains(&record.txn_id) {
+                    if !group.retired.contains(&TxnId::new(&record.txn_id)) {
                         group
                             .compensations
                             .insert(record.txn_id.clone(), record.clone());
@@ -1205,7 +1206,7 @@ fn match_existing(
             key: key.to_owned(),
             txn_id: existing
                 .first()
-                .map(|a| a.record.txn_id.clone())
+                .map(|a| a.record.txn_id.to_string())
                 .unwrap_or_default(),
         }),
     }
@@ -1401,7 +1402,7 @@ mod tests {
                 record_json(&AllocationRecord {
                     v: RECORD_VERSION,
                     key: key.as_str().into(),
-                    txn_id: format!("tx_{i}"),
+                    txn_id: format!("tx_{i}").into(),
                     region: "sgp".into(),
                     node: "node-a".into(),
                     hlc: Timestamp::new(now, i as u32),

@@ -12,25 +12,26 @@
 //! ([`super::ChunkSink::retire`]), dropped with the document.
 
 use super::doc_id::Windows;
+use crate::record::TxnId;
 use std::collections::HashMap;
 
 /// Retired transactions of one shard, with the epoch of their document.
 #[derive(Debug, Default)]
-pub(super) struct Retired(HashMap<String, u32>);
+pub(super) struct Retired(HashMap<TxnId, u32>);
 
 impl Retired {
     /// `txn`, of the document of `epoch`, left with its key.
-    pub fn insert(&mut self, txn: String, epoch: u32) {
+    pub fn insert(&mut self, txn: TxnId, epoch: u32) {
         self.0.insert(txn, epoch);
     }
 
     /// Whether `txn` left with its key.
-    pub fn contains(&self, txn: &str) -> bool {
+    pub fn contains(&self, txn: &TxnId) -> bool {
         self.0.contains_key(txn)
     }
 
     /// The epoch of the document a retired `txn` lives in.
-    pub fn epoch_of(&self, txn: &str) -> Option<u32> {
+    pub fn epoch_of(&self, txn: &TxnId) -> Option<u32> {
         self.0.get(txn).copied()
     }
 
@@ -61,11 +62,11 @@ mod tests {
         let mut retired = Retired::default();
         retired.insert("tx_a".into(), 11);
         retired.insert("tx_b".into(), 12);
-        assert_eq!(retired.epoch_of("tx_a"), Some(11));
+        assert_eq!(retired.epoch_of(&"tx_a".into()), Some(11));
         // Epoch 11 ends at 12 s and is kept 4 s more.
         assert!(retired.expire(&windows, 15_999).is_empty());
         assert_eq!(retired.expire(&windows, 16_000), [11]);
-        assert!(!retired.contains("tx_a"));
-        assert!(retired.contains("tx_b"));
+        assert!(!retired.contains(&"tx_a".into()));
+        assert!(retired.contains(&"tx_b".into()));
     }
 }

@@ -133,7 +133,7 @@ mod tests {
             record: Arc::new(AllocationRecord {
                 v: RECORD_VERSION,
                 key: "k".into(),
-                txn_id: txn.to_owned(),
+                txn_id: txn.into(),
                 region: "r".into(),
                 node: txn.into(),
                 hlc: Timestamp::new(ms, 0),

@@ -433,7 +433,7 @@ impl World {
             for key in &keys {
                 if let Some(view) = ledger.key(key) {
                     if view.settled && view.allocations.len() == 1 {
-                        let txn = view.allocations[0].record.txn_id.clone();
+                        let txn = view.allocations[0].record.txn_id.to_string();
                         self.history.settled_claim(self.now, i, key, txn);
                     }
                 }
@@ -728,7 +728,7 @@ fn end_state<'a>(
                 let txns = view
                     .allocations
                     .iter()
-                    .map(|a| (a.record.txn_id.clone(), owner(&a.record.node)))
+                    .map(|a| (a.record.txn_id.to_string(), owner(&a.record.node)))
                     .collect();
                 Some((key.clone(), txns))
             })
@@ -736,7 +736,7 @@ fn end_state<'a>(
         conflicts: ledger
             .conflicts()
             .into_iter()
-            .filter_map(|c| Some((c.key.key.clone(), c.key.winner()?.record.txn_id.clone())))
+            .filter_map(|c| Some((c.key.key.clone(), c.key.winner()?.record.txn_id.to_string())))
             .collect(),
         digests: ledger
             .digests()

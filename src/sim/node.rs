@@ -229,12 +229,12 @@ impl SimNode {
     fn loser_of(&self, txn: &str) -> Option<(String, String)> {
         let ledger = self.ledger.as_ref()?;
         ledger.conflicts().into_iter().find_map(|c| {
-            let winner = c.key.allocations.first()?.record.txn_id.clone();
+            let winner = c.key.allocations.first()?.record.txn_id.to_string();
             c.key
                 .allocations
                 .iter()
                 .skip(1)
-                .any(|a| a.record.txn_id == txn)
+                .any(|a| a.record.txn_id == *txn)
                 .then(|| (c.key.key.clone(), winner))
         })
     }
@@ -441,7 +441,7 @@ impl SimNode {
                 op,
                 node: self.index,
                 key: key.to_owned(),
-                txn: record.txn_id.clone(),
+                txn: record.txn_id.to_string(),
                 replay: allocated.replay,
                 confidence: record.confidence,
             },
@@ -521,7 +521,11 @@ impl SimNode {
             &key,
             body,
             |o: &MergeOutcome| {
-                arrived.extend(o.new_allocations.iter().map(|r| (r.txn_id.clone(), now)));
+                arrived.extend(
+                    o.new_allocations
+                        .iter()
+                        .map(|r| (r.txn_id.to_string(), now)),
+                );
                 conflicts |= !o.conflicts_changed.is_empty();
             },
             |_, _| {},
@@ -629,9 +633,13 @@ impl SimNode {
                 continue;
             };
             for loser in c.key.allocations.iter().skip(1) {
-                let txn = &loser.record.txn_id;
+                let txn = &loser.record.txn_id.to_string();
                 if *loser.record.node == *self.id && !self.compensations.contains_key(txn) {
-                    new.push((c.key.key.clone(), winner.record.txn_id.clone(), txn.clone()));
+                    new.push((
+                        c.key.key.clone(),
+                        winner.record.txn_id.to_string(),
+                        txn.clone(),
+                    ));
                 }
             }
         }
