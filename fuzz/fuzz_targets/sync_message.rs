@@ -4,4 +4,9 @@
 #[path = "../../tests/fuzz_targets/mod.rs"]
 mod fuzz_targets;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_targets::sync_message(data));
+mod caught_panics;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    caught_panics::let_automerge_panics_unwind();
+    fuzz_targets::sync_message(data)
+});
