@@ -127,9 +127,36 @@ struct DocRecord {
     /// Position in its batch.
     index: usize,
     record: Value,
+    /// Whether its batch is in the compact layout.
+    compact: bool,
 }
 
-/// Reads root map "allocations": batch id -> JSON text of an array of records.
+/// The records of a batch in either layout of docs/DATA_MODEL.md, as
+/// record objects.
+fn records_of_batch(batch: Value, what: &str) -> Vec<Value> {
+    if let Value::Array(records) = batch {
+        return records;
+    }
+    assert_eq!(
+        batch["v"], 2,
+        "{what}: a compact batch is layout 2: {batch}"
+    );
+    let rows = batch["records"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{what}: a compact batch without records: {batch}"));
+    rows.iter()
+        .map(|row| {
+            json!({
+                "v": 1,
+                "key": row[0], "txn_id": row[1], "hlc": row[2],
+                "fingerprint": row[3], "confidence": row[4],
+                "region": batch["region"], "node": batch["node"],
+            })
+        })
+        .collect()
+}
+
+/// Reads root map "allocations": batch id -> JSON text of a batch.
 fn read_allocations(bytes: &[u8], what: &str) -> Vec<DocRecord> {
     let doc = Automerge::load(bytes)
         .unwrap_or_else(|e| panic!("{what}: automerge cannot load the bytes: {e}"));
@@ -151,15 +178,17 @@ fn read_allocations(bytes: &[u8], what: &str) -> Vec<DocRecord> {
             },
             other => panic!("{what}: allocations[{map_key}] is not text: {other:?}"),
         };
-        let batch: Vec<Value> = serde_json::from_str(&text).unwrap_or_else(|e| {
-            panic!("{what}: allocations[{map_key}] is not a JSON array ({e}): {text}")
-        });
+        let batch: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{what}: allocations[{map_key}] is not JSON ({e}): {text}"));
+        let compact = batch.is_object();
+        let batch = records_of_batch(batch, what);
         assert!(!batch.is_empty(), "{what}: allocations[{map_key}] is empty");
         for (index, record) in batch.into_iter().enumerate() {
             out.push(DocRecord {
                 map_key: map_key.clone(),
                 index,
                 record,
+                compact,
             });
         }
     }
@@ -862,6 +891,10 @@ async fn documents_are_plain_automerge_readable_from_the_data_model() {
             }
             assert!(r.record["confidence"].is_number(), "{}", r.record);
             assert!(r.record["v"].is_u64(), "{}", r.record);
+            assert!(
+                r.compact,
+                "a node with no peer to wait for writes compact batches"
+            );
             let prior = found.insert(key.clone(), (id.to_string(), r.record));
             assert!(prior.is_none(), "key {key} in more than one place");
         }

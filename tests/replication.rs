@@ -127,6 +127,35 @@ async fn an_allocation_reaches_every_region_and_replays_there() {
         assert_eq!(replay["replay"], true, "{replay}");
         assert_eq!(replay["txn_id"], made["txn_id"], "{replay}");
     }
+    // Every peer offered the compact layout when it connected, so the
+    // batch came to node 1 in it (docs/DATA_MODEL.md, "Batch layouts").
+    let batch = batch_holding(&c, 1, "order-2").await;
+    assert!(batch.starts_with(r#"{"v":2,"#), "{batch}");
+}
+
+/// The text of the batch that holds `key`'s allocation in node `node`'s
+/// documents, read with automerge as any reader of the data model would.
+async fn batch_holding(c: &Cluster, node: usize, key: &str) -> String {
+    use automerge::ReadDoc;
+    let n = c.node(node);
+    let (_, listed) = n.get_json("/v1/documents").await;
+    for id in listed["documents"].as_array().into_iter().flatten() {
+        let path = format!("/v1/documents/{}", id["id"].as_str().unwrap_or_default());
+        let bytes = n.client().get(n.url(&path)).send().await.expect("GET");
+        let bytes = bytes.bytes().await.expect("document bytes");
+        let doc = automerge::Automerge::load(&bytes).expect("an automerge document");
+        let Ok(Some((_, batches))) = doc.get(automerge::ROOT, "allocations") else {
+            continue;
+        };
+        for item in doc.map_range(&batches, ..) {
+            let value = item.value.into_value();
+            let text = value.as_str().unwrap_or_default();
+            if text.contains(&format!("\"{key}\"")) {
+                return text.to_owned();
+            }
+        }
+    }
+    panic!("no batch of node {node} holds {key}\n{}", c.logs(30));
 }
 
 /// Isolates node 0, allocates `dup` on 0 and 1 plus `unique` keys each,

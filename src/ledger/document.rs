@@ -196,8 +196,14 @@ impl ShardDocument {
             batch.push_str(text);
         }
         batch.push(']');
+        self.put_batch_text(batch_id, &batch)
+    }
+
+    /// Writes a batch already written as text
+    /// ([`AllocationRecord::write_batch`]), in one automerge change.
+    pub fn put_batch_text(&mut self, batch_id: &str, batch: &str) -> Result<(), DocumentError> {
         let obj = self.allocations.clone();
-        self.put_json(&obj, [(batch_id, batch.as_str())].into_iter())
+        self.put_json(&obj, [(batch_id, batch)].into_iter())
     }
 
     /// Writes (or overwrites: only the owner ever writes them) compensation

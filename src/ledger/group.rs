@@ -109,8 +109,6 @@ pub(super) const NOT_ARRIVED: u64 = u64::MAX;
 pub(super) struct Pending {
     pub epoch: u32,
     pub record: Arc<AllocationRecord>,
-    /// The record as JSON text, as it goes into the document.
-    pub text: String,
     /// Journal sequence to forget once the document's chunk is durable.
     pub journal_seq: u64,
     /// What it was given, while it is followed as provisional (`None`: not followed).
@@ -640,7 +638,7 @@ mod tests {
                         record.txn_id = format!("tx{n}").into();
                         let record = Arc::new(record);
                         group.insert(epoch, record.clone(), NOT_ARRIVED, Durable::Journal(n), 0);
-                        group.pending.push(Pending { epoch, record, text: String::new(), journal_seq: n, stake: None });
+                        group.pending.push(Pending { epoch, record, journal_seq: n, stake: None });
                     }
                     // Every pending allocation folded into its document
                     // (those that left the index are not, as in `fold_group`).

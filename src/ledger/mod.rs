@@ -35,13 +35,13 @@ pub use view::{Allocation, ConflictView, KeyState, KeyView};
 
 use crate::hlc::{Hlc, Observation, Timestamp};
 use crate::key::{Fingerprint, IdempotencyKey};
-use crate::record::{AllocationRecord, CompensationRecord, TxnId, RECORD_VERSION};
+use crate::record::{AllocationRecord, BatchLayout, CompensationRecord, TxnId, RECORD_VERSION};
 use crate::storage::Durable;
 use crate::time::{Clock, SharedClock};
 use automerge::{sync, ActorId};
 use document::{DocumentError, Entry, ShardDocument};
 use group::{EpochDoc, Group, Pending, NOT_ARRIVED};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -235,6 +235,10 @@ pub struct Ledger {
     resolutions: Mutex<Vec<Resolution>>,
     /// Whether `resolutions` may hold any, so that an empty take costs no lock.
     resolutions_waiting: std::sync::atomic::AtomicBool,
+    /// The peers known to read compact batches, and whether that is all
+    /// of them ([`Ledger::set_peer_reads_compact_batches`]).
+    compact_readers: Mutex<HashSet<String>>,
+    all_read_compact: std::sync::atomic::AtomicBool,
 }
 
 impl Ledger {
@@ -254,6 +258,7 @@ impl Ledger {
         // A fresh actor per process (a crash can never reuse a sequence
         // number) that names this node to its peers.
         let actor = NodeTag::of(&me.node).new_actor();
+        let no_peers = peers.is_empty();
         let mut hlc = Hlc::new(clock.clone(), max_clock_offset_ms);
         let now = clock.now_ms();
         let mut groups: Vec<Group> = (0..SHARD_COUNT).map(|s| Group::new(s as u8)).collect();
@@ -347,7 +352,6 @@ impl Ledger {
             }
             group.pending.push(Pending {
                 epoch: entry.epoch,
-                text: String::from_utf8_lossy(&entry.bytes).into_owned(),
                 record,
                 journal_seq: entry.seq,
                 stake,
@@ -384,6 +388,8 @@ impl Ledger {
             names,
             resolutions_waiting: std::sync::atomic::AtomicBool::new(!resolved.is_empty()),
             resolutions: Mutex::new(resolved),
+            all_read_compact: std::sync::atomic::AtomicBool::new(no_peers),
+            compact_readers: Mutex::new(HashSet::new()),
         })
     }
 
@@ -566,7 +572,6 @@ impl Ledger {
             group.pending.push(Pending {
                 epoch,
                 record: record.clone(),
-                text,
                 journal_seq,
                 stake: request.stake,
             });
@@ -622,12 +627,13 @@ impl Ledger {
                 forget.push(entry.journal_seq);
             }
         }
+        let layout = self.batch_layout();
         for (epoch, entries) in by_epoch {
             let doc = group.doc_mut(epoch, &self.actor);
             let batch_id = document::batch_id(&entries[0].record);
-            let written = doc
-                .doc
-                .put_allocation_batch(&batch_id, entries.iter().map(|e| e.text.as_str()));
+            let records: Vec<&AllocationRecord> = entries.iter().map(|e| &*e.record).collect();
+            let batch = AllocationRecord::write_batch(&records, layout);
+            let written = doc.doc.put_batch_text(&batch_id, &batch);
             if let Err(e) = written {
                 // Still durable in the journal: try again next round.
                 tracing::error!(shard, epoch, error = %e, "could not fold allocations into their document; will retry");
@@ -648,6 +654,34 @@ impl Ledger {
             self.sink.forget_journal(forget);
         }
         (folded, last_seq)
+    }
+
+    /// Notes whether `peer` reads batches in the compact layout (it said
+    /// so when it connected: the p2p layer learns it from the protocols
+    /// the peer offers). This node writes its batches compact once every
+    /// allowlisted peer does, and as objects, which every version reads,
+    /// until then: during a rolling upgrade no peer is handed records it
+    /// cannot read (it would miss their keys, and so their conflicts).
+    pub fn set_peer_reads_compact_batches(&self, peer: &str, reads: bool) {
+        let Ok(mut readers) = self.compact_readers.lock() else {
+            return;
+        };
+        if reads {
+            readers.insert(peer.to_owned());
+        } else {
+            readers.remove(peer);
+        }
+        let all = self.peers.iter().all(|p| readers.contains(p));
+        self.all_read_compact.store(all, Ordering::Relaxed);
+    }
+
+    /// The layout this node writes its batches in now.
+    pub fn batch_layout(&self) -> BatchLayout {
+        if self.all_read_compact.load(Ordering::Relaxed) {
+            BatchLayout::Compact
+        } else {
+            BatchLayout::Objects
+        }
     }
 
     /// Local allocations not yet folded into their documents.
@@ -1323,6 +1357,76 @@ mod tests {
                 to.merge_bytes(doc, &bytes).unwrap();
             }
         }
+    }
+
+    /// The first character of every batch `ledger`'s documents hold.
+    fn batch_openings(ledger: &Ledger) -> Vec<char> {
+        use automerge::ReadDoc;
+        let mut out = Vec::new();
+        for (doc, _) in ledger.digests() {
+            let saved = automerge::Automerge::load(&ledger.save_document(doc).unwrap()).unwrap();
+            let Ok(Some((_, batches))) = saved.get(automerge::ROOT, "allocations") else {
+                continue;
+            };
+            for item in saved.map_range(&batches, ..) {
+                let text = item
+                    .value
+                    .into_value()
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                out.extend(text.chars().next());
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    fn allocate_one(ledger: &Ledger, key: &str) {
+        let key = IdempotencyKey::parse(key).unwrap();
+        let out = ledger.allocate_batch(
+            key.shard(SHARD_COUNT),
+            &[AllocateRequest {
+                key: key.clone(),
+                fingerprint: crate::key::fingerprint(&serde_json::json!({})).unwrap(),
+                confidence: 0.9,
+                stake: None,
+            }],
+        );
+        assert!(out[0].is_ok());
+        ledger.fold_pending();
+    }
+
+    #[test]
+    fn batches_are_written_as_objects_until_every_peer_reads_the_compact_layout() {
+        let clock = crate::time::ManualClock::at(1_000_000);
+        let (a, b) = (ledger_at("a", "b", &clock), ledger_at("b", "a", &clock));
+        assert_eq!(a.batch_layout(), BatchLayout::Objects);
+        allocate_one(&a, "before");
+        assert_eq!(batch_openings(&a), ['[']);
+        a.set_peer_reads_compact_batches("someone-else", true);
+        assert_eq!(
+            a.batch_layout(),
+            BatchLayout::Objects,
+            "not an allowlisted peer"
+        );
+        a.set_peer_reads_compact_batches("b", true);
+        assert_eq!(a.batch_layout(), BatchLayout::Compact);
+        allocate_one(&a, "after");
+        assert_eq!(batch_openings(&a), ['[', '{']);
+        send_all(&a, &b);
+        for key in ["before", "after"] {
+            let view = b.key(key).expect("b reads both layouts");
+            assert_eq!(*view.allocations[0].record.node, *"a");
+        }
+        a.set_peer_reads_compact_batches("b", false);
+        assert_eq!(a.batch_layout(), BatchLayout::Objects, "a peer went back");
+        let single = Ledger::in_memory(a.identity().clone(), Vec::new());
+        assert_eq!(
+            single.batch_layout(),
+            BatchLayout::Compact,
+            "no peer to wait for"
+        );
     }
 
     #[test]

@@ -22,7 +22,9 @@
 //! skewed peer's stamps issues stamps as far ahead itself, so every peer
 //! would look skewed.
 //!
-//! Under [`PROTOCOL`] (`/oncemesh/sync/3`) frames are version 4 and a
+//! Under [`PROTOCOL_COMPACT`] (`/oncemesh/sync/4`, which only adds that
+//! the node reads compact batches) and [`PROTOCOL`] (`/oncemesh/sync/3`)
+//! frames are version 4 and a
 //! request's body travels as one zstd frame that states its decompressed
 //! size, at most [`MAX_FRAME`]. The records inside are JSON text: a frame
 //! after a partition shrinks four times, which is what crosses the links
@@ -48,8 +50,13 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use std::io;
 
-/// The protocol, with compressed requests and version 4 frames: what nodes
-/// of this version speak.
+/// The protocol of this version: [`PROTOCOL`]'s frames, spoken by nodes
+/// that read allocation batches in the compact layout. A peer that offers
+/// it (identify lists it) is handed compact batches
+/// ([`crate::ledger::Ledger::set_peer_reads_compact_batches`]).
+pub const PROTOCOL_COMPACT: StreamProtocol = StreamProtocol::new("/oncemesh/sync/4");
+/// Compressed requests and version 4 frames: what the previous version
+/// speaks.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/oncemesh/sync/3");
 /// Compressed requests, version 3 frames: what the previous version speaks.
 pub const PROTOCOL_V2: StreamProtocol = StreamProtocol::new("/oncemesh/sync/2");
@@ -470,7 +477,7 @@ impl libp2p::request_response::Codec for SyncCodec {
     {
         match request {
             InboundRequest::Sync(request) => {
-                let with_origin = *protocol == PROTOCOL;
+                let with_origin = carries_origin(protocol);
                 let body = if *protocol == PROTOCOL_UNCOMPRESSED {
                     encode_request_as(&request, false)
                 } else {
@@ -491,8 +498,13 @@ impl libp2p::request_response::Codec for SyncCodec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, encode_response_as(&response, *protocol == PROTOCOL)).await
+        write_frame(io, encode_response_as(&response, carries_origin(protocol))).await
     }
+}
+
+/// Whether frames under `protocol` are version 4 (with the sender's origin).
+fn carries_origin(protocol: &StreamProtocol) -> bool {
+    *protocol == PROTOCOL_COMPACT || *protocol == PROTOCOL
 }
 
 #[cfg(test)]

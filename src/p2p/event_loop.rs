@@ -5,7 +5,9 @@
 //! channel. No replication policy lives here. See the module docs of
 //! [`crate::p2p`].
 
-use super::codec::{InboundRequest, SyncCodec, PROTOCOL, PROTOCOL_UNCOMPRESSED, PROTOCOL_V2};
+use super::codec::{
+    InboundRequest, SyncCodec, PROTOCOL, PROTOCOL_COMPACT, PROTOCOL_UNCOMPRESSED, PROTOCOL_V2,
+};
 use super::{Handles, NetworkError};
 use crate::config::NodeConfig;
 use crate::ledger::DocId;
@@ -123,6 +125,7 @@ impl EventLoop {
                 sync: request_response::Behaviour::new(
                     // Newest first: a peer of an earlier version settles on the older one.
                     [
+                        (PROTOCOL_COMPACT, ProtocolSupport::Full),
                         (PROTOCOL, ProtocolSupport::Full),
                         (PROTOCOL_V2, ProtocolSupport::Full),
                         (PROTOCOL_UNCOMPRESSED, ProtocolSupport::Full),
@@ -449,6 +452,18 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if let Some(link) = self.links.get(&peer_id) {
+                    let reads = info.protocols.contains(&PROTOCOL_COMPACT);
+                    self.handles
+                        .ledger
+                        .set_peer_reads_compact_batches(&link.key, reads);
+                }
+            }
             _ => {}
         }
     }

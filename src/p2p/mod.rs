@@ -5,8 +5,10 @@
 //! (building and applying automerge sync messages) runs on blocking threads
 //! and reports back through a channel, so the swarm is never stalled by a
 //! large merge. Every byte of replication is the automerge sync protocol
-//! carried by `/oncemesh/sync/2`, zstd-compressed (or `/oncemesh/sync/1`,
-//! uncompressed, with nodes of earlier versions; [`codec`]):
+//! carried by `/oncemesh/sync/4`, zstd-compressed (or the protocols of
+//! earlier versions with nodes of those versions; [`codec`]). The protocols
+//! a peer offers, which identify reports, tell the ledger whether the peer
+//! reads compact batches:
 //!
 //! 1. A local or merged change marks its shard dirty for every peer; the
 //!    loop sends the peer a request with a sync message for the dirty

@@ -190,6 +190,10 @@ impl SimNode {
         suffix[..4].copy_from_slice(&(self.index as u32).to_be_bytes());
         suffix[4..].copy_from_slice(&(self.incarnation as u32).to_be_bytes());
         ledger.use_actor_suffix(suffix);
+        // Every simulated node runs this version: compact batches throughout.
+        for peer in &self.peers {
+            ledger.set_peer_reads_compact_batches(peer, true);
+        }
         self.ledger = Some(ledger);
         self.engine = Engine::new(self.peers.clone(), Duration::from_secs(1), now);
         self.started_ms = now;

@@ -12,7 +12,7 @@
 use oncemesh::hlc::Timestamp;
 use oncemesh::journal::decode_segment;
 use oncemesh::ledger::{DocId, Ledger, NodeIdentity, Windows, SHARD_COUNT};
-use oncemesh::record::{AllocationRecord, CompensationRecord};
+use oncemesh::record::{AllocationRecord, BatchLayout, CompensationRecord};
 use std::sync::OnceLock;
 
 /// A target: arbitrary bytes in, a panic out on a bug.
@@ -123,7 +123,12 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             b"region = \"sgp\"\nretention = \"24h\"\npeer = [\"/ip4/127.0.0.1/tcp/7801/p2p/12D3KooWFuzzPeer\"]\n".to_vec(),
             b"max_clock_offset = \"500ms\"\ncompensation = \"webhook:http://127.0.0.1:9/void\"\n".to_vec(),
         ],
-        "record_json" => vec![serde_json::to_vec(&vec![record("k1"), record("k2")]).unwrap_or_default()],
+        "record_json" => {
+            let (k1, k2) = (record("k1"), record("k2"));
+            [BatchLayout::Objects, BatchLayout::Compact]
+                .map(|layout| AllocationRecord::write_batch(&[&k1, &k2], layout).into_bytes())
+                .to_vec()
+        }
         "document_upload" => vec![[vec![0u8], saved_document()].concat()],
         "sync_message" => sync_seeds(),
         _ => Vec::new(),
