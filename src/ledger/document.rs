@@ -72,8 +72,9 @@ pub enum DocumentError {
         /// What is wrong with it.
         reason: String,
     },
-    /// automerge panicked on a peer's message (a bug of automerge that a
-    /// malformed message reaches); the node goes on, this message is dropped.
+    /// automerge panicked on bytes from outside (a peer's message, a posted
+    /// or stored document: a bug of automerge that malformed bytes reach);
+    /// the node goes on, these bytes are refused.
     #[error("{doc}: automerge panicked while {during}")]
     Panicked {
         /// Document involved.
@@ -158,12 +159,14 @@ impl ShardDocument {
     /// The result counts as already persisted.
     pub fn load(id: DocId, bytes: &[u8]) -> Result<Self, DocumentError> {
         let mut me = Self::genesis(id);
-        me.doc
-            .load_incremental(bytes)
-            .map_err(|source| DocumentError::Decode {
-                doc: id,
-                source: Box::new(source),
-            })?;
+        catching_panics(id, "loading a document", || {
+            me.doc
+                .load_incremental(bytes)
+                .map_err(|source| DocumentError::Decode {
+                    doc: id,
+                    source: Box::new(source),
+                })
+        })?;
         me.persisted_heads = me.doc.get_heads();
         Ok(me)
     }
@@ -326,9 +329,11 @@ impl ShardDocument {
     /// anything is applied, so an unrelated document cannot pollute the ledger.
     pub fn merge_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Entry>, DocumentError> {
         let doc = self.id;
-        let incoming = Automerge::load(bytes).map_err(|source| DocumentError::Decode {
-            doc,
-            source: Box::new(source),
+        let incoming = catching_panics(doc, "reading a document to merge", || {
+            Automerge::load(bytes).map_err(|source| DocumentError::Decode {
+                doc,
+                source: Box::new(source),
+            })
         })?;
         let genesis = Self::genesis(doc);
         if !genesis
@@ -343,7 +348,9 @@ impl ShardDocument {
             });
         }
         let mut incoming = incoming;
-        self.apply_remote(|doc, log| doc.merge_and_log_patches(&mut incoming, log).map(|_| ()))
+        catching_panics(doc, "merging a document", || {
+            self.apply_remote(|doc, log| doc.merge_and_log_patches(&mut incoming, log).map(|_| ()))
+        })
     }
 
     /// Handles one automerge sync message from a peer.
@@ -367,13 +374,10 @@ impl ShardDocument {
             let chunks: Vec<&[u8]> = message.changes.iter().collect();
             chunks.concat()
         });
-        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let doc = self.id;
+        let applied = catching_panics(doc, "receiving a sync message", || {
             self.apply_remote(|doc, log| super::sync_receive::receive(doc, state, message, log))
-        }))
-        .unwrap_or(Err(DocumentError::Panicked {
-            doc: self.id,
-            during: "receiving a sync message",
-        }));
+        });
         if let Some(bytes) = as_received {
             let added = self.doc.stats().num_changes - changes_before;
             if applied.is_ok() && added == chunks && self.doc.get_missing_deps(&[]).is_empty() {
@@ -578,6 +582,21 @@ fn map_id(doc: &Automerge, name: &str) -> Option<ObjId> {
         Ok(Some((Value::Object(ObjType::Map), id))) => Some(id),
         _ => None,
     }
+}
+
+/// Runs `work`, an automerge call on bytes from outside, turning a panic
+/// into `doc`'s error. automerge 0.12 (and hexane, its column codec) panics
+/// on some damaged input instead of returning an error: fuzzing found it
+/// receiving sync messages and loading `POST /v1/documents/{id}` bodies.
+/// automerge applies a change whole or not at all, so the document is left
+/// as it was or with whole changes applied.
+fn catching_panics<T>(
+    doc: DocId,
+    during: &'static str,
+    work: impl FnOnce() -> Result<T, DocumentError>,
+) -> Result<T, DocumentError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+        .unwrap_or(Err(DocumentError::Panicked { doc, during }))
 }
 
 /// The map key of a batch whose first record is `first`: its stamp with
