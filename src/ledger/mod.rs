@@ -1163,7 +1163,7 @@ fn resolve_own_competitors(
             .find(|p| Arc::ptr_eq(&p.record, &record))
             .and_then(|p| p.stake.take());
         if let Some(stake) = stake {
-            group.own.conflicted_pending(stake, after_ms, out);
+            group.own.conflicted_pending(&record, stake, after_ms, out);
         }
     }
     pending

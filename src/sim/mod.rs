@@ -34,6 +34,10 @@ pub use crate::check::{Report, Violation};
 pub struct SimConfig {
     /// Nodes (regions).
     pub nodes: usize,
+    /// Most neighbours a node syncs with (`None`: every other node, the
+    /// full mesh); clusters of at most this plus one are a full mesh anyway
+    /// (`crate::sync::topology`).
+    pub fanout: Option<usize>,
     /// One-way link latency, ms, and up to this much jitter on top.
     pub link_latency_ms: u64,
     /// See `link_latency_ms`.
@@ -64,6 +68,7 @@ impl Default for SimConfig {
     fn default() -> Self {
         Self {
             nodes: 3,
+            fanout: Some(6),
             link_latency_ms: 20,
             jitter_ms: 15,
             workload_ms: 8_000,
@@ -597,7 +602,7 @@ pub fn run(config: &SimConfig, seed: u64) -> Report {
     let boundary = (START_MS / windows.window_ms.max(1) + 1) * windows.window_ms.max(1);
     let start = boundary - rng.random_range(1..=config.workload_ms.max(1) * 2);
     let nodes = (0..config.nodes)
-        .map(|i| SimNode::new(i, config.nodes, start, windows))
+        .map(|i| SimNode::new(i, config.nodes, config.fanout, start, windows))
         .collect();
     let attempts = plan_traffic(config, &mut rng);
     let faults = plan_faults(config, &mut rng);
@@ -708,6 +713,12 @@ pub fn run(config: &SimConfig, seed: u64) -> Report {
                 f64::NAN
             },
             arrivals,
+            busy_ms: converged_at.unwrap_or(world.now).saturating_sub(start),
+            settled_after_ms: world
+                .nodes
+                .iter()
+                .flat_map(|n| n.settled_after_ms.iter().copied())
+                .collect(),
         },
     )
 }

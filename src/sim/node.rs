@@ -12,7 +12,7 @@ use crate::ledger::{AllocateRequest, Ledger, MergeOutcome, NodeIdentity, Windows
 use crate::record::{CompensationRecord, RECORD_VERSION};
 use crate::storage::Durable;
 use crate::sync::message::{SyncRequest, SyncResponse};
-use crate::sync::{work, Action, Engine, Input};
+use crate::sync::{work, Action, Engine, Input, Topology};
 use crate::time::{ManualClock, SharedClock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -80,6 +80,8 @@ pub struct SimNode {
     /// Its peer id (text).
     pub id: String,
     peers: Vec<String>,
+    /// Its neighbours among them.
+    topology: Topology,
     /// The clock its logic reads.
     pub clock: ManualClock,
     /// Its disk, which outlives a crash.
@@ -106,6 +108,9 @@ pub struct SimNode {
     pub requests_sent: u64,
     /// New allocations' first arrival here: (txn, virtual ms).
     pub arrivals: Vec<(String, u64)>,
+    /// For each of its allocations this node called settled, how long
+    /// after it was made (by this node's clock), ms.
+    pub settled_after_ms: Vec<u64>,
     /// Why the last start failed, if it did.
     pub boot_error: Option<String>,
 }
@@ -115,15 +120,18 @@ fn peer_id(i: usize) -> String {
 }
 
 impl SimNode {
-    /// Node `index` of `n`, started at `now` with an empty disk.
-    pub fn new(index: usize, n: usize, now: u64, windows: Windows) -> Self {
+    /// Node `index` of `n`, started at `now` with an empty disk, with at
+    /// most `fanout` neighbours (`None`: every other node, a full mesh).
+    pub fn new(index: usize, n: usize, fanout: Option<usize>, now: u64, windows: Windows) -> Self {
         let peers: Vec<String> = (0..n).filter(|&j| j != index).map(peer_id).collect();
         let clock = ManualClock::at(now);
+        let topology = Topology::new(&peer_id(index), &peers, fanout.unwrap_or(usize::MAX - 1));
         let mut node = Self {
             index,
             id: peer_id(index),
-            engine: Engine::new(peers.clone(), Duration::from_secs(1), now),
+            engine: Engine::new(Vec::new(), Duration::from_secs(1), now),
             peers,
+            topology,
             clock,
             disk: SimDisk::default(),
             ledger: None,
@@ -147,6 +155,7 @@ impl SimNode {
             incarnation: 0,
             requests_sent: 0,
             arrivals: Vec::new(),
+            settled_after_ms: Vec::new(),
             boot_error: None,
         };
         node.boot(now);
@@ -191,7 +200,13 @@ impl SimNode {
         suffix[4..].copy_from_slice(&(self.incarnation as u32).to_be_bytes());
         ledger.use_actor_suffix(suffix);
         self.ledger = Some(ledger);
-        self.engine = Engine::new(self.peers.clone(), Duration::from_secs(1), now);
+        self.engine = Engine::with_topology(
+            &self.id,
+            &self.peers,
+            &self.topology,
+            Duration::from_secs(1),
+            now,
+        );
         self.started_ms = now;
         self.connected.clear();
         self.in_flight.clear();
@@ -474,7 +489,12 @@ impl SimNode {
         let Some(ledger) = self.ledger.as_ref() else {
             return;
         };
+        let wall = self.clock_ms();
         for r in ledger.take_resolutions() {
+            if r.conflict_after_ms.is_none() {
+                self.settled_after_ms
+                    .push(wall.saturating_sub(r.allocated_ms));
+            }
             if let Some(e) = r.stake.estimate {
                 if let Some(ms) = r.conflict_after_ms {
                     self.model

@@ -9,6 +9,7 @@
 //! Why the rules are what they are is told at each constant; the measured
 //! effects are in docs/BENCHMARKS.md.
 
+use super::topology::Topology;
 use crate::ledger::{DocId, NodeTag, Withhold};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -108,6 +109,10 @@ pub enum Input {
         /// Those in sync.
         in_sync: BTreeSet<DocId>,
     },
+    /// The shell has news for these peers that rides on any request (the
+    /// settlement summaries of a bounded overlay): the next anti-entropy
+    /// round sends them one even if their documents are in sync.
+    NewsFor(BTreeSet<PeerKey>),
     /// A request of ours failed (timeout, closed stream).
     RequestFailed {
         /// The peer.
@@ -214,6 +219,20 @@ struct Peer {
     backoff: Duration,
     next_dial: Option<u64>,
     out_of_sync_since: Option<u64>,
+    /// The shell has news for it (see [`Input::NewsFor`]).
+    news: bool,
+}
+
+/// A bounded overlay (more members than the fanout allows neighbours):
+/// whose changes go to which neighbour, and the keepalive rotation.
+#[derive(Debug)]
+struct Bounded {
+    /// Every member's tag (this node's too).
+    members: Vec<NodeTag>,
+    /// Per neighbour, the tags of the authors whose changes it gets from us.
+    forwards: BTreeMap<PeerKey, BTreeSet<NodeTag>>,
+    /// Which neighbour the next quiet round keeps alive.
+    rotation: usize,
 }
 
 /// Which epochs are live, as the engine is told at each call.
@@ -227,6 +246,8 @@ pub struct Engine {
     last_round: u64,
     /// When the last link change stops settling (see [`LINK_SETTLE`]).
     settle_ends: Option<u64>,
+    /// `None` in a full mesh.
+    bounded: Option<Bounded>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -237,6 +258,49 @@ impl Engine {
     /// An engine for the allowlisted `peers`, each to be dialled at once,
     /// with an anti-entropy round every `sync_interval`, starting at `now`.
     pub fn new(
+        peers: impl IntoIterator<Item = PeerKey>,
+        sync_interval: Duration,
+        now: u64,
+    ) -> Self {
+        Self::full_mesh(peers, sync_interval, now)
+    }
+
+    /// An engine for `me`'s neighbours in `topology`. In a full mesh it is
+    /// [`Engine::new`] over every other member. In a bounded overlay an
+    /// author's changes go only to the neighbours its tree reaches through
+    /// us; a message with nothing but our heads waits for the next round
+    /// that has the peer anyway; and a round goes only to neighbours whose
+    /// digests differ from ours, that have news ([`Input::NewsFor`]), and
+    /// one more in turn, so a quiet node sends one request per round
+    /// whatever the cluster's size.
+    pub fn with_topology(
+        me: &str,
+        members: &[PeerKey],
+        topology: &Topology,
+        sync_interval: Duration,
+        now: u64,
+    ) -> Self {
+        let mut engine = Self::full_mesh(topology.neighbours.clone(), sync_interval, now);
+        if let Some(forwards) = &topology.forwards {
+            let mut tags: Vec<NodeTag> = members.iter().map(|m| NodeTag::of(m)).collect();
+            tags.push(NodeTag::of(me));
+            tags.sort_unstable();
+            tags.dedup();
+            engine.bounded = Some(Bounded {
+                members: tags,
+                forwards: forwards
+                    .iter()
+                    .map(|(peer, authors)| {
+                        (peer.clone(), authors.iter().map(|a| NodeTag::of(a)).collect())
+                    })
+                    .collect(),
+                rotation: 0,
+            });
+        }
+        engine
+    }
+
+    fn full_mesh(
         peers: impl IntoIterator<Item = PeerKey>,
         sync_interval: Duration,
         now: u64,
@@ -261,6 +325,7 @@ impl Engine {
                     backoff: FIRST_BACKOFF,
                     next_dial: Some(now),
                     out_of_sync_since: None,
+                    news: false,
                 };
                 (key, peer)
             })
@@ -270,6 +335,7 @@ impl Engine {
             sync_interval,
             last_round: now,
             settle_ends: None,
+            bounded: None,
         }
     }
 
@@ -339,6 +405,13 @@ impl Engine {
                 ours,
                 in_sync,
             } => self.compared(&peer, &ours, &in_sync, now, &mut out),
+            Input::NewsFor(peers) => {
+                for key in peers {
+                    if let Some(p) = self.peers.get_mut(&key) {
+                        p.news = true;
+                    }
+                }
+            }
             Input::RequestFailed { peer: key, current } => {
                 if let Some(p) = self.peers.get_mut(&key) {
                     if current && p.outbound == Outbound::InFlight {
@@ -382,8 +455,13 @@ impl Engine {
             }
             out.push(Action::Dial(key));
         }
-        // The held-back heads of every peer that has waited [`HEADS_GAP`].
+        // The held-back heads of every peer that has waited [`HEADS_GAP`]
+        // (in a bounded overlay they wait for the peer's next round).
+        let flush_heads = self.bounded.is_none();
         self.for_every_peer(now, out, |p| {
+            if !flush_heads {
+                return;
+            }
             if p.deferred_since
                 .is_some_and(|t| now.saturating_sub(t) >= ms(HEADS_GAP))
             {
@@ -414,18 +492,31 @@ impl Engine {
         out: &mut Vec<Action>,
     ) {
         let keys: Vec<PeerKey> = self.peers.keys().cloned().collect();
+        // In a bounded overlay, the one neighbour kept alive this round.
+        let keepalive = self.bounded.as_mut().and_then(|b| {
+            let connected: Vec<&PeerKey> = keys
+                .iter()
+                .filter(|k| self.peers.get(*k).is_some_and(|p| p.connected))
+                .collect();
+            b.rotation = b.rotation.wrapping_add(1);
+            (!connected.is_empty()).then(|| connected[b.rotation % connected.len()].clone())
+        });
+        let bounded = self.bounded.is_some();
         for key in keys {
             if let Some(p) = self.peers.get_mut(&key) {
                 p.their_digests.retain(|doc, _| live(doc.epoch));
                 if !p.connected {
                     continue;
                 }
-                p.heartbeat = true;
+                let mut differs = false;
                 for (doc, digest) in ours {
                     if p.their_digests.get(doc) != Some(digest) {
                         p.dirty.insert(*doc);
+                        differs = true;
                     }
                 }
+                let news = std::mem::take(&mut p.news);
+                p.heartbeat = !bounded || differs || news || keepalive.as_ref() == Some(&key);
             }
             self.kick(&key, now, out);
         }
@@ -495,9 +586,13 @@ impl Engine {
             .is_some_and(|t| now.saturating_sub(t) < ms(HEADS_GAP));
         p.outbound = Outbound::Building;
         // Heads alone wait while authors send the peer their changes
-        // themselves and it heard from us a moment ago.
-        withhold.heads =
-            !withhold.authors.is_empty() && told_recently && !(all || heartbeat || flush);
+        // themselves and it heard from us a moment ago; in a bounded
+        // overlay, always until the peer's next round.
+        withhold.heads = if self.bounded.is_some() {
+            !(all || heartbeat)
+        } else {
+            !withhold.authors.is_empty() && told_recently && !(all || heartbeat || flush)
+        };
         out.push(Action::Build(BuildOrder {
             peer: key.to_owned(),
             all,
@@ -575,6 +670,19 @@ impl Engine {
         let Some(t) = self.peers.get(target) else {
             return Withhold::nothing();
         };
+        if let Some(b) = &self.bounded {
+            // Every author whose tree does not reach `target` through us.
+            let ours = b.forwards.get(target);
+            return Withhold {
+                authors: b
+                    .members
+                    .iter()
+                    .filter(|tag| ours.is_none_or(|set| !set.contains(tag)))
+                    .copied()
+                    .collect(),
+                heads: false,
+            };
+        }
         let settling = |p: &Peer| {
             p.links_changed_at
                 .is_some_and(|at| now.saturating_sub(at) < ms(LINK_SETTLE))
