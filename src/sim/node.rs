@@ -200,13 +200,7 @@ impl SimNode {
         suffix[4..].copy_from_slice(&(self.incarnation as u32).to_be_bytes());
         ledger.use_actor_suffix(suffix);
         self.ledger = Some(ledger);
-        self.engine = Engine::with_topology(
-            &self.id,
-            &self.peers,
-            &self.topology,
-            Duration::from_secs(1),
-            now,
-        );
+        self.engine = Engine::with_topology(&self.topology, Duration::from_secs(1), now);
         self.started_ms = now;
         self.connected.clear();
         self.in_flight.clear();

@@ -223,18 +223,6 @@ struct Peer {
     news: bool,
 }
 
-/// A bounded overlay (more members than the fanout allows neighbours):
-/// whose changes go to which neighbour, and the keepalive rotation.
-#[derive(Debug)]
-struct Bounded {
-    /// Every member's tag (this node's too).
-    members: Vec<NodeTag>,
-    /// Per neighbour, the tags of the authors whose changes it gets from us.
-    forwards: BTreeMap<PeerKey, BTreeSet<NodeTag>>,
-    /// Which neighbour the next quiet round keeps alive.
-    rotation: usize,
-}
-
 /// Which epochs are live, as the engine is told at each call.
 pub type IsLive<'a> = &'a dyn Fn(u32) -> bool;
 
@@ -246,8 +234,9 @@ pub struct Engine {
     last_round: u64,
     /// When the last link change stops settling (see [`LINK_SETTLE`]).
     settle_ends: Option<u64>,
-    /// `None` in a full mesh.
-    bounded: Option<Bounded>,
+    /// In a bounded overlay, which neighbour the next quiet round keeps
+    /// alive; `None` in a full mesh.
+    bounded: Option<usize>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -265,37 +254,18 @@ impl Engine {
         Self::full_mesh(peers, sync_interval, now)
     }
 
-    /// An engine for `me`'s neighbours in `topology`. In a full mesh it is
-    /// [`Engine::new`] over every other member. In a bounded overlay an
-    /// author's changes go only to the neighbours its tree reaches through
-    /// us; a message with nothing but our heads waits for the next round
-    /// that has the peer anyway; and a round goes only to neighbours whose
+    /// An engine for the neighbours of `topology`. In a full mesh it is
+    /// [`Engine::new`] over every other member. In a bounded overlay new
+    /// changes still go to every neighbour at once (each forwards them on),
+    /// but a message with nothing but our heads waits for the next round
+    /// that has the peer anyway, and a round goes only to neighbours whose
     /// digests differ from ours, that have news ([`Input::NewsFor`]), and
-    /// one more in turn, so a quiet node sends one request per round
-    /// whatever the cluster's size.
-    pub fn with_topology(
-        me: &str,
-        members: &[PeerKey],
-        topology: &Topology,
-        sync_interval: Duration,
-        now: u64,
-    ) -> Self {
+    /// one more in turn: a quiet node sends one request per round whatever
+    /// the cluster's size.
+    pub fn with_topology(topology: &Topology, sync_interval: Duration, now: u64) -> Self {
         let mut engine = Self::full_mesh(topology.neighbours.clone(), sync_interval, now);
-        if let Some(forwards) = &topology.forwards {
-            let mut tags: Vec<NodeTag> = members.iter().map(|m| NodeTag::of(m)).collect();
-            tags.push(NodeTag::of(me));
-            tags.sort_unstable();
-            tags.dedup();
-            engine.bounded = Some(Bounded {
-                members: tags,
-                forwards: forwards
-                    .iter()
-                    .map(|(peer, authors)| {
-                        (peer.clone(), authors.iter().map(|a| NodeTag::of(a)).collect())
-                    })
-                    .collect(),
-                rotation: 0,
-            });
+        if !topology.full_mesh {
+            engine.bounded = Some(0);
         }
         engine
     }
@@ -493,13 +463,13 @@ impl Engine {
     ) {
         let keys: Vec<PeerKey> = self.peers.keys().cloned().collect();
         // In a bounded overlay, the one neighbour kept alive this round.
-        let keepalive = self.bounded.as_mut().and_then(|b| {
+        let keepalive = self.bounded.as_mut().and_then(|rotation| {
             let connected: Vec<&PeerKey> = keys
                 .iter()
                 .filter(|k| self.peers.get(*k).is_some_and(|p| p.connected))
                 .collect();
-            b.rotation = b.rotation.wrapping_add(1);
-            (!connected.is_empty()).then(|| connected[b.rotation % connected.len()].clone())
+            *rotation = rotation.wrapping_add(1);
+            (!connected.is_empty()).then(|| connected[*rotation % connected.len()].clone())
         });
         let bounded = self.bounded.is_some();
         for key in keys {
@@ -670,19 +640,6 @@ impl Engine {
         let Some(t) = self.peers.get(target) else {
             return Withhold::nothing();
         };
-        if let Some(b) = &self.bounded {
-            // Every author whose tree does not reach `target` through us.
-            let ours = b.forwards.get(target);
-            return Withhold {
-                authors: b
-                    .members
-                    .iter()
-                    .filter(|tag| ours.is_none_or(|set| !set.contains(tag)))
-                    .copied()
-                    .collect(),
-                heads: false,
-            };
-        }
         let settling = |p: &Peer| {
             p.links_changed_at
                 .is_some_and(|at| now.saturating_sub(at) < ms(LINK_SETTLE))
