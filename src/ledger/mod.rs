@@ -16,6 +16,7 @@
 //! changes go to a [`ChunkSink`], which makes them durable and returns a
 //! sequence number the caller waits on before acknowledging.
 
+pub mod coverage;
 pub mod doc_id;
 pub mod document;
 mod encoded_changes;
@@ -24,6 +25,7 @@ mod key_index;
 mod provisional;
 pub mod relay;
 mod retired;
+mod summaries;
 mod sync_receive;
 mod unsettled;
 mod view;
@@ -235,6 +237,8 @@ pub struct Ledger {
     resolutions: Mutex<Vec<Resolution>>,
     /// Whether `resolutions` may hold any, so that an empty take costs no lock.
     resolutions_waiting: std::sync::atomic::AtomicBool,
+    /// Members' summaries, for settlement beyond the neighbours (`summaries.rs`).
+    gossip: Mutex<coverage::Gossip>,
 }
 
 impl Ledger {
@@ -383,6 +387,7 @@ impl Ledger {
             names,
             resolutions_waiting: std::sync::atomic::AtomicBool::new(!resolved.is_empty()),
             resolutions: Mutex::new(resolved),
+            gossip: Mutex::new(coverage::Gossip::default()),
         })
     }
 
@@ -914,8 +919,7 @@ impl Ledger {
             if !whole {
                 continue;
             }
-            let mut settled = Vec::new();
-            for epoch in equal {
+            for &epoch in &equal {
                 let Some(state) = guard.docs.get_mut(&epoch) else {
                     continue;
                 };
@@ -925,11 +929,8 @@ impl Ledger {
                     .entry(peer.to_owned())
                     .or_default()
                     .synced_arrival = Some(arrivals);
-                if let Some(through) = guard.settled_through(epoch, &self.peers) {
-                    guard.settled(epoch, through);
-                    guard.own.settled_through(epoch, through, &mut settled);
-                }
             }
+            let settled = self.settle(&mut guard, &equal);
             drop(guard);
             self.hand_over(settled);
         }

@@ -19,6 +19,7 @@ mod node;
 
 use crate::check::{self, NodeState};
 use crate::compensation::machine::Outcome;
+use crate::ledger::coverage::Summary;
 use crate::ledger::Windows;
 use crate::sync::message::{SyncRequest, SyncResponse};
 use node::{Out, SimNode};
@@ -26,6 +27,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::sync::Arc;
 
 pub use crate::check::{Report, Violation};
 
@@ -86,8 +88,8 @@ impl Default for SimConfig {
 /// A request or a response in flight.
 #[derive(Debug)]
 enum Msg {
-    Request(u64, SyncRequest),
-    Response(u64, SyncResponse),
+    Request(u64, SyncRequest, Vec<Arc<Summary>>),
+    Response(u64, SyncResponse, Vec<Arc<Summary>>),
 }
 
 /// Something that happens at a moment of virtual time.
@@ -234,11 +236,21 @@ impl World {
                         self.schedule(latency, Ev::DialFailed(from, to));
                     }
                 }
-                Out::Request { to, id, body } => {
+                Out::Request {
+                    to,
+                    id,
+                    body,
+                    summaries,
+                } => {
                     self.schedule(REQUEST_TIMEOUT_MS, Ev::Timeout { from, to, id });
-                    self.send(from, to, Msg::Request(id, body));
+                    self.send(from, to, Msg::Request(id, body, summaries));
                 }
-                Out::Response { to, id, body } => self.send(from, to, Msg::Response(id, body)),
+                Out::Response {
+                    to,
+                    id,
+                    body,
+                    summaries,
+                } => self.send(from, to, Msg::Response(id, body, summaries)),
                 Out::Answered(answer) => self.history.answered(self.now, answer),
                 Out::Compensate { key, txn } => self.history.compensated(from, key, txn),
             }
@@ -254,8 +266,8 @@ impl World {
         let latency = self.latency();
         if twice {
             let copy = match &msg {
-                Msg::Request(id, body) => Msg::Request(*id, body.clone()),
-                Msg::Response(id, body) => Msg::Response(*id, body.clone()),
+                Msg::Request(id, body, s) => Msg::Request(*id, body.clone(), s.clone()),
+                Msg::Response(id, body, s) => Msg::Response(*id, body.clone(), s.clone()),
             };
             let again = latency + self.latency();
             self.schedule(
@@ -338,11 +350,11 @@ impl World {
                     return;
                 }
                 match msg {
-                    Msg::Request(id, body) => self.at_node(to, |node, now, out| {
-                        node.on_request(from, id, body, now, out)
+                    Msg::Request(id, body, s) => self.at_node(to, |node, now, out| {
+                        node.on_request(from, id, body, &s, now, out)
                     }),
-                    Msg::Response(id, body) => self.at_node(to, |node, now, out| {
-                        node.on_response(from, id, body, now, out)
+                    Msg::Response(id, body, s) => self.at_node(to, |node, now, out| {
+                        node.on_response(from, id, body, &s, now, out)
                     }),
                 }
             }

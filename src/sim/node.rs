@@ -8,6 +8,7 @@ use super::disk::SimDisk;
 use crate::compensation::machine::{Compensation, LogEntry, Outcome, RetryPolicy};
 use crate::confidence::{ConfidenceModel, ConfidenceParams, PeerView};
 use crate::key::{fingerprint, IdempotencyKey};
+use crate::ledger::coverage::Summary;
 use crate::ledger::{AllocateRequest, Ledger, MergeOutcome, NodeIdentity, Windows, SHARD_COUNT};
 use crate::record::{CompensationRecord, RECORD_VERSION};
 use crate::storage::Durable;
@@ -31,6 +32,8 @@ pub enum Out {
         id: u64,
         /// The request.
         body: SyncRequest,
+        /// Members' summaries riding on it (bounded overlay only).
+        summaries: Vec<Arc<Summary>>,
     },
     /// The answer to request `id` of peer `to`.
     Response {
@@ -40,6 +43,8 @@ pub enum Out {
         id: u64,
         /// The answer.
         body: SyncResponse,
+        /// Members' summaries riding on it (bounded overlay only).
+        summaries: Vec<Arc<Summary>>,
     },
     /// A client's allocate request, answered (acknowledged: durable).
     Answered(Answer),
@@ -335,9 +340,29 @@ impl SimNode {
                 let id = self.next_request;
                 self.in_flight.insert(j, id);
                 self.requests_sent += 1;
-                out.push(Out::Request { to: j, id, body });
+                let summaries = self.summaries_for(&key);
+                out.push(Out::Request {
+                    to: j,
+                    id,
+                    body,
+                    summaries,
+                });
             }
             Action::AntiEntropyRound => {
+                if !self.topology.full_mesh {
+                    ledger.summary();
+                    let news = self
+                        .topology
+                        .neighbours
+                        .iter()
+                        .filter(|p| ledger.has_summaries_for(p))
+                        .cloned()
+                        .collect();
+                    self.input(Input::NewsFor(news), now, out);
+                }
+                let Some(ledger) = self.ledger.as_ref() else {
+                    return;
+                };
                 let ours = ledger.digests();
                 self.input(Input::OurDigests(ours), now, out);
             }
@@ -402,7 +427,13 @@ impl SimNode {
             };
             work::compare(ledger, &key, &theirs);
             let body = work::response(ledger, self.engine.connected_tags(), 0);
-            out.push(Out::Response { to: from, id, body });
+            let summaries = self.summaries_for(&key);
+            out.push(Out::Response {
+                to: from,
+                id,
+                body,
+                summaries,
+            });
             self.input(Input::Answered { peer: key, applied }, now, out);
         }
     }
@@ -463,15 +494,30 @@ impl SimNode {
         (0..=self.peers.len())
             .filter(|&j| j != self.index)
             .map(|j| {
-                let since = self
-                    .last_in_sync
-                    .get(&j)
-                    .copied()
-                    .unwrap_or(self.started_ms);
+                // A member that is not a neighbour: when this node last held
+                // everything a summary of it listed; reachable while that is
+                // recent (its summaries come through the overlay).
+                let far = (!self.topology.full_mesh
+                    && !self.topology.neighbours.contains(&peer_id(j)))
+                .then(|| {
+                    self.ledger
+                        .as_ref()
+                        .and_then(|l| l.member_covered_at(&peer_id(j)))
+                });
+                let since = match far {
+                    Some(covered) => covered,
+                    None => self.last_in_sync.get(&j).copied(),
+                }
+                .unwrap_or(self.started_ms);
+                let staleness = Duration::from_millis(wall.saturating_sub(since))
+                    .saturating_sub(Duration::from_secs(1));
                 PeerView {
-                    staleness: Duration::from_millis(wall.saturating_sub(since))
-                        .saturating_sub(Duration::from_secs(1)),
-                    connected: self.connected.contains(&j),
+                    staleness,
+                    connected: if far.is_some() {
+                        staleness < Duration::from_secs(2)
+                    } else {
+                        self.connected.contains(&j)
+                    },
                     behind: Duration::ZERO,
                 }
             })
@@ -500,12 +546,26 @@ impl SimNode {
         }
     }
 
-    /// A request from peer `from` arrives: applied now, answered once durable.
+    /// In a bounded overlay, this node's summary and those of other members
+    /// that `peer` was not told of yet; nothing in a full mesh.
+    fn summaries_for(&self, peer: &str) -> Vec<Arc<Summary>> {
+        match self.ledger.as_ref() {
+            Some(ledger) if !self.topology.full_mesh => {
+                ledger.summary();
+                ledger.summaries_for(peer)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A request from peer `from` arrives: applied now (with the summaries
+    /// riding on it), answered once durable.
     pub fn on_request(
         &mut self,
         from: usize,
         id: u64,
         body: SyncRequest,
+        summaries: &[Arc<Summary>],
         now: u64,
         out: &mut Vec<Out>,
     ) {
@@ -541,6 +601,9 @@ impl SimNode {
             |_, _| {},
         );
         self.arrivals.extend(arrived);
+        if !summaries.is_empty() {
+            ledger.receive_summaries(&key, summaries);
+        }
         if conflicts {
             self.schedule_losers(now);
         }
@@ -559,11 +622,15 @@ impl SimNode {
         from: usize,
         id: u64,
         body: SyncResponse,
+        summaries: &[Arc<Summary>],
         now: u64,
         out: &mut Vec<Out>,
     ) {
-        if self.ledger.is_none() {
+        let Some(ledger) = self.ledger.as_ref() else {
             return;
+        };
+        if !summaries.is_empty() {
+            ledger.receive_summaries(&peer_id(from), summaries);
         }
         let current = self.in_flight.get(&from) == Some(&id);
         if current {
