@@ -50,6 +50,9 @@ struct Args {
     /// of a calm cluster (messages per allocation, time to every node).
     #[arg(long)]
     no_faults: bool,
+    /// Partitions into two groups cut a third of the nodes from the rest.
+    #[arg(long)]
+    split_third: bool,
 }
 
 fn main() {
@@ -62,6 +65,7 @@ fn main() {
         workload_ms: args.workload.as_millis() as u64,
         payments_per_s: args.payments_per_s,
         faults: !args.no_faults,
+        split_third: args.split_third,
         ..SimConfig::default()
     };
     let seeds: Vec<u64> = match args.seed {

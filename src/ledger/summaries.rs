@@ -177,3 +177,110 @@ impl Ledger {
         settled
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{AllocateRequest, DiscardSink, NodeIdentity, Stored, Windows};
+    use super::*;
+    use crate::key::IdempotencyKey;
+    use crate::time::ManualClock;
+
+    /// Node `me` of the cluster {a, b, c}.
+    fn ledger(me: &str, clock: &ManualClock) -> Ledger {
+        let peers = ["a", "b", "c"].iter().filter(|p| **p != me);
+        Ledger::open(
+            NodeIdentity {
+                region: me.into(),
+                node: me.into(),
+            },
+            peers.map(|p| p.to_string()).collect(),
+            Arc::new(clock.clone()),
+            500,
+            Windows::for_retention(600_000),
+            Stored::default(),
+            Arc::new(DiscardSink),
+        )
+        .unwrap()
+    }
+
+    fn allocate(ledger: &Ledger, amount: u32) {
+        let key = IdempotencyKey::parse("the-key").unwrap();
+        let out = ledger.allocate_batch(
+            key.shard(SHARD_COUNT),
+            &[AllocateRequest {
+                key,
+                fingerprint: crate::key::fingerprint(&serde_json::json!({ "amount": amount }))
+                    .unwrap(),
+                confidence: 0.9,
+                stake: None,
+            }],
+        );
+        assert!(out[0].is_ok());
+        ledger.fold_pending();
+    }
+
+    fn send_all(from: &Ledger, to: &Ledger) {
+        for (doc, _) in from.digests() {
+            if let Some(bytes) = from.save_document(doc) {
+                to.merge_bytes(doc, &bytes).unwrap();
+            }
+        }
+    }
+
+    fn settled(ledger: &Ledger) -> bool {
+        ledger.key("the-key").is_some_and(|v| v.settled)
+    }
+
+    #[test]
+    fn a_member_reached_only_through_a_neighbour_settles_once_it_holds_and_is_held() {
+        let clock = ManualClock::at(1_800_000_000_000);
+        let (a, b, c) = (
+            ledger("a", &clock),
+            ledger("b", &clock),
+            ledger("c", &clock),
+        );
+        allocate(&a, 1);
+        a.summary();
+        send_all(&a, &b);
+        // b holds it and a holds all b has; c's summary, forwarded by b,
+        // lacks it.
+        a.receive_summaries("b", &[b.summary(), c.summary()]);
+        assert!(!settled(&a), "c does not hold it yet");
+        assert!(a.member_covered_at("c").is_some(), "a holds all c had");
+        send_all(&b, &c);
+        // A forged or stale summary of a member outside the cluster counts for nothing.
+        let stranger = Arc::new(Summary {
+            member: "z".into(),
+            ..(*c.summary()).clone()
+        });
+        a.receive_summaries("b", &[stranger]);
+        assert!(!settled(&a));
+        a.receive_summaries("b", &[c.summary()]);
+        assert!(
+            settled(&a),
+            "every member holds it, and a holds all they had"
+        );
+    }
+
+    #[test]
+    fn a_member_whose_competitor_we_lack_settles_nothing_until_we_hold_it() {
+        let clock = ManualClock::at(1_800_000_000_000);
+        let (a, b, c) = (
+            ledger("a", &clock),
+            ledger("b", &clock),
+            ledger("c", &clock),
+        );
+        allocate(&a, 1);
+        allocate(&c, 2);
+        a.summary();
+        send_all(&a, &b);
+        send_all(&a, &c);
+        // c holds a's allocation, and its own competitor that a lacks.
+        a.receive_summaries("b", &[b.summary(), c.summary()]);
+        assert!(!settled(&a), "a does not hold all c had");
+        send_all(&c, &a);
+        assert_eq!(a.conflicts().len(), 1);
+        a.receive_summaries("b", &[c.summary()]);
+        assert!(!settled(&a), "a key in conflict is never settled");
+    }
+}

@@ -52,6 +52,9 @@ pub struct SimConfig {
     pub retry: f64,
     /// Partitions, crashes, clock skew and jumps, a failing webhook.
     pub faults: bool,
+    /// A partition into two groups cuts a third of the nodes (chosen at
+    /// random) from the rest, instead of each node's side being a coin toss.
+    pub split_third: bool,
     /// Chance that a message is lost, and that it is delivered twice (while
     /// faults run).
     pub loss: f64,
@@ -77,6 +80,7 @@ impl Default for SimConfig {
             payments_per_s: 15.0,
             retry: 0.3,
             faults: true,
+            split_third: false,
             loss: 0.01,
             duplicate: 0.01,
             converge_within_ms: 120_000,
@@ -568,7 +572,19 @@ fn plan_faults(config: &SimConfig, rng: &mut StdRng) -> Vec<(u64, Ev)> {
             }
             // Two groups.
             2 => {
-                let side: Vec<bool> = (0..n).map(|_| rng.random_bool(0.5)).collect();
+                let side: Vec<bool> = if config.split_third {
+                    let mut order: Vec<usize> = (0..n).collect();
+                    for i in (1..n).rev() {
+                        order.swap(i, rng.random_range(0..=i));
+                    }
+                    let mut side = vec![false; n];
+                    for &i in order.iter().take(n.div_ceil(3)) {
+                        side[i] = true;
+                    }
+                    side
+                } else {
+                    (0..n).map(|_| rng.random_bool(0.5)).collect()
+                };
                 let cut = (0..n)
                     .flat_map(|a| (0..n).map(move |b| (a, b)))
                     .filter(|&(a, b)| side[a] != side[b])

@@ -1075,6 +1075,55 @@ mod tests {
     }
 
     #[test]
+    fn a_bounded_round_goes_to_neighbours_that_differ_have_news_or_whose_turn_it_is() {
+        let members: Vec<PeerKey> = (0..20).map(|i| format!("12D3KooWMember{i:04}")).collect();
+        let topology = Topology::new(&members[0], &members, 4);
+        assert!(!topology.full_mesh);
+        let mut e = Engine::with_topology(&topology, Duration::from_secs(1), 0);
+        for n in &topology.neighbours {
+            connect(&mut e, n, 0);
+            respond(&mut e, n, 5, vec![]);
+            let compared = e.handle(
+                Input::Compared {
+                    peer: n.clone(),
+                    ours: vec![doc(0)],
+                    in_sync: [doc(0)].into(),
+                },
+                6,
+                &live,
+            );
+            drain(&mut e, compared, 6);
+        }
+        let round = |e: &mut Engine, digest: u8, at: u64| -> Vec<PeerKey> {
+            let actions = e.handle(Input::OurDigests(vec![(doc(0), [digest; 32])]), at, &live);
+            drain(e, actions, at)
+                .into_iter()
+                .filter(|o| o.heartbeat)
+                .map(|o| o.peer)
+                .collect()
+        };
+        // Quiet and in sync: one neighbour in turn, a different one each round.
+        let first = round(&mut e, 1, 1_000);
+        let second = round(&mut e, 1, 2_000);
+        assert_eq!((first.len(), second.len()), (1, 1), "{first:?} {second:?}");
+        assert_ne!(first, second);
+        // News for one: it too.
+        let news = topology.neighbours[0].clone();
+        e.handle(Input::NewsFor([news.clone()].into()), 2_500, &live);
+        let with_news = round(&mut e, 1, 3_000);
+        assert!(
+            with_news.contains(&news) && with_news.len() <= 2,
+            "{with_news:?}"
+        );
+        // Our documents changed: every neighbour, whose digest now differs.
+        assert_eq!(round(&mut e, 2, 4_000).len(), topology.neighbours.len());
+        // A change goes at once, but heads alone wait for the peer's round.
+        let changed = e.handle(Input::DocsChanged([doc(3)].into()), 4_100, &live);
+        let orders = builds(&changed);
+        assert!(!orders.is_empty() && orders.iter().all(|o| o.withhold.heads));
+    }
+
+    #[test]
     fn a_lost_peer_has_its_authored_changes_relayed_and_is_redialled() {
         let mut e = engine();
         connect(&mut e, A, 0);
