@@ -188,6 +188,12 @@ impl Gossip {
         out
     }
 
+    /// A new session with `peer`: what it was sent may have been lost, so
+    /// it is told every newest summary again.
+    pub fn forget(&mut self, peer: &str) {
+        self.told.remove(peer);
+    }
+
     /// Whether `peer` has summaries to be told of.
     pub fn has_news_for(&self, peer: &str) -> bool {
         let told = self.told.get(peer);
@@ -223,8 +229,10 @@ mod tests {
 
     #[test]
     fn held_by_takes_the_newest_checkpoint_the_member_covers() {
-        let mut d = DocClock::default();
-        d.clock = clock(&[(1, 1)]);
+        let mut d = DocClock {
+            clock: clock(&[(1, 1)]),
+            ..DocClock::default()
+        };
         d.checkpoint(1);
         d.clock = clock(&[(1, 2)]);
         d.checkpoint(2);

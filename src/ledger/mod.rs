@@ -871,8 +871,12 @@ impl Ledger {
 
     /// Starts a new sync session with `peer` (after a reconnect or a failed
     /// request): keeps what both sides are known to share, forgets what was
-    /// in flight.
+    /// in flight and which summaries the peer was told.
     pub fn reset_sync(&self, peer: &str) {
+        self.gossip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(peer);
         for shard in 0..SHARD_COUNT {
             let mut guard = self.group(shard);
             for doc in guard.docs.values_mut() {

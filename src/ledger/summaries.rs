@@ -45,7 +45,7 @@ impl Ledger {
         let t = self.stamp();
         let summary = Arc::new(Summary {
             member: self.my_node.to_string(),
-            stamp: t.physical_ms << 20 | u64::from(t.logical.min(0xF_FFFF)),
+            stamp: (t.physical_ms << 20) | u64::from(t.logical.min(0xF_FFFF)),
             shards,
         });
         gossip.offer(None, &summary);
