@@ -211,6 +211,11 @@ pub struct Run {
     pub idle_requests_per_node_s: f64,
     /// Per transaction, when it arrived on each other node.
     pub arrivals: BTreeMap<String, Vec<u64>>,
+    /// From the start to convergence, ms (what `requests` were sent over).
+    pub busy_ms: u64,
+    /// For each allocation its node called settled, how long after it was
+    /// made, ms.
+    pub settled_after_ms: Vec<u64>,
 }
 
 /// What a run found.
@@ -234,6 +239,14 @@ pub struct Report {
     pub converged_after_ms: Option<u64>,
     /// Sync requests per new allocation, until convergence.
     pub messages_per_allocation: f64,
+    /// The same with the idle rate subtracted: what the allocations cost
+    /// on top of the anti-entropy rounds a quiet cluster sends anyway.
+    pub busy_messages_per_allocation: f64,
+    /// Median and largest time from an allocation until its own node
+    /// called it settled, ms.
+    pub settled_p50_ms: Option<u64>,
+    /// See `settled_p50_ms`.
+    pub settled_max_ms: Option<u64>,
     /// Sync requests per node and second once converged.
     pub idle_requests_per_node_s: f64,
     /// Median and largest time from an allocation's answer until every
@@ -274,6 +287,9 @@ pub fn judge(mut history: History, nodes: &[Option<NodeState>], run: Run) -> Rep
         events: run.events,
         converged_after_ms: run.converged_after_ms,
         messages_per_allocation: 0.0,
+        busy_messages_per_allocation: 0.0,
+        settled_p50_ms: None,
+        settled_max_ms: None,
         idle_requests_per_node_s: run.idle_requests_per_node_s,
         visible_p50_ms: None,
         visible_max_ms: None,
@@ -417,7 +433,18 @@ pub fn judge(mut history: History, nodes: &[Option<NodeState>], run: Run) -> Rep
         }
     }
     // Figures.
-    report.messages_per_allocation = run.requests as f64 / report.allocations.max(1) as f64;
+    let allocations = report.allocations.max(1) as f64;
+    report.messages_per_allocation = run.requests as f64 / allocations;
+    let idle = run.idle_requests_per_node_s * nodes.len() as f64 * run.busy_ms as f64 / 1000.0;
+    report.busy_messages_per_allocation = if idle.is_finite() {
+        (run.requests as f64 - idle).max(0.0) / allocations
+    } else {
+        f64::NAN
+    };
+    let mut settled = run.settled_after_ms.clone();
+    settled.sort_unstable();
+    report.settled_p50_ms = settled.get(settled.len() / 2).copied();
+    report.settled_max_ms = settled.last().copied();
     let mut visible: Vec<u64> = first_answer
         .iter()
         .filter_map(|(txn, answered)| {

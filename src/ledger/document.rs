@@ -535,6 +535,19 @@ impl ShardDocument {
         self.doc.save_nocompress()
     }
 
+    /// (actor, sequence number) of every change that is not an ancestor of
+    /// `heads` (heads of this document), the genesis left out: what a
+    /// version vector as of `heads` lacks.
+    pub fn changes_since(&self, heads: &[ChangeHash]) -> Vec<(ActorId, u64)> {
+        let genesis = ActorId::from(&GENESIS_ACTOR[..]);
+        self.doc
+            .get_changes_meta(heads)
+            .into_iter()
+            .filter(|m| *m.actor != genesis)
+            .map(|m| (m.actor.into_owned(), m.seq))
+            .collect()
+    }
+
     /// Current heads.
     pub fn heads(&self) -> Vec<ChangeHash> {
         self.doc.get_heads()

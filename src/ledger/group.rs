@@ -1,6 +1,7 @@
 //! One shard of the key space: its documents (one per live epoch) and the
 //! index of its keys, all behind one lock.
 
+use super::coverage::{DocClock, Waiting};
 use super::doc_id::{DocId, Windows};
 use super::document::ShardDocument;
 use super::key_index::KeyIndex;
@@ -31,6 +32,8 @@ pub(super) struct EpochDoc {
     bytes_at_last_check: usize,
     /// Arrivals some peer may not hold yet.
     pub unsettled: Unsettled,
+    /// Its version vector and checkpoints, for settlement by summaries.
+    pub clock: DocClock,
 }
 
 /// What one document tracks about one peer, in one place so that the
@@ -56,6 +59,7 @@ impl EpochDoc {
             snapshot_bytes: stored_bytes,
             bytes_at_last_check: 0,
             unsettled: Unsettled::default(),
+            clock: DocClock::default(),
         }
     }
 
@@ -134,6 +138,8 @@ pub(super) struct Group {
     /// Whether settlement is followed at all: with no peers every
     /// allocation is settled as it arrives.
     pub follow_settlement: bool,
+    /// Members' summaries this shard does not hold everything of yet.
+    pub waiting: Waiting,
 }
 
 impl Group {
@@ -149,6 +155,7 @@ impl Group {
             pending: Vec::new(),
             own: OwnProvisional::default(),
             follow_settlement: true,
+            waiting: Waiting::default(),
         }
     }
 

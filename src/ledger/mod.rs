@@ -16,6 +16,7 @@
 //! changes go to a [`ChunkSink`], which makes them durable and returns a
 //! sequence number the caller waits on before acknowledging.
 
+pub mod coverage;
 pub mod doc_id;
 pub mod document;
 mod encoded_changes;
@@ -24,6 +25,7 @@ mod key_index;
 mod provisional;
 pub mod relay;
 mod retired;
+mod summaries;
 mod sync_receive;
 mod unsettled;
 mod view;
@@ -239,6 +241,8 @@ pub struct Ledger {
     /// of them ([`Ledger::set_peer_reads_compact_batches`]).
     compact_readers: Mutex<HashSet<String>>,
     all_read_compact: std::sync::atomic::AtomicBool,
+    /// Members' summaries, for settlement beyond the neighbours (`summaries.rs`).
+    gossip: Mutex<coverage::Gossip>,
 }
 
 impl Ledger {
@@ -390,6 +394,7 @@ impl Ledger {
             resolutions: Mutex::new(resolved),
             all_read_compact: std::sync::atomic::AtomicBool::new(no_peers),
             compact_readers: Mutex::new(HashSet::new()),
+            gossip: Mutex::new(coverage::Gossip::default()),
         })
     }
 
@@ -901,8 +906,12 @@ impl Ledger {
 
     /// Starts a new sync session with `peer` (after a reconnect or a failed
     /// request): keeps what both sides are known to share, forgets what was
-    /// in flight.
+    /// in flight and which summaries the peer was told.
     pub fn reset_sync(&self, peer: &str) {
+        self.gossip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(peer);
         for shard in 0..SHARD_COUNT {
             let mut guard = self.group(shard);
             for doc in guard.docs.values_mut() {
@@ -949,8 +958,7 @@ impl Ledger {
             if !whole {
                 continue;
             }
-            let mut settled = Vec::new();
-            for epoch in equal {
+            for &epoch in &equal {
                 let Some(state) = guard.docs.get_mut(&epoch) else {
                     continue;
                 };
@@ -960,11 +968,8 @@ impl Ledger {
                     .entry(peer.to_owned())
                     .or_default()
                     .synced_arrival = Some(arrivals);
-                if let Some(through) = guard.settled_through(epoch, &self.peers) {
-                    guard.settled(epoch, through);
-                    guard.own.settled_through(epoch, through, &mut settled);
-                }
             }
+            let settled = self.settle(&mut guard, &equal);
             drop(guard);
             self.hand_over(settled);
         }
@@ -1198,7 +1203,7 @@ fn resolve_own_competitors(
             .find(|p| Arc::ptr_eq(&p.record, &record))
             .and_then(|p| p.stake.take());
         if let Some(stake) = stake {
-            group.own.conflicted_pending(stake, after_ms, out);
+            group.own.conflicted_pending(&record, stake, after_ms, out);
         }
     }
     pending

@@ -53,6 +53,9 @@ pub struct Resolution {
     /// `Some(ms between the two allocations)` when a competing allocation
     /// turned up; `None` when it settled.
     pub conflict_after_ms: Option<u64>,
+    /// The allocation's HLC time, ms, so that a caller can tell how long it
+    /// took to resolve (the simulator's settlement figures).
+    pub allocated_ms: u64,
 }
 
 /// A folded allocation waiting to resolve.
@@ -113,6 +116,7 @@ impl OwnProvisional {
                 out.push(Resolution {
                     stake: w.stake,
                     conflict_after_ms: None,
+                    allocated_ms: w.record.hlc.physical_ms,
                 });
             }
         }
@@ -146,16 +150,24 @@ impl OwnProvisional {
         out.push(Resolution {
             stake: w.stake,
             conflict_after_ms: Some(after_ms),
+            allocated_ms: w.record.hlc.physical_ms,
         });
     }
 
     /// Resolves an allocation that was still pending (not folded) when its
     /// competitor arrived.
-    pub fn conflicted_pending(&mut self, stake: Stake, after_ms: u64, out: &mut Vec<Resolution>) {
+    pub fn conflicted_pending(
+        &mut self,
+        record: &AllocationRecord,
+        stake: Stake,
+        after_ms: u64,
+        out: &mut Vec<Resolution>,
+    ) {
         self.sums.remove(stake.confidence, stake.price);
         out.push(Resolution {
             stake,
             conflict_after_ms: Some(after_ms),
+            allocated_ms: record.hlc.physical_ms,
         });
     }
 

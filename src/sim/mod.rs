@@ -19,6 +19,7 @@ mod node;
 
 use crate::check::{self, NodeState};
 use crate::compensation::machine::Outcome;
+use crate::ledger::coverage::Summary;
 use crate::ledger::Windows;
 use crate::sync::message::{SyncRequest, SyncResponse};
 use node::{Out, SimNode};
@@ -26,6 +27,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::sync::Arc;
 
 pub use crate::check::{Report, Violation};
 
@@ -34,6 +36,10 @@ pub use crate::check::{Report, Violation};
 pub struct SimConfig {
     /// Nodes (regions).
     pub nodes: usize,
+    /// Most neighbours a node syncs with (`None`: every other node, the
+    /// full mesh); clusters of at most this plus one are a full mesh anyway
+    /// (`crate::sync::topology`).
+    pub fanout: Option<usize>,
     /// One-way link latency, ms, and up to this much jitter on top.
     pub link_latency_ms: u64,
     /// See `link_latency_ms`.
@@ -46,6 +52,9 @@ pub struct SimConfig {
     pub retry: f64,
     /// Partitions, crashes, clock skew and jumps, a failing webhook.
     pub faults: bool,
+    /// A partition into two groups cuts a third of the nodes (chosen at
+    /// random) from the rest, instead of each node's side being a coin toss.
+    pub split_third: bool,
     /// Chance that a message is lost, and that it is delivered twice (while
     /// faults run).
     pub loss: f64,
@@ -64,12 +73,14 @@ impl Default for SimConfig {
     fn default() -> Self {
         Self {
             nodes: 3,
+            fanout: Some(6),
             link_latency_ms: 20,
             jitter_ms: 15,
             workload_ms: 8_000,
             payments_per_s: 15.0,
             retry: 0.3,
             faults: true,
+            split_third: false,
             loss: 0.01,
             duplicate: 0.01,
             converge_within_ms: 120_000,
@@ -81,8 +92,8 @@ impl Default for SimConfig {
 /// A request or a response in flight.
 #[derive(Debug)]
 enum Msg {
-    Request(u64, SyncRequest),
-    Response(u64, SyncResponse),
+    Request(u64, SyncRequest, Vec<Arc<Summary>>),
+    Response(u64, SyncResponse, Vec<Arc<Summary>>),
 }
 
 /// Something that happens at a moment of virtual time.
@@ -229,11 +240,21 @@ impl World {
                         self.schedule(latency, Ev::DialFailed(from, to));
                     }
                 }
-                Out::Request { to, id, body } => {
+                Out::Request {
+                    to,
+                    id,
+                    body,
+                    summaries,
+                } => {
                     self.schedule(REQUEST_TIMEOUT_MS, Ev::Timeout { from, to, id });
-                    self.send(from, to, Msg::Request(id, body));
+                    self.send(from, to, Msg::Request(id, body, summaries));
                 }
-                Out::Response { to, id, body } => self.send(from, to, Msg::Response(id, body)),
+                Out::Response {
+                    to,
+                    id,
+                    body,
+                    summaries,
+                } => self.send(from, to, Msg::Response(id, body, summaries)),
                 Out::Answered(answer) => self.history.answered(self.now, answer),
                 Out::Compensate { key, txn } => self.history.compensated(from, key, txn),
             }
@@ -249,8 +270,8 @@ impl World {
         let latency = self.latency();
         if twice {
             let copy = match &msg {
-                Msg::Request(id, body) => Msg::Request(*id, body.clone()),
-                Msg::Response(id, body) => Msg::Response(*id, body.clone()),
+                Msg::Request(id, body, s) => Msg::Request(*id, body.clone(), s.clone()),
+                Msg::Response(id, body, s) => Msg::Response(*id, body.clone(), s.clone()),
             };
             let again = latency + self.latency();
             self.schedule(
@@ -333,11 +354,11 @@ impl World {
                     return;
                 }
                 match msg {
-                    Msg::Request(id, body) => self.at_node(to, |node, now, out| {
-                        node.on_request(from, id, body, now, out)
+                    Msg::Request(id, body, s) => self.at_node(to, |node, now, out| {
+                        node.on_request(from, id, body, &s, now, out)
                     }),
-                    Msg::Response(id, body) => self.at_node(to, |node, now, out| {
-                        node.on_response(from, id, body, now, out)
+                    Msg::Response(id, body, s) => self.at_node(to, |node, now, out| {
+                        node.on_response(from, id, body, &s, now, out)
                     }),
                 }
             }
@@ -551,7 +572,19 @@ fn plan_faults(config: &SimConfig, rng: &mut StdRng) -> Vec<(u64, Ev)> {
             }
             // Two groups.
             2 => {
-                let side: Vec<bool> = (0..n).map(|_| rng.random_bool(0.5)).collect();
+                let side: Vec<bool> = if config.split_third {
+                    let mut order: Vec<usize> = (0..n).collect();
+                    for i in (1..n).rev() {
+                        order.swap(i, rng.random_range(0..=i));
+                    }
+                    let mut side = vec![false; n];
+                    for &i in order.iter().take(n.div_ceil(3)) {
+                        side[i] = true;
+                    }
+                    side
+                } else {
+                    (0..n).map(|_| rng.random_bool(0.5)).collect()
+                };
                 let cut = (0..n)
                     .flat_map(|a| (0..n).map(move |b| (a, b)))
                     .filter(|&(a, b)| side[a] != side[b])
@@ -597,7 +630,7 @@ pub fn run(config: &SimConfig, seed: u64) -> Report {
     let boundary = (START_MS / windows.window_ms.max(1) + 1) * windows.window_ms.max(1);
     let start = boundary - rng.random_range(1..=config.workload_ms.max(1) * 2);
     let nodes = (0..config.nodes)
-        .map(|i| SimNode::new(i, config.nodes, start, windows))
+        .map(|i| SimNode::new(i, config.nodes, config.fanout, start, windows))
         .collect();
     let attempts = plan_traffic(config, &mut rng);
     let faults = plan_faults(config, &mut rng);
@@ -708,6 +741,12 @@ pub fn run(config: &SimConfig, seed: u64) -> Report {
                 f64::NAN
             },
             arrivals,
+            busy_ms: converged_at.unwrap_or(world.now).saturating_sub(start),
+            settled_after_ms: world
+                .nodes
+                .iter()
+                .flat_map(|n| n.settled_after_ms.iter().copied())
+                .collect(),
         },
     )
 }

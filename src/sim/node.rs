@@ -8,11 +8,12 @@ use super::disk::SimDisk;
 use crate::compensation::machine::{Compensation, LogEntry, Outcome, RetryPolicy};
 use crate::confidence::{ConfidenceModel, ConfidenceParams, PeerView};
 use crate::key::{fingerprint, IdempotencyKey};
+use crate::ledger::coverage::Summary;
 use crate::ledger::{AllocateRequest, Ledger, MergeOutcome, NodeIdentity, Windows, SHARD_COUNT};
 use crate::record::{CompensationRecord, RECORD_VERSION};
 use crate::storage::Durable;
 use crate::sync::message::{SyncRequest, SyncResponse};
-use crate::sync::{work, Action, Engine, Input};
+use crate::sync::{work, Action, Engine, Input, Topology};
 use crate::time::{ManualClock, SharedClock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub enum Out {
         id: u64,
         /// The request.
         body: SyncRequest,
+        /// Members' summaries riding on it (bounded overlay only).
+        summaries: Vec<Arc<Summary>>,
     },
     /// The answer to request `id` of peer `to`.
     Response {
@@ -40,6 +43,8 @@ pub enum Out {
         id: u64,
         /// The answer.
         body: SyncResponse,
+        /// Members' summaries riding on it (bounded overlay only).
+        summaries: Vec<Arc<Summary>>,
     },
     /// A client's allocate request, answered (acknowledged: durable).
     Answered(Answer),
@@ -80,6 +85,8 @@ pub struct SimNode {
     /// Its peer id (text).
     pub id: String,
     peers: Vec<String>,
+    /// Its neighbours among them.
+    topology: Topology,
     /// The clock its logic reads.
     pub clock: ManualClock,
     /// Its disk, which outlives a crash.
@@ -106,6 +113,9 @@ pub struct SimNode {
     pub requests_sent: u64,
     /// New allocations' first arrival here: (txn, virtual ms).
     pub arrivals: Vec<(String, u64)>,
+    /// For each of its allocations this node called settled, how long
+    /// after it was made (by this node's clock), ms.
+    pub settled_after_ms: Vec<u64>,
     /// Why the last start failed, if it did.
     pub boot_error: Option<String>,
 }
@@ -115,15 +125,18 @@ fn peer_id(i: usize) -> String {
 }
 
 impl SimNode {
-    /// Node `index` of `n`, started at `now` with an empty disk.
-    pub fn new(index: usize, n: usize, now: u64, windows: Windows) -> Self {
+    /// Node `index` of `n`, started at `now` with an empty disk, with at
+    /// most `fanout` neighbours (`None`: every other node, a full mesh).
+    pub fn new(index: usize, n: usize, fanout: Option<usize>, now: u64, windows: Windows) -> Self {
         let peers: Vec<String> = (0..n).filter(|&j| j != index).map(peer_id).collect();
         let clock = ManualClock::at(now);
+        let topology = Topology::new(&peer_id(index), &peers, fanout.unwrap_or(usize::MAX - 1));
         let mut node = Self {
             index,
             id: peer_id(index),
-            engine: Engine::new(peers.clone(), Duration::from_secs(1), now),
+            engine: Engine::new(Vec::new(), Duration::from_secs(1), now),
             peers,
+            topology,
             clock,
             disk: SimDisk::default(),
             ledger: None,
@@ -147,6 +160,7 @@ impl SimNode {
             incarnation: 0,
             requests_sent: 0,
             arrivals: Vec::new(),
+            settled_after_ms: Vec::new(),
             boot_error: None,
         };
         node.boot(now);
@@ -195,7 +209,7 @@ impl SimNode {
             ledger.set_peer_reads_compact_batches(peer, true);
         }
         self.ledger = Some(ledger);
-        self.engine = Engine::new(self.peers.clone(), Duration::from_secs(1), now);
+        self.engine = Engine::with_topology(&self.topology, Duration::from_secs(1), now);
         self.started_ms = now;
         self.connected.clear();
         self.in_flight.clear();
@@ -330,9 +344,29 @@ impl SimNode {
                 let id = self.next_request;
                 self.in_flight.insert(j, id);
                 self.requests_sent += 1;
-                out.push(Out::Request { to: j, id, body });
+                let summaries = self.summaries_for(&key);
+                out.push(Out::Request {
+                    to: j,
+                    id,
+                    body,
+                    summaries,
+                });
             }
             Action::AntiEntropyRound => {
+                if !self.topology.full_mesh {
+                    ledger.summary();
+                    let news = self
+                        .topology
+                        .neighbours
+                        .iter()
+                        .filter(|p| ledger.has_summaries_for(p))
+                        .cloned()
+                        .collect();
+                    self.input(Input::NewsFor(news), now, out);
+                }
+                let Some(ledger) = self.ledger.as_ref() else {
+                    return;
+                };
                 let ours = ledger.digests();
                 self.input(Input::OurDigests(ours), now, out);
             }
@@ -397,7 +431,13 @@ impl SimNode {
             };
             work::compare(ledger, &key, &theirs);
             let body = work::response(ledger, self.engine.connected_tags(), 0);
-            out.push(Out::Response { to: from, id, body });
+            let summaries = self.summaries_for(&key);
+            out.push(Out::Response {
+                to: from,
+                id,
+                body,
+                summaries,
+            });
             self.input(Input::Answered { peer: key, applied }, now, out);
         }
     }
@@ -458,15 +498,30 @@ impl SimNode {
         (0..=self.peers.len())
             .filter(|&j| j != self.index)
             .map(|j| {
-                let since = self
-                    .last_in_sync
-                    .get(&j)
-                    .copied()
-                    .unwrap_or(self.started_ms);
+                // A member that is not a neighbour: when this node last held
+                // everything a summary of it listed; reachable while that is
+                // recent (its summaries come through the overlay).
+                let far = (!self.topology.full_mesh
+                    && !self.topology.neighbours.contains(&peer_id(j)))
+                .then(|| {
+                    self.ledger
+                        .as_ref()
+                        .and_then(|l| l.member_covered_at(&peer_id(j)))
+                });
+                let since = match far {
+                    Some(covered) => covered,
+                    None => self.last_in_sync.get(&j).copied(),
+                }
+                .unwrap_or(self.started_ms);
+                let staleness = Duration::from_millis(wall.saturating_sub(since))
+                    .saturating_sub(Duration::from_secs(1));
                 PeerView {
-                    staleness: Duration::from_millis(wall.saturating_sub(since))
-                        .saturating_sub(Duration::from_secs(1)),
-                    connected: self.connected.contains(&j),
+                    staleness,
+                    connected: if far.is_some() {
+                        staleness < Duration::from_secs(2)
+                    } else {
+                        self.connected.contains(&j)
+                    },
                     behind: Duration::ZERO,
                 }
             })
@@ -478,7 +533,12 @@ impl SimNode {
         let Some(ledger) = self.ledger.as_ref() else {
             return;
         };
+        let wall = self.clock_ms();
         for r in ledger.take_resolutions() {
+            if r.conflict_after_ms.is_none() {
+                self.settled_after_ms
+                    .push(wall.saturating_sub(r.allocated_ms));
+            }
             if let Some(e) = r.stake.estimate {
                 if let Some(ms) = r.conflict_after_ms {
                     self.model
@@ -490,12 +550,26 @@ impl SimNode {
         }
     }
 
-    /// A request from peer `from` arrives: applied now, answered once durable.
+    /// In a bounded overlay, this node's summary and those of other members
+    /// that `peer` was not told of yet; nothing in a full mesh.
+    fn summaries_for(&self, peer: &str) -> Vec<Arc<Summary>> {
+        match self.ledger.as_ref() {
+            Some(ledger) if !self.topology.full_mesh => {
+                ledger.summary();
+                ledger.summaries_for(peer)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// A request from peer `from` arrives: applied now (with the summaries
+    /// riding on it), answered once durable.
     pub fn on_request(
         &mut self,
         from: usize,
         id: u64,
         body: SyncRequest,
+        summaries: &[Arc<Summary>],
         now: u64,
         out: &mut Vec<Out>,
     ) {
@@ -535,6 +609,9 @@ impl SimNode {
             |_, _| {},
         );
         self.arrivals.extend(arrived);
+        if !summaries.is_empty() {
+            ledger.receive_summaries(&key, summaries);
+        }
         if conflicts {
             self.schedule_losers(now);
         }
@@ -553,11 +630,15 @@ impl SimNode {
         from: usize,
         id: u64,
         body: SyncResponse,
+        summaries: &[Arc<Summary>],
         now: u64,
         out: &mut Vec<Out>,
     ) {
-        if self.ledger.is_none() {
+        let Some(ledger) = self.ledger.as_ref() else {
             return;
+        };
+        if !summaries.is_empty() {
+            ledger.receive_summaries(&peer_id(from), summaries);
         }
         let current = self.in_flight.get(&from) == Some(&id);
         if current {

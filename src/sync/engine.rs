@@ -9,6 +9,7 @@
 //! Why the rules are what they are is told at each constant; the measured
 //! effects are in docs/BENCHMARKS.md.
 
+use super::topology::Topology;
 use crate::ledger::{DocId, NodeTag, Withhold};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -108,6 +109,10 @@ pub enum Input {
         /// Those in sync.
         in_sync: BTreeSet<DocId>,
     },
+    /// The shell has news for these peers that rides on any request (the
+    /// settlement summaries of a bounded overlay): the next anti-entropy
+    /// round sends them one even if their documents are in sync.
+    NewsFor(BTreeSet<PeerKey>),
     /// A request of ours failed (timeout, closed stream).
     RequestFailed {
         /// The peer.
@@ -214,6 +219,8 @@ struct Peer {
     backoff: Duration,
     next_dial: Option<u64>,
     out_of_sync_since: Option<u64>,
+    /// The shell has news for it (see [`Input::NewsFor`]).
+    news: bool,
 }
 
 /// Which epochs are live, as the engine is told at each call.
@@ -227,6 +234,9 @@ pub struct Engine {
     last_round: u64,
     /// When the last link change stops settling (see [`LINK_SETTLE`]).
     settle_ends: Option<u64>,
+    /// In a bounded overlay, which neighbour the next quiet round keeps
+    /// alive; `None` in a full mesh.
+    bounded: Option<usize>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -237,6 +247,30 @@ impl Engine {
     /// An engine for the allowlisted `peers`, each to be dialled at once,
     /// with an anti-entropy round every `sync_interval`, starting at `now`.
     pub fn new(
+        peers: impl IntoIterator<Item = PeerKey>,
+        sync_interval: Duration,
+        now: u64,
+    ) -> Self {
+        Self::full_mesh(peers, sync_interval, now)
+    }
+
+    /// An engine for the neighbours of `topology`. In a full mesh it is
+    /// [`Engine::new`] over every other member. In a bounded overlay new
+    /// changes still go to every neighbour at once (each forwards them on),
+    /// but a message with nothing but our heads waits for the next round
+    /// that has the peer anyway, and a round goes only to neighbours whose
+    /// digests differ from ours, that have news ([`Input::NewsFor`]), and
+    /// one more in turn: a quiet node sends one request per round whatever
+    /// the cluster's size.
+    pub fn with_topology(topology: &Topology, sync_interval: Duration, now: u64) -> Self {
+        let mut engine = Self::full_mesh(topology.neighbours.clone(), sync_interval, now);
+        if !topology.full_mesh {
+            engine.bounded = Some(0);
+        }
+        engine
+    }
+
+    fn full_mesh(
         peers: impl IntoIterator<Item = PeerKey>,
         sync_interval: Duration,
         now: u64,
@@ -261,6 +295,7 @@ impl Engine {
                     backoff: FIRST_BACKOFF,
                     next_dial: Some(now),
                     out_of_sync_since: None,
+                    news: false,
                 };
                 (key, peer)
             })
@@ -270,6 +305,7 @@ impl Engine {
             sync_interval,
             last_round: now,
             settle_ends: None,
+            bounded: None,
         }
     }
 
@@ -339,6 +375,13 @@ impl Engine {
                 ours,
                 in_sync,
             } => self.compared(&peer, &ours, &in_sync, now, &mut out),
+            Input::NewsFor(peers) => {
+                for key in peers {
+                    if let Some(p) = self.peers.get_mut(&key) {
+                        p.news = true;
+                    }
+                }
+            }
             Input::RequestFailed { peer: key, current } => {
                 if let Some(p) = self.peers.get_mut(&key) {
                     if current && p.outbound == Outbound::InFlight {
@@ -382,8 +425,13 @@ impl Engine {
             }
             out.push(Action::Dial(key));
         }
-        // The held-back heads of every peer that has waited [`HEADS_GAP`].
+        // The held-back heads of every peer that has waited [`HEADS_GAP`]
+        // (in a bounded overlay they wait for the peer's next round).
+        let flush_heads = self.bounded.is_none();
         self.for_every_peer(now, out, |p| {
+            if !flush_heads {
+                return;
+            }
             if p.deferred_since
                 .is_some_and(|t| now.saturating_sub(t) >= ms(HEADS_GAP))
             {
@@ -414,18 +462,31 @@ impl Engine {
         out: &mut Vec<Action>,
     ) {
         let keys: Vec<PeerKey> = self.peers.keys().cloned().collect();
+        // In a bounded overlay, the one neighbour kept alive this round.
+        let keepalive = self.bounded.as_mut().and_then(|rotation| {
+            let connected: Vec<&PeerKey> = keys
+                .iter()
+                .filter(|k| self.peers.get(*k).is_some_and(|p| p.connected))
+                .collect();
+            *rotation = rotation.wrapping_add(1);
+            (!connected.is_empty()).then(|| connected[*rotation % connected.len()].clone())
+        });
+        let bounded = self.bounded.is_some();
         for key in keys {
             if let Some(p) = self.peers.get_mut(&key) {
                 p.their_digests.retain(|doc, _| live(doc.epoch));
                 if !p.connected {
                     continue;
                 }
-                p.heartbeat = true;
+                let mut differs = false;
                 for (doc, digest) in ours {
                     if p.their_digests.get(doc) != Some(digest) {
                         p.dirty.insert(*doc);
+                        differs = true;
                     }
                 }
+                let news = std::mem::take(&mut p.news);
+                p.heartbeat = !bounded || differs || news || keepalive.as_ref() == Some(&key);
             }
             self.kick(&key, now, out);
         }
@@ -495,9 +556,13 @@ impl Engine {
             .is_some_and(|t| now.saturating_sub(t) < ms(HEADS_GAP));
         p.outbound = Outbound::Building;
         // Heads alone wait while authors send the peer their changes
-        // themselves and it heard from us a moment ago.
-        withhold.heads =
-            !withhold.authors.is_empty() && told_recently && !(all || heartbeat || flush);
+        // themselves and it heard from us a moment ago; in a bounded
+        // overlay, always until the peer's next round.
+        withhold.heads = if self.bounded.is_some() {
+            !(all || heartbeat)
+        } else {
+            !withhold.authors.is_empty() && told_recently && !(all || heartbeat || flush)
+        };
         out.push(Action::Build(BuildOrder {
             peer: key.to_owned(),
             all,
@@ -1007,6 +1072,55 @@ mod tests {
             peer: A.into(),
             outage: Duration::from_millis(2_500),
         }));
+    }
+
+    #[test]
+    fn a_bounded_round_goes_to_neighbours_that_differ_have_news_or_whose_turn_it_is() {
+        let members: Vec<PeerKey> = (0..20).map(|i| format!("12D3KooWMember{i:04}")).collect();
+        let topology = Topology::new(&members[0], &members, 4);
+        assert!(!topology.full_mesh);
+        let mut e = Engine::with_topology(&topology, Duration::from_secs(1), 0);
+        for n in &topology.neighbours {
+            connect(&mut e, n, 0);
+            respond(&mut e, n, 5, vec![]);
+            let compared = e.handle(
+                Input::Compared {
+                    peer: n.clone(),
+                    ours: vec![doc(0)],
+                    in_sync: [doc(0)].into(),
+                },
+                6,
+                &live,
+            );
+            drain(&mut e, compared, 6);
+        }
+        let round = |e: &mut Engine, digest: u8, at: u64| -> Vec<PeerKey> {
+            let actions = e.handle(Input::OurDigests(vec![(doc(0), [digest; 32])]), at, &live);
+            drain(e, actions, at)
+                .into_iter()
+                .filter(|o| o.heartbeat)
+                .map(|o| o.peer)
+                .collect()
+        };
+        // Quiet and in sync: one neighbour in turn, a different one each round.
+        let first = round(&mut e, 1, 1_000);
+        let second = round(&mut e, 1, 2_000);
+        assert_eq!((first.len(), second.len()), (1, 1), "{first:?} {second:?}");
+        assert_ne!(first, second);
+        // News for one: it too.
+        let news = topology.neighbours[0].clone();
+        e.handle(Input::NewsFor([news.clone()].into()), 2_500, &live);
+        let with_news = round(&mut e, 1, 3_000);
+        assert!(
+            with_news.contains(&news) && with_news.len() <= 2,
+            "{with_news:?}"
+        );
+        // Our documents changed: every neighbour, whose digest now differs.
+        assert_eq!(round(&mut e, 2, 4_000).len(), topology.neighbours.len());
+        // A change goes at once, but heads alone wait for the peer's round.
+        let changed = e.handle(Input::DocsChanged([doc(3)].into()), 4_100, &live);
+        let orders = builds(&changed);
+        assert!(!orders.is_empty() && orders.iter().all(|o| o.withhold.heads));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 pub mod engine;
 pub mod message;
+pub mod topology;
 pub mod work;
 
 pub use engine::{Action, BuildOrder, Engine, Input, PeerKey};
+pub use topology::Topology;
