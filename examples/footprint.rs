@@ -20,7 +20,9 @@
 //!    as `du`); check `/v1/health` holds every key;
 //! 5. SIGTERM the node, start it again on the same data dir, and time from
 //!    that start until `/v1/health` answers and until a replay of the probe
-//!    answers 200 with `replay: true` and the same transaction id; then the
+//!    answers 200 with `replay: true` and the same transaction id; the data
+//!    dir again then (a node stopped by SIGTERM first lets its storage
+//!    writer catch up with the journal: the size once settled); then the
 //!    same after SIGKILL.
 //!
 //! Prints one table: every run and the median of each figure, against the
@@ -68,6 +70,8 @@ struct Run {
     idle_rss: u64,
     rss_per_token: f64,
     disk_per_token: f64,
+    /// After the SIGTERM and the restart.
+    settled_disk_per_token: f64,
     term: Restart,
     kill: Restart,
 }
@@ -182,6 +186,7 @@ async fn one_run(args: &Args, bin: &Path, loadgen: &Path) -> anyhow::Result<Run>
         })
     };
     let term = restart(libc::SIGTERM).await?;
+    let settled_disk = disk_bytes(&data)?;
     let kill = restart(libc::SIGKILL).await?;
     node.stop(libc::SIGTERM).await?;
     Ok(Run {
@@ -191,6 +196,7 @@ async fn one_run(args: &Args, bin: &Path, loadgen: &Path) -> anyhow::Result<Run>
         idle_rss,
         rss_per_token: rss.saturating_sub(idle_rss) as f64 / keys as f64,
         disk_per_token: disk as f64 / keys as f64,
+        settled_disk_per_token: settled_disk as f64 / keys as f64,
         term,
         kill,
     })
@@ -276,10 +282,11 @@ fn print_table(runs: &[Run]) {
         0,
         &verdict(rss <= 256.0, "<= 256"),
     );
-    let disk = median(runs.iter().map(|r| r.disk_per_token));
+    row("disk per token, B", &|r| r.disk_per_token, 0, "");
+    let disk = median(runs.iter().map(|r| r.settled_disk_per_token));
     row(
-        "disk per token, B",
-        &|r| r.disk_per_token,
+        "disk per token after SIGTERM and restart, B",
+        &|r| r.settled_disk_per_token,
         0,
         &verdict(disk <= 256.0, "<= 256"),
     );
