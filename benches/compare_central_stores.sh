@@ -19,6 +19,16 @@
 #               DO NOTHING, pgbench -M prepared over TCP, default durable
 #               config (fsync=on, synchronous_commit=on); TRUNCATE and
 #               CHECKPOINT before each run.
+#   postgresql-sync2
+#               the same load against a primary with two synchronous
+#               standbys on this machine, the replicating central store to
+#               set oncemesh-3 against (the project's target: >= 3x its
+#               allocations/s in the same run): each standby made with
+#               pg_basebackup -R and streaming from the primary,
+#               synchronous_standby_names = 'FIRST 2 (s1, s2)', so a commit
+#               answers once both standbys have flushed it; the script
+#               checks pg_stat_replication shows both as sync before the
+#               first run.
 #   redis       SET key:<random> v NX, redis-benchmark, AOF with
 #               appendfsync always (an fsync before each batch of replies),
 #               no RDB snapshots; FLUSHALL before each run.
@@ -36,14 +46,15 @@
 # invocation, interleaved run by run (oncemesh, oncemesh-3, postgresql,
 # redis, oncemesh, ...), so they share the same cores, disk and background
 # noise. The load generators share the CPU with the server they drive (and
-# for oncemesh-3, with the two followers). Figures are throughput (answered
+# for oncemesh-3 and postgresql-sync2, with the two followers). Figures are throughput (answered
 # allocations/s), p99 latency and the machine's CPU time per answered
 # allocation (for oncemesh also each node's share), which bounds what the
 # system could answer on these cores; the table gives every run, the median of
 # each system and each oncemesh row's median as a ratio of the central
 # stores'. Ports on 127.0.0.1: oncemesh HTTP 7700 (oncemesh-3: 7700-7702,
-# libp2p 7800-7802), throwaway PostgreSQL 5433 and Redis 6380 instances that
-# live in a temporary directory removed on exit.
+# libp2p 7800-7802), throwaway PostgreSQL 5433 (postgresql-sync2: primary
+# 5434, standbys 5435 and 5436) and Redis 6380 instances that live in a
+# temporary directory removed on exit.
 #
 # Run from anywhere (as root: PostgreSQL runs as user postgres, missing
 # Debian packages are installed with apt-get):
@@ -55,15 +66,16 @@
 # Env LOADGEN_ARGS drives oncemesh with examples/loadgen instead of wrk and
 # adds these arguments to every run, e.g. LOADGEN_ARGS='--rate 4200'
 # --systems oncemesh-3 for the latency of a node at a fixed offered load (no
-# coordinated omission: see examples/loadgen.rs).
+# coordinated omission: see examples/loadgen.rs). The summary of a closed-loop
+# run with oncemesh prints the command for the p99 at half its peak.
 #
 # Options: --clients N, --seconds N, --runs N (same as the env variables),
 # --systems LIST (env SYSTEMS; comma-separated, in run order, from
-# oncemesh,oncemesh-3,postgresql,redis; default all four), --client
+# oncemesh,oncemesh-3,postgresql,postgresql-sync2,redis; default all five), --client
 # wrk|loadgen (env CLIENT: oncemesh's load generator; default wrk, or loadgen
 # when LOADGEN_ARGS is set), --replicating
 # (env REPLICATING=1: the replicating node only, same as --systems
-# oncemesh-3,postgresql,redis), --node-bin PATH, --loadgen-bin PATH (default
+# oncemesh-3,postgresql,postgresql-sync2,redis), --node-bin PATH, --loadgen-bin PATH (default
 # target/release/oncemesh and target/release/examples/loadgen, built with
 # cargo if missing).
 # Progress goes to stderr, the table and the closing summary to stdout.
@@ -75,17 +87,18 @@ duration_env=$SECONDS
 set -euo pipefail
 export LC_ALL=C # decimal points in printf, awk and $EPOCHREALTIME
 
-ALL_SYSTEMS=(oncemesh oncemesh-3 postgresql redis)
+ALL_SYSTEMS=(oncemesh oncemesh-3 postgresql postgresql-sync2 redis)
 CLIENTS=${CLIENTS:-50}
 DURATION=$duration_env
 [[ $DURATION == 0 ]] && DURATION=10
 RUNS=${RUNS:-3}
 SYSTEMS_ARG=${SYSTEMS:-}
-[[ ${REPLICATING:-0} == 1 && -z $SYSTEMS_ARG ]] && SYSTEMS_ARG=oncemesh-3,postgresql,redis
+[[ ${REPLICATING:-0} == 1 && -z $SYSTEMS_ARG ]] && SYSTEMS_ARG=oncemesh-3,postgresql,postgresql-sync2,redis
 NODE_BIN=""
 LOADGEN_BIN=""
 CLIENT=${CLIENT:-}
 PG_PORT=5433
+PG2_PORT=5434 # postgresql-sync2's primary; its standbys s1, s2 on +1, +2
 REDIS_PORT=6380
 NODE_HTTP_PORT=7700 # node i of oncemesh-3: +i
 NODE_P2P_PORT=7800  # node i of oncemesh-3: +i
@@ -102,7 +115,7 @@ while (($#)); do
         --seconds) DURATION=${2:?}; shift 2 ;;
         --runs) RUNS=${2:?}; shift 2 ;;
         --systems) SYSTEMS_ARG=${2:?}; shift 2 ;;
-        --replicating) SYSTEMS_ARG=oncemesh-3,postgresql,redis; shift ;;
+        --replicating) SYSTEMS_ARG=oncemesh-3,postgresql,postgresql-sync2,redis; shift ;;
         --client) CLIENT=${2:?}; shift 2 ;;
         --node-bin) NODE_BIN=$(abspath "${2:?}"); shift 2 ;;
         --loadgen-bin) LOADGEN_BIN=$(abspath "${2:?}"); shift 2 ;;
@@ -128,6 +141,7 @@ else
     SYSTEMS=("${ALL_SYSTEMS[@]}")
 fi
 selected() { [[ " ${SYSTEMS[*]} " == *" $1 "* ]]; }
+selected_pg() { selected postgresql || selected postgresql-sync2; }
 
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -137,13 +151,13 @@ REPO=$PWD
 pg_bindir() {
     local d
     for d in $(printf "%s\n" /usr/lib/postgresql/*/bin | sort -t/ -k5,5n -r); do
-        [[ -x $d/initdb && -x $d/pg_ctl && -x $d/pgbench && -x $d/psql ]] && { echo "$d"; return 0; }
+        [[ -x $d/initdb && -x $d/pg_ctl && -x $d/pgbench && -x $d/psql && -x $d/pg_basebackup ]] && { echo "$d"; return 0; }
     done
     return 1
 }
 
 missing=()
-if selected postgresql; then
+if selected_pg; then
     pg_bindir >/dev/null || missing+=(postgresql)
 fi
 if selected redis; then
@@ -159,7 +173,7 @@ if ((${#missing[@]})); then
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
 fi
-if selected postgresql; then
+if selected_pg; then
     PGBIN=$(pg_bindir) || die "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin"
 fi
 command -v curl >/dev/null || die "curl is needed"
@@ -179,7 +193,7 @@ if selected oncemesh || selected oncemesh-3; then
 fi
 
 # PostgreSQL refuses to run as root: as root it runs as user postgres.
-if selected postgresql; then
+if selected_pg; then
     if ((EUID == 0)); then
         id postgres >/dev/null 2>&1 || die "no user 'postgres' (it comes with the postgresql package)"
         PGSUPER=postgres
@@ -192,6 +206,7 @@ fi
 
 ports=()
 selected postgresql && ports+=("$PG_PORT")
+selected postgresql-sync2 && ports+=("$PG2_PORT" "$((PG2_PORT + 1))" "$((PG2_PORT + 2))")
 selected redis && ports+=("$REDIS_PORT")
 selected oncemesh && ports+=("$NODE_HTTP_PORT")
 if selected oncemesh-3; then
@@ -210,7 +225,7 @@ WORK=$(mktemp -d)
 chmod 755 "$WORK"
 NODE_PIDS=()
 REDIS_PID=""
-PG_STARTED=""
+PG_STARTED=() # data dirs of the PostgreSQL servers started
 stop_nodes() {
     local pid
     for pid in "${NODE_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -224,9 +239,10 @@ cleanup() {
         kill "$REDIS_PID" 2>/dev/null
         wait "$REDIS_PID" 2>/dev/null
     fi
-    if [[ -n $PG_STARTED ]]; then
-        as_pg "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m immediate -w stop >/dev/null 2>&1
-    fi
+    local data
+    for data in "${PG_STARTED[@]}"; do
+        as_pg "$PGBIN/pg_ctl" -D "$data" -m immediate -w stop >/dev/null 2>&1
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -249,27 +265,75 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}'; }
 
 # ---------------------------------------------------------------- PostgreSQL
 
-if selected postgresql; then
-    say "starting PostgreSQL ($PGBIN) on 127.0.0.1:$PG_PORT in $WORK/pg"
-    mkdir -p "$WORK/pg"
-    chown "$PGSUPER" "$WORK/pg" 2>/dev/null || true
-    as_pg "$PGBIN/initdb" -D "$WORK/pg/data" -A trust -U "$PGSUPER" >"$WORK/pg/initdb.log" 2>&1 ||
-        { cat "$WORK/pg/initdb.log" >&2; die "initdb failed"; }
+psql_q() { # port, psql arguments
+    local port=$1
+    shift
+    "$PGBIN/psql" -h 127.0.0.1 -p "$port" -U "$PGSUPER" -X -q -v ON_ERROR_STOP=1 "$@"
+}
+pg_start() { # data dir, port (its log is DIR.log, its socket dir DIR's parent)
+    PG_STARTED+=("$1")
+    as_pg "$PGBIN/pg_ctl" -D "$1" -l "$1.log" -w -t 60 \
+        -o "-p $2 -k $(dirname "$1") -c listen_addresses=127.0.0.1 -c max_connections=$max_conn" start >/dev/null ||
+        { cat "$1.log" >&2; die "PostgreSQL in $1 did not start"; }
+}
+pg_init() { # data dir, port: a fresh server, started
+    mkdir -p "$(dirname "$1")"
+    chown "$PGSUPER" "$(dirname "$1")" 2>/dev/null || true
+    as_pg "$PGBIN/initdb" -D "$1" -A trust -U "$PGSUPER" >"$1.initdb.log" 2>&1 ||
+        { cat "$1.initdb.log" >&2; die "initdb failed"; }
+    pg_start "$1" "$2"
+}
+pg_bench_db() { # port: the database and table the load goes to
+    psql_q "$1" -d postgres -c 'CREATE DATABASE bench'
+    psql_q "$1" -d bench -c 'CREATE TABLE tokens(key text PRIMARY KEY)'
+}
+# Waits until the primary on this port streams to this many synchronous standbys.
+pg_wait_sync() { # port, standbys
+    local n
+    for _ in $(seq 600); do
+        n=$(psql_q "$1" -d postgres -At -c "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state = 'sync'")
+        ((n == $2)) && return 0
+        sleep 0.1
+    done
+    psql_q "$1" -d postgres -c 'SELECT application_name, state, sync_state FROM pg_stat_replication' >&2
+    die "the primary on port $1 has $n synchronous standbys after 60 s, wanted $2"
+}
+
+if selected_pg; then
     max_conn=$((CLIENTS + 10 > 100 ? CLIENTS + 10 : 100))
-    PG_STARTED=1
-    as_pg "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w -t 60 \
-        -o "-p $PG_PORT -k $WORK/pg -c listen_addresses=127.0.0.1 -c max_connections=$max_conn" start >/dev/null ||
-        { cat "$WORK/pg/log" >&2; die "PostgreSQL did not start"; }
-    psql_q() { "$PGBIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PGSUPER" -X -q -v ON_ERROR_STOP=1 "$@"; }
-    psql_q -d postgres -c 'CREATE DATABASE bench'
-    psql_q -d bench -c 'CREATE TABLE tokens(key text PRIMARY KEY)'
-    pg_settings=$(psql_q -d bench -At -c "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings
-        WHERE name IN ('fsync', 'synchronous_commit', 'wal_sync_method', 'full_page_writes')")
-    pg_version=$(psql_q -d bench -At -c 'SHOW server_version')
-    cat >"$WORK/pg/insert.sql" <<'EOF'
+    cat >"$WORK/insert.sql" <<'EOF'
 \set k random(1, 9000000000000000000)
 INSERT INTO tokens(key) VALUES ('pg-' || :k) ON CONFLICT DO NOTHING;
 EOF
+fi
+if selected postgresql; then
+    say "starting PostgreSQL ($PGBIN) on 127.0.0.1:$PG_PORT in $WORK/pg"
+    pg_init "$WORK/pg/data" "$PG_PORT"
+    pg_bench_db "$PG_PORT"
+fi
+if selected postgresql-sync2; then
+    say "starting PostgreSQL with two synchronous standbys on 127.0.0.1:$PG2_PORT-$((PG2_PORT + 2)) in $WORK/pg2"
+    pg_init "$WORK/pg2/primary" "$PG2_PORT"
+    for i in 1 2; do
+        as_pg "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PG2_PORT" -U "$PGSUPER" -D "$WORK/pg2/s$i" -R -X stream \
+            >"$WORK/pg2/s$i.basebackup.log" 2>&1 || { cat "$WORK/pg2/s$i.basebackup.log" >&2; die "pg_basebackup failed"; }
+        # The last setting in the file wins: the standby's name, which the primary's list refers to.
+        echo "primary_conninfo = 'host=127.0.0.1 port=$PG2_PORT user=$PGSUPER application_name=s$i'" |
+            as_pg tee -a "$WORK/pg2/s$i/postgresql.auto.conf" >/dev/null
+        pg_start "$WORK/pg2/s$i" $((PG2_PORT + i))
+    done
+    psql_q "$PG2_PORT" -d postgres -c "ALTER SYSTEM SET synchronous_standby_names = 'FIRST 2 (s1, s2)'" -c 'SELECT pg_reload_conf()' >/dev/null
+    pg_wait_sync "$PG2_PORT" 2
+    pg_bench_db "$PG2_PORT"
+    pg2_settings=$(psql_q "$PG2_PORT" -d bench -At -c "SELECT string_agg(name || '=''' || setting || '''', ' ' ORDER BY name) FROM pg_settings
+        WHERE name IN ('synchronous_commit', 'synchronous_standby_names')")
+fi
+if selected_pg; then
+    pg_port=$PG_PORT
+    selected postgresql || pg_port=$PG2_PORT
+    pg_settings=$(psql_q "$pg_port" -d bench -At -c "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings
+        WHERE name IN ('fsync', 'synchronous_commit', 'wal_sync_method', 'full_page_writes')")
+    pg_version=$(psql_q "$pg_port" -d bench -At -c 'SHOW server_version')
 fi
 
 # ---------------------------------------------------------------- Redis
@@ -494,25 +558,26 @@ run_oncemesh3() {
     rm -rf "${data[@]}"
 }
 
-run_postgresql() {
+run_postgresql() { # system name, port of its primary
     local out tps avg failed machine
-    psql_q -d bench -c 'TRUNCATE tokens' -c 'CHECKPOINT'
-    rm -f "$WORK"/pg/txlog*
+    psql_q "$2" -d bench -c 'TRUNCATE tokens' -c 'CHECKPOINT'
+    [[ $1 == postgresql-sync2 ]] && pg_wait_sync "$2" 2
+    rm -f "$WORK"/txlog*
     machine=$(busy_ticks)
-    out=$(cd "$WORK/pg" && "$PGBIN/pgbench" -h 127.0.0.1 -p "$PG_PORT" -U "$PGSUPER" -n -M prepared \
-        -c "$CLIENTS" -j 2 -T "$DURATION" -l --log-prefix="$WORK/pg/txlog" -f "$WORK/pg/insert.sql" bench 2>&1) ||
+    out=$(cd "$WORK" && "$PGBIN/pgbench" -h 127.0.0.1 -p "$2" -U "$PGSUPER" -n -M prepared \
+        -c "$CLIENTS" -j 2 -T "$DURATION" -l --log-prefix="$WORK/txlog" -f "$WORK/insert.sql" bench 2>&1) ||
         { echo "$out" >&2; die "pgbench failed"; }
     tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | tail -n 1)
     avg=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out")
     failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out")
     [[ -n $tps ]] || { echo "$out" >&2; die "could not read pgbench's tps"; }
     machine=$(($(busy_ticks) - machine))
-    TPUT[postgresql]+="$tps "
-    CPU[postgresql]+="$(us_per "$machine" "$(awk -v r="$tps" -v d="$DURATION" 'BEGIN {print r * d}')") "
+    TPUT[$1]+="$tps "
+    CPU[$1]+="$(us_per "$machine" "$(awk -v r="$tps" -v d="$DURATION" 'BEGIN {print r * d}')") "
     # column 3 of pgbench's per-transaction log: latency in microseconds
-    P99[postgresql]+="$(cat "$WORK"/pg/txlog* | awk '{print $3 / 1000}' | percentile 99) "
-    rm -f "$WORK"/pg/txlog*
-    say "  postgresql: $(fmt "$tps")/s, latency average $(ms "$avg") ms, p99 $(ms "$(awk '{print $NF}' <<<"${P99[postgresql]}")") ms, failed ${failed:-0}, machine CPU per allocation $(awk '{print $NF}' <<<"${CPU[postgresql]}") µs"
+    P99[$1]+="$(cat "$WORK"/txlog* | awk '{print $3 / 1000}' | percentile 99) "
+    rm -f "$WORK"/txlog*
+    say "  $1: $(fmt "$tps")/s, latency average $(ms "$avg") ms, p99 $(ms "$(awk '{print $NF}' <<<"${P99[$1]}")") ms, failed ${failed:-0}, machine CPU per allocation $(awk '{print $NF}' <<<"${CPU[$1]}") µs"
 }
 
 run_redis() {
@@ -541,7 +606,8 @@ for ((r = 1; r <= RUNS; r++)); do
         case $s in
             oncemesh) run_oncemesh ;;
             oncemesh-3) run_oncemesh3 ;;
-            postgresql) run_postgresql ;;
+            postgresql) run_postgresql postgresql "$PG_PORT" ;;
+            postgresql-sync2) run_postgresql postgresql-sync2 "$PG2_PORT" ;;
             redis) run_redis ;;
         esac
     done
@@ -559,13 +625,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {r = a / b; printf (r < 10 ? "%.2f" : "
 row() { # name, median, values...
     local name=$1 med=$2 v
     shift 2
-    printf '%-12s' "$name"
+    printf '%-16s' "$name"
     for v in "$@"; do printf ' %10s' "$v"; done
     printf ' %10s\n' "$med"
 }
 header() {
     local i
-    printf '%-12s' "$1"
+    printf '%-16s' "$1"
     for ((i = 1; i <= RUNS; i++)); do printf ' %10s' "run $i"; done
     printf ' %10s\n' "${2:-median}"
 }
@@ -583,7 +649,8 @@ if selected oncemesh || selected oncemesh-3; then
 fi
 selected oncemesh && echo "  oncemesh:   one node, no peers"
 selected oncemesh-3 && echo "  oncemesh-3: load on node 0 of $CLUSTER_SIZE nodes on loopback, each connected to the other $((CLUSTER_SIZE - 1)) and replicating"
-selected postgresql && echo "  PostgreSQL $pg_version: $pg_settings"
+selected_pg && echo "  PostgreSQL $pg_version: $pg_settings"
+selected postgresql-sync2 && echo "  postgresql-sync2: a primary and two standbys streaming from it on this machine, $pg2_settings"
 selected redis && echo "  Redis $redis_version: appendonly=yes $redis_settings save=''"
 echo
 header "allocs/s"
@@ -628,33 +695,42 @@ if selected oncemesh-3; then
     echo "  (time from the end of the load until nodes 1 and 2 held as many keys as node 0; - = not within $CATCH_UP_TIMEOUT s)"
 fi
 echo
+CENTRAL=(postgresql postgresql-sync2 redis)
 for s in oncemesh oncemesh-3; do
     selected "$s" || continue
-    for c in postgresql redis; do
+    for c in "${CENTRAL[@]}"; do
         selected "$c" || continue
-        printf '%-40s %sx\n' "$s median / $c median:" "$(ratio "${MED[$s]}" "${MED[$c]}")"
+        printf '%-44s %sx\n' "$s median / $c median:" "$(ratio "${MED[$s]}" "${MED[$c]}")"
     done
 done
+# The targets: each oncemesh system against the central store it replaces.
+declare -A BASELINE=([oncemesh]=postgresql [oncemesh-3]=postgresql-sync2)
+declare -A TARGET=([oncemesh]=2 [oncemesh-3]=3)
 for s in oncemesh oncemesh-3; do
     selected "$s" || continue
     line="$s $(fmt "${MED[$s]}")/s"
     sep=" ="
-    for c in postgresql redis; do
+    for c in "${CENTRAL[@]}"; do
         selected "$c" || continue
         line+="$sep $(ratio "${MED[$s]}" "${MED[$c]}")x $c ($(fmt "${MED[$c]}")/s)"
         sep=","
     done
-    if [[ $s == oncemesh-3 ]] && selected postgresql; then
-        if awk -v a="${MED[$s]}" -v b="${MED[postgresql]}" 'BEGIN {exit !(a >= 3 * b)}'; then
-            line+="; target >= 3x postgresql: met"
+    c=${BASELINE[$s]}
+    if selected "$c"; then
+        if awk -v a="${MED[$s]}" -v b="${MED[$c]}" -v t="${TARGET[$s]}" 'BEGIN {exit !(a >= t * b)}'; then
+            line+="; target >= ${TARGET[$s]}x $c: met"
         else
-            line+="; target >= 3x postgresql: NOT met"
+            line+="; target >= ${TARGET[$s]}x $c: NOT met"
         fi
     fi
     echo "$line"
 done
 for s in "${SYSTEMS[@]}"; do
     read -r -a v <<<"${CPU[$s]}"
-    printf '%-40s %s µs machine CPU per allocation: at most %s/s on %s cores\n' "$s CPU budget:" "$(median "${v[@]}")" \
+    printf '%-44s %s µs machine CPU per allocation: at most %s/s on %s cores\n' "$s CPU budget:" "$(median "${v[@]}")" \
         "$(fmt "$(awk -v us="$(median "${v[@]}")" -v c="$(nproc)" 'BEGIN {print (us > 0) ? c * 1e6 / us : 0}')")" "$(nproc)"
 done
+if selected oncemesh && [[ -z ${LOADGEN_ARGS:-} ]]; then
+    half=$(awk -v r="${MED[oncemesh]}" 'BEGIN {printf "%.0f", r / 2}')
+    echo "p99 at half the single node's peak (target <= 5 ms): LOADGEN_ARGS='--rate $half' $0 --systems oncemesh --runs $RUNS"
+fi

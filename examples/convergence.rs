@@ -1,37 +1,58 @@
 //! Convergence after a healed partition, measured on three real `oncemesh`
-//! processes on loopback (prints its figures; not a test).
+//! processes (prints its figures; not a test).
 //!
 //! ```text
 //! cargo build --release --bin oncemesh --example convergence
-//! target/release/examples/convergence --keys 10000 --shared 100 --runs 3
+//! target/release/examples/convergence --keys 50000 --shared 100 --runs 3
+//! sudo target/release/examples/convergence --keys 50000 --shared 100 --runs 3 --netns
 //! ```
 //!
-//! Every node is started with the other two as `--peer`, each address
-//! pointing at a relay ([`oncemesh::drill::Relay`], one per ordered pair)
-//! inside this program that forwards to the real listen port. One run:
+//! Every node is started with the other two as `--peer`. Two ways to join
+//! and partition them:
 //!
-//! 1. start the nodes, wait until every node sees both peers connected;
-//! 2. cut every proxy (live connections reset, new ones refused) and wait
-//!    until every node sees both peers disconnected;
+//! - on loopback (the default), each `--peer` address pointing at a relay
+//!   ([`oncemesh::drill::Relay`], one per ordered pair) inside this program
+//!   that forwards to the real listen port; a cut resets the relay's live
+//!   connections and refuses new ones;
+//! - with `--netns` (root and `ip netns`), each node in a network namespace
+//!   of its own, the three joined pairwise by veth links with no relay: the
+//!   nodes speak TCP to each other through the kernel only. A cut sets
+//!   every link down and resets the TCP connections over it (`ss -K`, as
+//!   the relay does; a connection left hanging on a down link would only
+//!   die minutes later, and after the heal its retransmission backoff, not
+//!   the node, would set the time); a heal sets the links up. Each
+//!   namespace also has a veth link to this program's namespace for the
+//!   HTTP API only, never cut, with no route beyond it. The namespaces are
+//!   deleted at the end (their links with them).
+//!
+//! One run:
+//!
+//! 1. start the nodes, wait until every node sees both peers connected, and
+//!    read each node's RSS;
+//! 2. cut every link and wait until every node sees both peers disconnected;
 //! 3. allocate `--keys` unique keys on each node over HTTP (`--clients`
 //!    concurrent clients per node, all nodes at once), then `--shared` keys
 //!    on all three nodes (same key, same payload: a customer retry that hit
 //!    every region; a conflict because they are different transactions);
-//! 4. heal every proxy and measure, polling each node every `--poll-ms`,
+//! 4. heal every link and measure, polling each node every `--poll-ms`,
 //!    the time until its `GET /v1/conflicts` lists exactly the S shared keys
 //!    (each with 3 allocations: "every conflict visible"), then until that
 //!    still holds and its `GET /v1/health` reports
 //!    `ledger.keys` = 3K+S (health is only asked once the cheap conflict report
 //!    is complete: it counts every key under every shard lock); also the bytes
-//!    the proxies forwarded from heal to convergence, when the proxies first
-//!    forwarded a connection again, the CPU time each node used meanwhile, the
-//!    CPU other processes used (to reject disturbed runs), and node RSS;
+//!    the relays forwarded (or the veth links sent, TCP/IP headers and
+//!    acknowledgements included) from heal to convergence, when the relays
+//!    first forwarded a connection again, the CPU time each node used
+//!    meanwhile, and the CPU other processes used (to reject disturbed runs);
 //! 5. then keep polling until every node's `GET /v1/conflicts?state=open` is
 //!    empty: each loser compensated by its own node, and every node has seen
-//!    it (`resolved`).
+//!    it (`resolved`), and read each node's RSS again: its growth over step
+//!    1, per token the node holds (3K+S).
 //!
 //! The `oncemesh` binary is `--bin`, or the one next to this example's own
 //! directory (`target/release/oncemesh` for `target/release/examples/convergence`).
+
+mod support;
 
 use clap::Parser;
 use oncemesh::drill::Relay;
@@ -39,12 +60,11 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use support::{free_port, median, rss_bytes, sibling_binary, Node};
+use tokio::process::Command;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Convergence of three oncemesh nodes after a healed partition")]
@@ -83,22 +103,26 @@ struct Args {
     /// per node, bytes forwarded); without it, every 5 s.
     #[arg(long)]
     trace: bool,
+    /// Run the nodes in three network namespaces joined by veth links, no
+    /// relay (needs root and `ip`).
+    #[arg(long)]
+    netns: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let bin = match &args.bin {
-        Some(b) => b.clone(),
-        None => default_binary()?,
-    };
-    anyhow::ensure!(
-        bin.exists(),
-        "oncemesh binary not found at {} (build it: cargo build --release --bin oncemesh, or pass --bin)",
-        bin.display()
-    );
+    let bin = args
+        .bin
+        .clone()
+        .map_or_else(|| sibling_binary("oncemesh"), Ok)?;
     println!(
-        "convergence: 3 nodes, K={} unique keys per node, S={} shared keys, {} clients per node, binary {}",
+        "convergence: 3 nodes {}, K={} unique keys per node, S={} shared keys, {} clients per node, binary {}",
+        if args.netns {
+            "in network namespaces joined by veth links"
+        } else {
+            "on loopback through relays"
+        },
         args.keys,
         args.shared,
         args.clients,
@@ -114,38 +138,29 @@ async fn main() -> anyhow::Result<()> {
         results.push(result);
     }
     if results.len() > 1 {
-        let med = |f: &dyn Fn(&RunResult) -> f64| {
-            let mut v: Vec<f64> = results.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+        let med = |f: &dyn Fn(&RunResult) -> f64| median(results.iter().map(f));
         println!(
-            "median of {} runs: every conflict visible on every node {:.3} s after heal, converged {:.3} s after heal ({:.3} s after first reconnect), compensated {:.3} s, {:.1} bytes/allocation, partitioned allocation {:.0}/s",
+            "median of {} runs: every conflict visible on every node {:.3} s after heal, converged {:.3} s after heal ({} s after first reconnect), compensated {:.3} s, {:.1} bytes/allocation, partitioned allocation {:.0}/s, RSS growth per token held {:.0} B (the node that grew most)",
             results.len(),
             med(&|r| r.conflicts_visible_s),
             med(&|r| r.converged_s),
-            med(&|r| r.converged_s - r.reconnect_s),
+            secs(med(&|r| r.converged_s - r.reconnect_s)),
             med(&|r| r.resolved_s),
             med(&|r| r.bytes_per_allocation()),
             med(&|r| r.allocation_rate),
+            med(&|r| r.rss_growth_per_token().fold(0.0, f64::max)),
         );
     }
     Ok(())
 }
 
-fn default_binary() -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe()?;
-    let dir = me
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("no parent dir of {}", me.display()))?;
-    let name = format!("oncemesh{}", std::env::consts::EXE_SUFFIX);
-    // target/<profile>/examples/convergence -> target/<profile>/oncemesh
-    for candidate in [dir.join(&name), dir.join("..").join(&name)] {
-        if candidate.exists() {
-            return Ok(candidate);
-        }
+/// Seconds with three decimals, or `-` for a figure this mode cannot see.
+fn secs(s: f64) -> String {
+    if s.is_nan() {
+        "-".into()
+    } else {
+        format!("{s:.3}")
     }
-    Ok(dir.join("..").join(name))
 }
 
 struct RunResult {
@@ -168,7 +183,10 @@ struct RunResult {
     idle_cpu_s: Vec<f64>,
     own_cpu_s: f64,
     other_cpu_s: f64,
-    rss_mib: Vec<u64>,
+    /// Each node's RSS once connected, before the load, bytes.
+    rss_before: Vec<u64>,
+    /// Each node's RSS once every conflict was compensated, bytes.
+    rss_after: Vec<u64>,
     errors: u64,
 }
 
@@ -179,6 +197,14 @@ impl RunResult {
     fn bytes_per_allocation(&self) -> f64 {
         self.bytes as f64 / self.allocations() as f64
     }
+    /// Each node's RSS growth per token it holds (3K+S keys).
+    fn rss_growth_per_token(&self) -> impl Iterator<Item = f64> + '_ {
+        let held = (3 * self.keys + self.shared) as f64;
+        self.rss_before
+            .iter()
+            .zip(&self.rss_after)
+            .map(move |(b, a)| a.saturating_sub(*b) as f64 / held)
+    }
     fn print(&self, run: usize) {
         println!(
             "run {run}: allocated {} in {:.2} s ({:.0}/s over 3 partitioned nodes, {} errors)",
@@ -188,23 +214,23 @@ impl RunResult {
             self.errors
         );
         println!(
-            "run {run}: first reconnect {:.3} s after heal, every pair reconnected {:.3} s; converged {:.3} s after heal (per node: {}); {:.3} s after first reconnect",
-            self.reconnect_s,
-            self.all_pairs_s,
+            "run {run}: first reconnect {} s after heal, every pair reconnected {} s; converged {:.3} s after heal (per node: {}); {} s after first reconnect",
+            secs(self.reconnect_s),
+            secs(self.all_pairs_s),
             self.converged_s,
             self.per_node_s
                 .iter()
                 .map(|s| format!("{s:.3}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            self.converged_s - self.reconnect_s,
+            secs(self.converged_s - self.reconnect_s),
         );
         println!(
             "run {run}: every conflict visible on every node {:.3} s after heal; every conflict compensated, on every node's report, {:.3} s after heal",
             self.conflicts_visible_s, self.resolved_s
         );
         println!(
-            "run {run}: {} bytes through the proxies = {:.1} bytes per allocation ({:.1} per allocation copy delivered); node CPU during convergence {} s",
+            "run {run}: {} bytes over the links = {:.1} bytes per allocation ({:.1} per allocation copy delivered); node CPU during convergence {} s",
             self.bytes,
             self.bytes_per_allocation(),
             self.bytes_per_allocation() / 2.0,
@@ -215,8 +241,24 @@ impl RunResult {
                 .join(" + "),
         );
         println!(
-            "run {run}: node RSS after convergence {:?} MiB; this program (proxies, polls) used {:.2} CPU s and other processes {:.2} meanwhile; CPU of each partitioned node while idle before heal: {} s/s",
-            self.rss_mib,
+            "run {run}: node RSS {} MiB before the load, {} MiB once compensated: {} B per token held",
+            self.rss_before
+                .iter()
+                .map(|b| format!("{}", b >> 20))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.rss_after
+                .iter()
+                .map(|b| format!("{}", b >> 20))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.rss_growth_per_token()
+                .map(|g| format!("{g:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        println!(
+            "run {run}: this program (relays, polls) used {:.2} CPU s and other processes {:.2} meanwhile; CPU of each partitioned node while idle before heal: {} s/s",
             self.own_cpu_s,
             self.other_cpu_s,
             self.idle_cpu_s
@@ -237,18 +279,278 @@ impl RunResult {
             "per_node_s": self.per_node_s, "bytes": self.bytes,
             "bytes_per_allocation": self.bytes_per_allocation(), "cpu_s": self.cpu_s,
             "idle_cpu_per_s": self.idle_cpu_s, "own_cpu_s": self.own_cpu_s, "other_cpu_s": self.other_cpu_s,
-            "rss_mib_after": self.rss_mib,
+            "rss_before": self.rss_before, "rss_after": self.rss_after,
+            "rss_growth_per_token": self.rss_growth_per_token().collect::<Vec<_>>(),
         })
     }
 }
 
 struct NodeProc {
-    child: Child,
-    pid: u32,
+    node: Node,
     http: String,
     peer_id: String,
     _dir: Option<tempfile::TempDir>,
     dir: PathBuf,
+}
+
+/// How the three nodes reach each other, and how they are partitioned.
+enum Links {
+    /// On loopback, node i dialing node j through `relays[k]` (k counting
+    /// the ordered pairs i != j row by row), to listen ports `listen`.
+    Relays {
+        relays: Vec<Relay>,
+        listen: Vec<u16>,
+        http: Vec<u16>,
+    },
+    /// In network namespaces joined by veth links.
+    Netns(Netns),
+}
+
+impl Links {
+    fn relays() -> anyhow::Result<Links> {
+        let listen: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let http: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
+        let mut relays = Vec::new();
+        for i in 0..3 {
+            for (j, port) in listen.iter().enumerate() {
+                if i != j {
+                    relays.push(Relay::start(SocketAddr::from(([127, 0, 0, 1], *port)))?);
+                }
+            }
+        }
+        Ok(Links::Relays {
+            relays,
+            listen,
+            http,
+        })
+    }
+
+    /// `oncemesh run` for node i, with its HTTP, listen and peer addresses.
+    fn command(&self, bin: &Path, i: usize, ids: &[String]) -> (Command, String) {
+        let (mut command, http, listen) = match self {
+            Links::Relays { listen, http, .. } => (
+                Command::new(bin),
+                format!("127.0.0.1:{}", http[i]),
+                format!("/ip4/127.0.0.1/tcp/{}", listen[i]),
+            ),
+            Links::Netns(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", &netns.names[i]]).arg(bin);
+                (
+                    command,
+                    format!("{}:{NETNS_HTTP_PORT}", Netns::api_addr(i)),
+                    format!("/ip4/0.0.0.0/tcp/{NETNS_P2P_PORT}"),
+                )
+            }
+        };
+        command
+            .args(["run", "--http", &http, "--listen", &listen])
+            .args(["--region", ["sgp", "lon", "nyc"][i]]);
+        for (j, id) in ids.iter().enumerate().filter(|(j, _)| *j != i) {
+            let to = match self {
+                Links::Relays { relays, .. } => {
+                    let k = 2 * i + j - usize::from(j > i);
+                    format!("127.0.0.1/tcp/{}", relays[k].addr().port())
+                }
+                Links::Netns(_) => format!("{}/tcp/{NETNS_P2P_PORT}", Netns::link_addr(j, i)),
+            };
+            command.args(["--peer", &format!("/ip4/{to}/p2p/{id}")]);
+        }
+        (command, format!("http://{http}"))
+    }
+
+    fn cut(&self) -> anyhow::Result<()> {
+        match self {
+            Links::Relays { relays, .. } => relays.iter().for_each(Relay::cut),
+            Links::Netns(netns) => netns.set_links(false)?,
+        }
+        Ok(())
+    }
+
+    fn heal(&self) -> anyhow::Result<()> {
+        match self {
+            Links::Relays { relays, .. } => relays.iter().for_each(Relay::heal),
+            Links::Netns(netns) => netns.set_links(true)?,
+        }
+        Ok(())
+    }
+
+    /// Bytes the relays forwarded, or the veth links between the nodes sent.
+    fn bytes(&self) -> u64 {
+        match self {
+            Links::Relays { relays, .. } => relays.iter().map(Relay::bytes_forwarded).sum(),
+            Links::Netns(netns) => netns.bytes_sent(),
+        }
+    }
+
+    /// Seconds from `healed` until each relay forwarded a connection again
+    /// (none in namespaces, where nothing in between sees connections).
+    fn reconnects(&self, healed: Instant) -> Vec<f64> {
+        match self {
+            Links::Relays { relays, .. } => relays
+                .iter()
+                .map(|p| {
+                    p.reconnected_at().map_or(f64::NAN, |t| {
+                        t.saturating_duration_since(healed).as_secs_f64()
+                    })
+                })
+                .collect(),
+            Links::Netns(_) => Vec::new(),
+        }
+    }
+}
+
+/// Every node's HTTP port in its namespace.
+const NETNS_HTTP_PORT: u16 = 7700;
+/// Every node's libp2p port in its namespace.
+const NETNS_P2P_PORT: u16 = 7800;
+
+/// Three network namespaces, node i in `names[i]`, joined pairwise by veth
+/// links (`p<j>` in namespace i leads to namespace j, subnet
+/// 10.201.<3*lo+hi>.0/30), and each joined to this program's namespace by a
+/// veth link `api` (10.202.<i>.0/30) for the HTTP API. No namespace has a
+/// route beyond its own links, so nothing crosses a link that is down by
+/// another way. Deleted (with their links) on drop.
+struct Netns {
+    names: Vec<String>,
+}
+
+impl Netns {
+    fn create(tag: &str) -> anyhow::Result<Netns> {
+        let mut netns = Netns { names: Vec::new() };
+        for i in 0..3 {
+            let name = format!("{tag}-{i}");
+            ip(None, &["netns", "add", &name])?;
+            netns.names.push(name);
+            ip(Some(&netns.names[i]), &["link", "set", "dev", "lo", "up"])?;
+            let api = Netns::api_addr(i);
+            let ours = format!("{}1", &api[..api.len() - 1]);
+            veth(
+                &format!("{tag}x{i}"),
+                (None, &format!("{tag}m{i}"), &ours),
+                (Some(&netns.names[i]), "api", &api),
+            )?;
+        }
+        for i in 0..3 {
+            for j in i + 1..3 {
+                veth(
+                    &format!("{tag}l{i}{j}"),
+                    (
+                        Some(&netns.names[i]),
+                        &format!("p{j}"),
+                        &Netns::link_addr(i, j),
+                    ),
+                    (
+                        Some(&netns.names[j]),
+                        &format!("p{i}"),
+                        &Netns::link_addr(j, i),
+                    ),
+                )?;
+            }
+        }
+        Ok(netns)
+    }
+
+    /// Node i's address on its link to this program.
+    fn api_addr(i: usize) -> String {
+        format!("10.202.{i}.2")
+    }
+
+    /// Node `me`'s address on its link to node `other`.
+    fn link_addr(me: usize, other: usize) -> String {
+        let (lo, hi) = (me.min(other), me.max(other));
+        format!("10.201.{}.{}", 3 * lo + hi, if me == lo { 1 } else { 2 })
+    }
+
+    /// Sets every link between the nodes up or down; down also resets the
+    /// TCP connections over them, in each namespace.
+    fn set_links(&self, up: bool) -> anyhow::Result<()> {
+        for (i, name) in self.names.iter().enumerate() {
+            for j in (0..3).filter(|j| *j != i) {
+                let dev = format!("p{j}");
+                ip(
+                    Some(name),
+                    &["link", "set", "dev", &dev, if up { "up" } else { "down" }],
+                )?;
+            }
+        }
+        if !up {
+            for name in &self.names {
+                run(std::process::Command::new("ip")
+                    .args(["netns", "exec", name])
+                    .args(["ss", "-K", "-tn", "dst", "10.201.0.0/16"]))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes sent on the links between the nodes (both ends of each).
+    fn bytes_sent(&self) -> u64 {
+        let mut total = 0;
+        for (i, name) in self.names.iter().enumerate() {
+            for j in (0..3).filter(|j| *j != i) {
+                let Ok(out) = std::process::Command::new("ip")
+                    .args(["-n", name, "-j", "-s", "link", "show", &format!("p{j}")])
+                    .output()
+                else {
+                    continue;
+                };
+                let stats: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                total += stats[0]["stats64"]["tx"]["bytes"].as_u64().unwrap_or(0);
+            }
+        }
+        total
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = ip(None, &["netns", "del", name]);
+        }
+    }
+}
+
+/// A veth pair, each end (namespace or ours, name, address in a /30) up;
+/// made under `tmp` names in our namespace first, then moved and renamed.
+fn veth(
+    tmp: &str,
+    a: (Option<&str>, &str, &str),
+    b: (Option<&str>, &str, &str),
+) -> anyhow::Result<()> {
+    let (ta, tb) = (format!("{tmp}a"), format!("{tmp}b"));
+    ip(
+        None,
+        &["link", "add", &ta, "type", "veth", "peer", "name", &tb],
+    )?;
+    for (t, (ns, name, addr)) in [(ta, a), (tb, b)] {
+        if let Some(ns) = ns {
+            ip(None, &["link", "set", "dev", &t, "netns", ns])?;
+        }
+        ip(ns, &["link", "set", "dev", &t, "name", name])?;
+        ip(ns, &["addr", "add", &format!("{addr}/30"), "dev", name])?;
+        ip(ns, &["link", "set", "dev", name, "up"])?;
+    }
+    Ok(())
+}
+
+/// Runs `ip [-n NS] ARGS`.
+fn ip(ns: Option<&str>, args: &[&str]) -> anyhow::Result<()> {
+    let mut command = std::process::Command::new("ip");
+    if let Some(ns) = ns {
+        command.args(["-n", ns]);
+    }
+    run(command.args(args))
+}
+
+fn run(command: &mut std::process::Command) -> anyhow::Result<()> {
+    let out = command.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
 }
 
 async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResult> {
@@ -257,7 +559,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(120))
         .build()?;
-    // Identities, ports, proxies.
+    // Identities, links.
     let mut dirs = Vec::new();
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -273,64 +575,27 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         ids.push(String::from_utf8(out.stdout)?.trim().to_owned());
         dirs.push(dir);
     }
-    let listen: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
-    let http_ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
-    // proxies[i][j]: node i dials node j through it.
-    let mut proxies: Vec<Relay> = Vec::new();
-    let mut peer_args: Vec<Vec<String>> = vec![Vec::new(); 3];
-    for (i, args_of_i) in peer_args.iter_mut().enumerate() {
-        for (j, (port, id)) in listen.iter().zip(&ids).enumerate() {
-            if i == j {
-                continue;
-            }
-            let target: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-            let proxy = Relay::start(target)?;
-            args_of_i.push(format!(
-                "/ip4/127.0.0.1/tcp/{}/p2p/{id}",
-                proxy.addr().port()
-            ));
-            proxies.push(proxy);
-        }
-    }
+    let links = if args.netns {
+        Links::Netns(Netns::create(&format!(
+            "om{}r{run}",
+            std::process::id() % 100_000
+        ))?)
+    } else {
+        Links::relays()?
+    };
     // Start the nodes.
     let mut nodes = Vec::new();
     for (i, dir) in dirs.into_iter().enumerate() {
-        let log = std::fs::File::create(dir.path().join("node.log"))?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("run")
-            .args(["--region", ["sgp", "lon", "nyc"][i]])
+        let (mut command, url) = links.command(bin, i, &ids);
+        command
             .arg("--data-dir")
             .arg(dir.path())
-            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", listen[i])])
-            .args(["--http", &format!("127.0.0.1:{}", http_ports[i])]);
-        for p in &peer_args[i] {
-            cmd.args(["--peer", p]);
-        }
-        cmd.args(&args.node_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true);
-        let mut child = cmd.spawn()?;
-        let pid = child.id().unwrap_or(0);
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let banner = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .map_err(|_| anyhow::anyhow!("node {i} printed no start line in 30 s"))??
-            .unwrap_or_default();
-        anyhow::ensure!(
-            banner.starts_with("oncemesh node started"),
-            "node {i} did not start: {banner:?} (log: {})",
-            dir.path().join("node.log").display()
-        );
-        // Keep draining stdout so the node never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            .args(&args.node_args);
+        let node = Node::start(command, &dir.path().join("node.log")).await?;
         let path = dir.path().to_owned();
         nodes.push(NodeProc {
-            child,
-            pid,
-            http: format!("http://127.0.0.1:{}", http_ports[i]),
+            node,
+            http: url,
             peer_id: ids[i].clone(),
             _dir: if args.keep {
                 let _ = dir.keep();
@@ -352,9 +617,8 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
     }
     let timeout = Duration::from_secs(args.timeout);
     wait_peers(&http, &nodes, 2, Duration::from_secs(60)).await?;
-    for p in &proxies {
-        p.cut();
-    }
+    let rss_before: Vec<u64> = nodes.iter().map(|n| rss_bytes(n.node.pid)).collect();
+    links.cut()?;
     wait_peers(&http, &nodes, 0, Duration::from_secs(60)).await?;
 
     // Allocate during the partition.
@@ -409,23 +673,21 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
     // Let the write queues drain before the clock starts, then see what the
     // partitioned nodes spend while nobody talks to them.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_before: Vec<f64> = nodes.iter().map(|n| cpu_seconds(n.pid)).collect();
+    let idle_before: Vec<f64> = nodes.iter().map(|n| cpu_seconds(n.node.pid)).collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_cpu_s: Vec<f64> = nodes
         .iter()
         .zip(&idle_before)
-        .map(|(n, b)| (cpu_seconds(n.pid) - b) / 2.0)
+        .map(|(n, b)| (cpu_seconds(n.node.pid) - b) / 2.0)
         .collect();
 
     // Heal and measure.
-    let bytes_before: u64 = proxies.iter().map(|p| p.bytes_forwarded()).sum();
-    let cpu_before: Vec<f64> = nodes.iter().map(|n| cpu_seconds(n.pid)).collect();
+    let bytes_before = links.bytes();
+    let cpu_before: Vec<f64> = nodes.iter().map(|n| cpu_seconds(n.node.pid)).collect();
     let machine_before = machine_busy_seconds();
     let own_before = cpu_seconds(std::process::id());
     let healed = Instant::now();
-    for p in &proxies {
-        p.heal();
-    }
+    links.heal()?;
     let shared_set: BTreeSet<String> = shared.iter().cloned().collect();
     // Each node is polled on its own: answers slow down while a node applies
     // what arrives (30-120 ms each), and polling the nodes one after another
@@ -443,7 +705,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
                     converged(http, &node.http, want_keys, shared_set).await
                 })
                 .await?;
-                Some((visible, at, cpu_seconds(node.pid)))
+                Some((visible, at, cpu_seconds(node.node.pid)))
             }
         });
         let mut all_checks = std::pin::pin!(futures::future::join_all(checks));
@@ -456,7 +718,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
             tokio::select! {
                 outcomes = &mut all_checks => break outcomes,
                 _ = tokio::time::sleep(report_every) => {
-                    let bytes: u64 = proxies.iter().map(|p| p.bytes_forwarded()).sum();
+                    let bytes = links.bytes();
                     eprintln!(
                         "[{:>6.3}s after heal] complete {} bytes={}",
                         healed.elapsed().as_secs_f64(),
@@ -467,7 +729,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
             }
         }
     };
-    let bytes_at: u64 = proxies.iter().map(|p| p.bytes_forwarded()).sum();
+    let bytes_at = links.bytes();
     let mut per_node = Vec::with_capacity(3);
     let mut cpu_after = Vec::with_capacity(3);
     let mut conflicts_visible_s: f64 = 0.0;
@@ -483,7 +745,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         cpu_after.push(cpu);
         conflicts_visible_s = conflicts_visible_s.max(visible);
     }
-    // This program's proxies and polls share the nodes' cores.
+    // This program's relays and polls share the nodes' cores.
     let own_cpu_s = cpu_seconds(std::process::id()) - own_before;
     // Everything the machine did meanwhile that was neither a node nor this program.
     let other_cpu_s = machine_busy_seconds()
@@ -492,7 +754,7 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         - nodes
             .iter()
             .zip(&cpu_before)
-            .map(|(n, b)| cpu_seconds(n.pid) - b)
+            .map(|(n, b)| cpu_seconds(n.node.pid) - b)
             .sum::<f64>();
     let per_node_s = per_node;
     let converged_s = per_node_s.iter().copied().fold(0.0, f64::max);
@@ -508,29 +770,30 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         .ok_or_else(|| {
             anyhow::anyhow!("conflicts still open {} s after heal", timeout.as_secs())
         })?;
-    let accepts: Vec<f64> = proxies
-        .iter()
-        .map(|p| {
-            p.reconnected_at().map_or(f64::NAN, |t| {
-                t.saturating_duration_since(healed).as_secs_f64()
-            })
-        })
-        .collect();
-    let reconnect_s = accepts.iter().copied().fold(f64::INFINITY, f64::min);
-    // A pair (i, j) is reconnected once either direction's proxy forwarded a connection.
-    let all_pairs_s = [(0, 2), (1, 4), (3, 5)]
-        .iter()
-        .map(|&(a, b)| accepts[a].min(accepts[b]))
-        .fold(0.0, f64::max);
+    let accepts = links.reconnects(healed);
+    let (reconnect_s, all_pairs_s) = if accepts.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        // A pair (i, j) is reconnected once either direction's relay forwarded a connection.
+        let all_pairs_s = [(0, 2), (1, 4), (3, 5)]
+            .iter()
+            .map(|&(a, b)| accepts[a].min(accepts[b]))
+            .fold(0.0, f64::max);
+        (
+            accepts.iter().copied().fold(f64::INFINITY, f64::min),
+            all_pairs_s,
+        )
+    };
     let cpu_s = cpu_after
         .iter()
         .zip(&cpu_before)
         .map(|(a, b)| a - b)
         .collect();
-    let rss_mib: Vec<u64> = nodes.iter().map(|n| rss_mib(n.pid)).collect();
+    let rss_after: Vec<u64> = nodes.iter().map(|n| rss_bytes(n.node.pid)).collect();
     for mut n in nodes {
-        let _ = n.child.kill().await;
+        n.node.stop(libc::SIGKILL).await?;
     }
+    drop(links);
     Ok(RunResult {
         keys: args.keys,
         shared: args.shared,
@@ -547,7 +810,8 @@ async fn one_run(args: &Args, bin: &Path, run: usize) -> anyhow::Result<RunResul
         idle_cpu_s,
         own_cpu_s,
         other_cpu_s,
-        rss_mib,
+        rss_before,
+        rss_after,
         errors,
     })
 }
@@ -574,26 +838,6 @@ fn machine_busy_seconds() -> f64 {
         .map(|(_, t)| t)
         .sum();
     busy as f64 / 100.0
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Resident memory of a process, MiB (Linux /proc; 0 elsewhere).
-fn rss_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
 }
 
 /// utime + stime of a process, seconds (Linux /proc; 0 elsewhere).

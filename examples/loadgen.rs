@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example loadgen -- --node http://127.0.0.1:7700 \
 //!     --clients 50 --seconds 10 [--replay-share 0.1] [--rate 8000] [--api-token T] [--json]
+//! cargo run --release --example loadgen -- --count 1000000 --progress 10   # a fixed number of keys
 //! ```
 //!
 //! `--clients` concurrent clients share one keep-alive `reqwest::Client`. Each
@@ -18,8 +19,12 @@
 //! was *due*, not from when it was sent, so a slow answer that delays the
 //! following requests is counted against them too (no coordinated omission).
 //!
-//! A progress line goes to stderr every second; the summary goes to stdout
-//! (and, with `--json`, one JSON object as the last line).
+//! With `--count N` the run ends once N fresh keys were sent (or at
+//! `--seconds`, whichever comes first): how `examples/footprint` fills a node.
+//!
+//! A progress line goes to stderr every `--progress` seconds (default 1); the
+//! summary goes to stdout (and, with `--json`, one JSON object as the last
+//! line).
 
 use clap::Parser;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +43,12 @@ struct Args {
     /// How long to send requests, in seconds.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Stop after this many fresh keys were sent (over all clients).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Seconds between progress lines on stderr.
+    #[arg(long, default_value_t = 1.0)]
+    progress: f64,
     /// Share of requests that replay an earlier key of the same client (0..1).
     #[arg(long, default_value_t = 0.0)]
     replay_share: f64,
@@ -61,6 +72,8 @@ struct Args {
 
 #[derive(Default)]
 struct Counters {
+    /// Fresh keys sent (or about to be), for `--count`.
+    issued: AtomicU64,
     created: AtomicU64,
     replays: AtomicU64,
     errors: AtomicU64,
@@ -90,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(rate) = args.rate {
         anyhow::ensure!(rate > 0.0, "--rate must be positive");
     }
+    anyhow::ensure!(args.progress > 0.0, "--progress must be positive");
     let prefix = args
         .prefix
         .clone()
@@ -120,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
         let counters = counters.clone();
         let prefix = prefix.clone();
         let replay_share = args.replay_share;
+        let count = args.count;
         // Client `id` sends its k-th request at start + (k * clients + id) / rate.
         let schedule = args.rate.map(|rate| {
             let period = Duration::from_secs_f64(args.clients as f64 / rate);
@@ -134,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
                 token,
                 prefix,
                 replay_share,
+                count,
                 schedule,
                 started,
                 deadline,
@@ -145,8 +161,9 @@ async fn main() -> anyhow::Result<()> {
 
     let progress = {
         let counters = counters.clone();
+        let every = args.progress;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(every));
             tick.tick().await;
             let mut last = 0u64;
             loop {
@@ -155,9 +172,9 @@ async fn main() -> anyhow::Result<()> {
                 let replays = counters.replays.load(Ordering::Relaxed);
                 let errors = counters.errors.load(Ordering::Relaxed);
                 eprintln!(
-                    "[{:>5.1}s] allocations {created:>9}  rate {:>7}/s  replays {replays:>7}  errors {errors}",
+                    "[{:>5.1}s] allocations {created:>9}  rate {:>7.0}/s  replays {replays:>7}  errors {errors}",
                     started.elapsed().as_secs_f64(),
-                    created - last,
+                    (created - last) as f64 / every,
                 );
                 last = created;
             }
@@ -270,6 +287,7 @@ struct RunClient {
     token: Option<String>,
     prefix: String,
     replay_share: f64,
+    count: Option<u64>,
     schedule: Option<(Duration, Duration)>,
     started: Instant,
     deadline: Instant,
@@ -301,6 +319,12 @@ async fn run_client(c: RunClient) -> ClientReport {
             }
         };
         let replay = made > 0 && c.replay_share > 0.0 && rand::random_bool(c.replay_share);
+        if !replay
+            && c.count
+                .is_some_and(|count| c.counters.issued.fetch_add(1, Ordering::Relaxed) >= count)
+        {
+            break;
+        }
         let n = if replay {
             rand::random_range(0..made)
         } else {
